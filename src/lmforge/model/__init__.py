@@ -1,0 +1,14 @@
+"""The model: one config-driven Transformer (transformer.py) and its parts."""
+
+from lmforge.model.attention import KVCache
+from lmforge.model.transformer import (
+    ModelOutput,
+    Transformer,
+    build_model,
+    flops_per_token,
+    matmul_params_per_token,
+    num_parameters,
+)
+
+__all__ = ["KVCache", "ModelOutput", "Transformer", "build_model", "flops_per_token",
+           "matmul_params_per_token", "num_parameters"]

@@ -1,0 +1,154 @@
+"""Attention: grouped-query attention (MHA, GQA and MQA are its special cases) and DeepSeek's
+multi-head latent attention (MLA), plus the KV cache both use during generation.
+
+Both go through `F.scaled_dot_product_attention`, which picks a fused kernel where one exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.model.rope import apply_rope, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), normalising in fp32 as transformers' LlamaRMSNorm does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, for `batch_size` independent rows.
+
+    Each row writes its new tokens at its own positions, so one cache serves prompts of
+    different lengths and requests that join between decode steps (continuous batching):
+    a row's stale entries beyond its current position are never attended, because the
+    causal mask compares positions. For MLA the cache holds what MLA caches — the
+    compressed latent and the shared RoPE key — not full per-head keys and values.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if cfg.is_mla:
+            shapes = [(batch_size, 1, max_len, cfg.kv_lora_rank), (batch_size, 1, max_len, cfg.qk_rope_head_dim)]
+        else:
+            shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+            shapes = [shape, shape]
+        self.layers = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+                       for _ in range(cfg.num_hidden_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self._rows = self._positions = None
+        self.length = 0
+
+    def begin(self, position_ids: torch.Tensor) -> None:
+        """Called once per forward: where this step's tokens go, and how far the keys reach."""
+        if position_ids.shape[0] != self.batch_size:
+            raise ValueError(f"batch of {position_ids.shape[0]} rows for a cache of {self.batch_size}")
+        self.length = int(position_ids.max()) + 1
+        if self.length > self.max_len:
+            raise ValueError(f"position {self.length - 1} is past the cache's max_len {self.max_len}")
+        self._rows = torch.arange(self.batch_size, device=position_ids.device)[:, None]
+        self._positions = position_ids
+
+    def update(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
+        """Write new [B, heads, T, d] entries at this step's positions; return [B, heads, length, d] views."""
+        buffers = self.layers[layer]
+        for buf, t in zip(buffers, new):
+            buf[self._rows, :, self._positions] = t.transpose(1, 2).to(buf.dtype)
+        return [buf[:, :, : self.length] for buf in buffers]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv <= n_heads key/value heads (GQA, Ainslie et al. 2023)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:  # Qwen3: normalise each head's q and k, which keeps attention logits bounded
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, section 2.1).
+
+    Keys and values are rebuilt from a small shared latent c_kv (kv_lora_rank wide), so the
+    cache stores only c_kv plus one RoPE key shared by all heads. RoPE cannot pass through the
+    latent's up-projection, hence the "decoupled" split of each query/key head into a part
+    without position (qk_nope_head_dim) and a rotated part (qk_rope_head_dim).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.rank = n, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk_dim = self.nope + self.rope
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, n * qk_dim, bias=False)
+        else:  # queries get a low-rank bottleneck too (V3), which saves activation memory in training
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, n * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(n * self.v_dim, h, bias=False)
+        self.q_lora = cfg.q_lora_rank is not None
+        self.interleaved = cfg.rope_interleave
+        self.scale = qk_dim**-0.5
+        scaling = cfg.rope_scaling or {}
+        if cfg.rope_type != "default" and scaling.get("mscale_all_dim"):
+            # YaRN stretches the softmax: DeepSeek folds mscale(factor)^2 into the logit scale.
+            self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, T, rank]
+        q_rope = apply_rope(q_rope, cos, sin, self.interleaved)
+        k_rope = apply_rope(k_rope[:, None], cos, sin, self.interleaved)  # [B, 1, T, rope]
+        if cache is not None:
+            latent, k_rope = cache.update(self.layer, latent, k_rope)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, self.n_heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,268 @@
+"""Typed options for every command: a dataclass, filled from an optional YAML file and
+from command-line flags.
+
+    @dataclass
+    class Optim:
+        lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+
+    @dataclass
+    class PretrainConfig:
+        out_dir: str = "runs/pretrain"
+        optim: Optim = field(default_factory=Optim)
+
+    cfg = parse_args(PretrainConfig, ["--config", "c.yaml", "--optim.lr", "1e-3"], prog="lmforge pretrain")
+
+Flags use dotted paths into nested dataclasses; dashes and underscores are the same
+(`--max-new-tokens` = `--max_new_tokens`). A list field takes every value up to the next
+flag (`--data a.txt b.txt`). A bool flag given alone means true. An unknown key, in the
+YAML file or on the command line, is an error that names it; `--help` prints every option
+with its type and default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names the key (and the file, when it came from one)."""
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _unwrap_optional(tp):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    inner, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(inner)
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(inner) or (str,)
+        name = f"list[{getattr(arg, '__name__', str(arg))}]"
+    elif origin is typing.Literal:
+        name = "|".join(str(a) for a in typing.get_args(inner))
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return name + (" or null" if optional else "")
+
+
+def _convert(value: Any, tp, key: str):
+    """Coerce a YAML or command-line value to the field's type; raise ConfigError naming the key."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional or inner is Any:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+    origin = typing.get_origin(inner)
+    try:
+        if inner is Any:
+            return value
+        if origin is typing.Literal:
+            choices = typing.get_args(inner)
+            for c in choices:
+                if value == c or str(value) == str(c):
+                    return c
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        if origin in (list, tuple):
+            (arg, *_) = typing.get_args(inner) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if "," in value else [value]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return [_convert(v, arg, key) for v in value]
+        if origin is dict or inner is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            return value
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: {value!r} is not a boolean")
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{key}: {value!r} is not an integer")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise ConfigError(f"{key}: {value!r} is not a number")
+            return float(value)
+        if inner is str:
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"{key}: expected a string, got {value!r}")
+            return str(value)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}") from None
+    return value
+
+
+def apply_dict(obj, data: dict, prefix: str = "", source: str = "") -> None:
+    """Set fields of dataclass `obj` from a nested dict, checking every key."""
+    where = f" in {source}" if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}{where}: expected a mapping, got {data!r}")
+    fields = _fields(type(obj))
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        path = prefix + key
+        if key not in fields:
+            raise ConfigError(f"unknown option '{path}'{where}; valid here: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            apply_dict(current, value, path + ".", source)
+        else:
+            try:
+                setattr(obj, key, _convert(value, fields[key].type, path))
+            except ConfigError as e:
+                raise ConfigError(f"{e}{where}") from None
+
+
+def set_path(obj, dotted: str, value: Any, source: str = "") -> None:
+    """Set one dotted option (`optim.lr`) from a string or parsed value."""
+    *parents, leaf = dotted.replace("-", "_").split(".")
+    target, walked = obj, ""
+    for p in parents:
+        fields = _fields(type(target))
+        if p not in fields or not dataclasses.is_dataclass(getattr(target, p)):
+            raise ConfigError(f"unknown option '{walked + p}'" + (f" in {source}" if source else ""))
+        target, walked = getattr(target, p), walked + p + "."
+    apply_dict(target, {leaf: value}, walked, source)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def format_help(cls, prog: str, description: str = "") -> str:
+    lines = [f"usage: {prog} [--config YAML] [--option VALUE ...]", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines.append("options (YAML keys or --dotted.flags; defaults shown):")
+    lines.append("  --config YAML    read options from a YAML file first; flags override it")
+
+    def walk(c, prefix: str):
+        inst = c()
+        for name, f in _fields(c).items():
+            default = getattr(inst, name)
+            flag = "--" + prefix + name.replace("_", "-")
+            if dataclasses.is_dataclass(default):
+                walk(type(default), prefix + name + ".")
+                continue
+            help_text = f.metadata.get("help", "")
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            line = f"  {flag} {_type_name(f.type).upper()}  (default: {shown})"
+            lines.append(line + (f"  {help_text}" if help_text else ""))
+
+    walk(cls, "")
+    return "\n".join(lines)
+
+
+def parse_args(cls, argv: list[str] | None = None, prog: str = "lmforge", description: str = "",
+               positional: str | None = None):
+    """Build a `cls` from `--config YAML` and `--dotted.key VALUE` flags.
+
+    `positional`, when given, names the field that a bare leading argument fills
+    (`lmforge eval DIR` style). Exits with status 2 and a message naming the key on error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls, prog, description))
+        raise SystemExit(0)
+    try:
+        return parse_args_or_raise(cls, argv, positional)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
+    cfg = cls()
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a YAML file")
+        path = Path(argv[i + 1])
+        del argv[i : i + 2]
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        apply_dict(cfg, data, source=str(path))
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if i == 0 and positional:
+                set_path(cfg, positional, arg)
+                i += 1
+                continue
+            raise ConfigError(f"unexpected argument '{arg}' (options are --name VALUE)")
+        key = arg[2:]
+        value: str | None = None
+        if "=" in key:
+            key, value = key.split("=", 1)
+        values = []
+        if value is not None:
+            values = [value]
+        else:
+            j = i + 1
+            while j < len(argv) and not (argv[j].startswith("--") and len(argv[j]) > 2):
+                values.append(argv[j])
+                j += 1
+            i = j - 1
+        i += 1
+        field_type = _field_type(cfg, key)
+        inner, _ = _unwrap_optional(field_type)
+        if typing.get_origin(inner) in (list, tuple):
+            set_path(cfg, key, values)
+        elif not values:
+            if inner is not bool:
+                raise ConfigError(f"--{key} needs a value")
+            set_path(cfg, key, True)
+        elif len(values) > 1:
+            raise ConfigError(f"--{key} takes one value, got {len(values)}: {' '.join(values)}")
+        else:
+            set_path(cfg, key, values[0])
+    return cfg
+
+
+def _field_type(cfg, dotted: str):
+    *parents, leaf = dotted.replace("-", "_").split(".")
+    target = cfg
+    for p in parents:
+        target = getattr(target, p, None)
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"unknown option '--{dotted}'")
+    fields = _fields(type(target))
+    if leaf not in fields:
+        raise ConfigError(f"unknown option '--{dotted}'; valid here: {', '.join(fields)}")
+    return fields[leaf].type
