@@ -86,6 +86,8 @@ def _convert(value: Any, tp, key: str):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         if origin in (list, tuple):
             (arg, *_) = typing.get_args(inner) or (str,)
+            if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str):
+                value = value[0]  # one command-line word: "a,b" is two items
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v] if "," in value else [value]
             if not isinstance(value, (list, tuple)):
