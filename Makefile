@@ -20,7 +20,7 @@ $(BIN)/lmforge:
 setup: $(BIN)/lmforge
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 quickstart: setup
@@ -31,7 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs
