@@ -12,6 +12,7 @@ import sys
 # command -> (module, one-line help). Each module defines `main(argv: list[str]) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("lmforge.quickstart", "the whole life cycle on the built-in data"),
+    "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
     "tokenizer": ("lmforge.tokenizer", "train a byte-level BPE tokenizer with chat special tokens"),
     "prepare": ("lmforge.data.pretrain", "tokenize text into memory-mapped pretraining shards"),
 }
