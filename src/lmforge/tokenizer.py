@@ -200,7 +200,8 @@ class Tokenizer:
         tokens_map_file = path / "special_tokens_map.json"  # older checkpoints keep the tokens here
         if tokens_map_file.is_file():
             for key, value in json.loads(tokens_map_file.read_text(encoding="utf-8")).items():
-                config.setdefault(key, value)
+                if config.get(key) is None:
+                    config[key] = value
         # Tokens that tokenizer_config.json declares but tokenizer.json lacks are added with their id.
         for index, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
             if backend.token_to_id(spec["content"]) is None:

@@ -282,8 +282,8 @@ def detect_format(record: Record) -> str:
     data = record.data
     for key in ("messages", "conversations"):
         turns = data.get(key)
-        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
-            if "from" in turns[0] and "value" in turns[0]:
+        if isinstance(turns, list):
+            if turns and isinstance(turns[0], dict) and "from" in turns[0] and "value" in turns[0]:
                 return "sharegpt"
             return "openai" if key == "messages" else "minimind"
     if "instruction" in data and "output" in data:

@@ -50,10 +50,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, single_thread: bool) -> None:
     global _worker_tokenizer
-    # One thread per worker: `--workers` then says how many cores encoding uses.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if single_thread:  # in a worker process: `--workers` then says how many cores encoding uses
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.from_dir(tokenizer_dir)
 
 
@@ -67,9 +67,9 @@ def _encode_pieces(pieces: list[TextPiece]) -> list[tuple[np.ndarray, TextPiece]
              TextPiece("", piece.nbytes, piece.ends_document)) for piece, ids in zip(pieces, encoded)]
 
 
-def _jobs(pieces: Iterator[TextPiece], job_bytes: int = 1 << 20) -> Iterator[list[TextPiece]]:
-    # About 1 MB of text per job: big enough that sending it to a worker costs little, small enough
-    # that the progress bar moves and memory stays bounded.
+def _jobs(pieces: Iterator[TextPiece], job_bytes: int = 1 << 18) -> Iterator[list[TextPiece]]:
+    # About 256 KB of text per job: big enough that sending it to a worker costs little, small enough
+    # that the workers share the work evenly, the progress bar moves and memory stays bounded.
     job, size = [], 0
     for piece in pieces:
         job.append(piece)
@@ -199,10 +199,10 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
         if workers > 1:
             # fork where the platform has it: workers start at once and need nothing re-imported.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir),))
+            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir), True))
             encoded = _encode_in_order(jobs, pool, workers)
         else:
-            _init_worker(str(tokenizer_dir))
+            _init_worker(str(tokenizer_dir), single_thread=False)  # tokenizers' own threads still run
             encoded = map(_encode_pieces, jobs)
         index = read = 0
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress) as bar:
