@@ -81,9 +81,14 @@ def test_parquet_reads_like_jsonl(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows * 3), tmp_path / "chat.parquet")
     conversations = list(read_conversations(tmp_path / "chat.parquet"))
     assert len(conversations) == 3 and conversations[0] == next(read_conversations(DATA / "sharegpt.jsonl"))
-    pq.write_table(pa.Table.from_pylist([{"text": "a"}, {"text": None}]), tmp_path / "text.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": "a", "n": 1}, {"text": None, "n": 2}, {"text": "ü", "n": 3}]),
+                   tmp_path / "text.parquet")
     with pytest.raises(DataError, match=r"text.parquet, row 2: missing field 'text'"):
         list(iter_text_pieces(tmp_path / "text.parquet"))
+    pieces = list(iter_text_pieces(tmp_path / "text.parquet", skip_bad=True))
+    assert [(p.text, p.nbytes, p.ends_document) for p in pieces] == [("a", 1, True), ("ü", 2, True)]
+    with pytest.raises(DataError, match=r"text.parquet: missing column 'body'"):
+        list(iter_text_pieces(tmp_path / "text.parquet", text_field="body"))
 
 
 def test_preference_pairs_both_shapes():

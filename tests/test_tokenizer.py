@@ -77,6 +77,7 @@ def test_trained_vocab_special_tokens_and_config(tok, tok_dir):
     assert tok.vocab_size == 400
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
     assert tok.eos_id == tok.pad_id == 0 and tok.bos_id is None
+    assert tok.stop_ids == [0, 2]  # <|endoftext|> and the end of a chat reply, <|im_end|>
     # Markers are single tokens but not special: skip_special_tokens keeps them, drops <|im_end|>.
     ids = tok.encode("<think>x</think><tool_call>{}</tool_call><|im_end|>")
     assert all(tok.token_to_id(m) in ids for m in MARKER_TOKENS[:4])
@@ -186,6 +187,7 @@ def test_llama3_directory_loads_and_matches_transformers(llama_dir):
     tokenizer, hf = Tokenizer.from_dir(llama_dir), AutoTokenizer.from_pretrained(llama_dir)
     assert tokenizer.bos_token == "<|begin_of_text|>" and tokenizer.bos_id == 400
     assert tokenizer.eos_id == 404 and tokenizer.pad_id == 404  # no pad token: eos stands in
+    assert tokenizer.stop_ids == [404]
     assert tokenizer.token_to_id("<|reserved_special_token_0|>") == 405 == tokenizer.vocab_size - 1
     assert tokenizer.encode("Hi", add_special_tokens=True) == hf.encode("Hi") == [400] + tokenizer.encode("Hi")
     messages = [dict(m) for m in CHAT]

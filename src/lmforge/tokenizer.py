@@ -179,13 +179,13 @@ class Tokenizer:
     Load one with `Tokenizer.from_dir(path)`: our own or any Hugging Face model's tokenizer directory.
     """
 
-    backend: BackendTokenizer
+    backend: BackendTokenizer = field(repr=False)
     eos_token: str | None = None
     bos_token: str | None = None
     pad_token: str | None = None
     chat_template: str | None = None
     model_max_length: int = MODEL_MAX_LENGTH
-    config: dict = field(default_factory=dict)  # the rest of tokenizer_config.json, kept for save()
+    config: dict = field(default_factory=dict, repr=False)  # the rest of tokenizer_config.json, for save()
 
     # -- loading and saving -------------------------------------------------------------------------
 
@@ -283,6 +283,18 @@ class Tokenizer:
     @cached_property
     def special_ids(self) -> frozenset[int]:
         return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: eos, and the token the chat template closes a reply with (`<|im_end|>`,
+        `<|eot_id|>`), found by encoding a one-turn chat, so it holds for any template."""
+        ids = [] if self.eos_id is None else [self.eos_id]
+        if self.chat_template:
+            tokens, mask = self.encode_chat([{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}])
+            end = tokens[max(i for i, keep in enumerate(mask) if keep)]
+            if end in self.special_ids and end not in ids:
+                ids.append(end)
+        return ids
 
     # -- text <-> ids -------------------------------------------------------------------------------
 
