@@ -1,20 +1,11 @@
 """Tokenization throughput: lmforge's `prepare` (batched encoding in worker processes, shards written)
 against encoding one document at a time with the same tokenizer in one process.
 
-    python benchmarks/tokenize.py [--data builtin:shakespeare] [--tokenizer DIR] [--workers 2]
+    python benchmarks/tokenize_throughput.py [--data builtin:shakespeare] [--tokenizer DIR] [--workers 2]
 
 Without --tokenizer, a 6400-token tokenizer is first trained on the data. The last line printed is one
 JSON object: MB/s of both paths and "ratio" = lmforge MB/s / baseline MB/s.
 """
-# ruff: noqa: E402  (imports must follow the sys.path fix below)
-
-import os
-import sys
-
-# This file shares its name with the standard library's `tokenize`, and running it puts its folder first
-# on sys.path, where `import dataclasses` (via linecache) would find this file instead: drop the folder.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import json
 import tempfile
 import time
