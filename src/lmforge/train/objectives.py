@@ -1,0 +1,136 @@
+"""Training objectives computed from the model's final hidden states, a chunk of tokens at a time.
+
+The output projection is the largest activation in a small model's step: B*T rows of `vocab` fp32
+logits (8 x 2048 tokens x 151k vocab = 10 GB). Here the logits of at most `chunk_size` tokens exist
+at any moment, in the forward pass and in the backward pass:
+
+- `chunked_cross_entropy` computes, chunk by chunk, the loss *and* its gradients with respect to the
+  hidden states and the output matrix inside the forward pass (the approach of Liger Kernel's fused
+  linear cross-entropy, Hsu et al. 2024, arXiv 2410.10989); backward only scales the stored gradients.
+- `token_logprobs` (for DPO and RL, which need each target token's log-probability) recomputes a
+  chunk's logits in the backward pass with activation checkpointing.
+
+A stage's loss function has the signature the Trainer expects: `loss_fn(model, batch) -> (loss, metrics)`;
+`causal_lm_loss` is the one pretraining and SFT use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100  # label of a token that is not trained on (prompt, padding), as in transformers
+DEFAULT_CHUNK = 4096
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Transformer inside a DistributedDataParallel wrapper (FSDP2 and `module.compile()` wrap nothing)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum over tokens of CE(hidden @ weight.T, labels), with the gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, need_hidden_grad, need_weight_grad):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        w = weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+            logits = (h @ w.T).float()
+            total += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d CE / d logits = softmax(logits) - onehot(label); zero for ignored tokens.
+            valid = y != IGNORE_INDEX
+            grad_logits = logits.softmax(-1)
+            grad_logits[valid, y[valid]] -= 1.0
+            grad_logits[~valid] = 0.0
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad_logits @ w
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` over tokens whose label is not -100.
+
+    hidden [..., H] (any leading shape), weight [vocab, H], labels like hidden's leading shape.
+    Equal in value and gradients to `F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)`,
+    without ever holding more than `chunk_size` rows of logits.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size,
+                                       grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    # max(1, .): a batch with no trained token gives loss 0, not NaN.
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.to(hidden.dtype).T).float()
+    safe = labels.clamp(min=0)  # ignored tokens read class 0, then are zeroed by the caller
+    return logits.gather(-1, safe[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = DEFAULT_CHUNK, **model_kwargs) -> torch.Tensor:
+    """log p(labels[b, t] | input_ids[b, :t+1]) for every position, [B, T] fp32; 0 where labels is -100.
+
+    `labels` are already aligned with `input_ids` (labels[t] is the token after input_ids[t]).
+    Differentiable; each chunk's logits are recomputed in backward instead of kept.
+    """
+    output = model(input_ids, return_hidden=True, **model_kwargs)
+    weight = unwrap_model(model).output_weight
+    hidden = output.hidden.reshape(-1, output.hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], flat_labels[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            pieces.append(checkpoint(_chunk_logprobs, h, weight, y, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(h, weight, y))
+    logprobs = torch.cat(pieces).view(labels.shape)
+    return logprobs.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                   chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy: batch["input_ids"] [B, T] predicts batch["labels"] [B, T] (already shifted;
+    -100 = not trained on); optional batch["position_ids"] and batch["document_ids"] for packed rows.
+
+    For MoE models the router's load-balancing loss is added with `config.router_aux_loss_coef`
+    (Switch Transformer, Fedus et al. 2021, eq. 4), as transformers' `*ForCausalLM` do.
+    Metrics: "ce" (the cross-entropy alone), "aux_loss" (MoE), "tokens" (tokens trained on, which the
+    Trainer uses to weigh validation batches).
+    """
+    extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    output = model(batch["input_ids"], return_hidden=True, **extra)
+    inner = unwrap_model(model)
+    ce = chunked_cross_entropy(output.hidden, inner.output_weight, batch["labels"], chunk_size)
+    metrics = {"ce": ce.detach(), "tokens": (batch["labels"] != IGNORE_INDEX).sum()}
+    loss = ce
+    if output.aux_loss is not None and inner.config.router_aux_loss_coef > 0:
+        loss = ce + inner.config.router_aux_loss_coef * output.aux_loss
+        metrics["aux_loss"] = output.aux_loss.detach()
+    return loss, metrics

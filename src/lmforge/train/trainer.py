@@ -1,0 +1,805 @@
+"""The one training loop of lmforge: pretraining, SFT, LoRA, DPO, reward models, distillation and RL
+all run through `Trainer`.
+
+A stage supplies only what differs between stages:
+    model       the nn.Module to train (parameters with requires_grad=False stay frozen)
+    loss_fn     loss_fn(model, batch) -> (scalar loss, metrics dict); the mean over the batch
+    train_data  an iterator of batches (dicts of tensors) with state_dict()/load_state_dict(), so that
+                resuming continues with the very next batch
+    val_data    optional: a function returning a fresh, finite iterable of validation batches
+and the Trainer does the rest, step by step (`fit`):
+    1. lr from the schedule (a function of the step)
+    2. grad_accum micro-batches: forward + loss under the precision's autocast, backward; gradients
+       are all-reduced only on the last one (DDP no_sync / FSDP set_requires_gradient_sync)
+    3. gradient norm (clipped when optim.grad_clip > 0); a non-finite loss or norm stops the run, or
+       skips the step with skip_nonfinite
+    4. AdamW step (fused where available), with fp32 master weights for "bf16-pure"
+    5. DeepSeek-V3's expert-bias update for MoE models that have the bias
+    6. logging (progress bar, metrics.jsonl, TensorBoard, W&B), validation, checkpoints
+
+Checkpoints: RUN_DIR/checkpoint-NNNNNN/ is a Hugging Face model directory (or, for LoRA, a PEFT
+adapter directory) with the training state beside the weights, never inside them:
+    trainer_state.json        step, tokens seen, world size
+    training_state.pt         trainable weights + buffers (fp32 masters), optimizer, grad scaler  (1 process, DDP)
+    training_state/           the same as a torch.distributed.checkpoint, one shard per rank     (FSDP)
+    rng_rank{r}.pt            python, numpy, torch (and CUDA) RNG states of rank r
+    data_rank{r}.pt           the position of rank r's data iterator
+Each is written into a hidden temporary directory that is renamed into place as the last act, so a
+process killed at any moment leaves only complete checkpoints; `resume: auto` takes the newest.
+
+Distributed: launch the same command under torchrun (see `distributed_launch_help`); the Trainer
+joins the process group that torchrun describes (NCCL on GPUs, gloo on CPUs), each rank reads its
+own part of the data, and only rank 0 logs and writes files other than its own shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.checkpoint import save_model
+from lmforge.train.schedule import lr_at
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the schedule's floor, as a fraction of lr"})
+    schedule: Literal["cosine", "linear", "wsd"] = field(
+        default="cosine", metadata={"help": "cosine | linear | wsd (warmup-stable-decay) after the warmup"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to lr"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (never on norms, biases, embeddings)"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off"})
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = field(default="runs/run", metadata={"help": "checkpoints, metrics.jsonl, logs, loss.png"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seed: int = field(default=0, metadata={"help": "seed of the training RNGs (dropout, shuffling)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda"})
+    precision: Literal["fp32", "bf16", "bf16-pure", "fp16"] = field(
+        default="fp32", metadata={"help": "fp32 | bf16 (autocast) | bf16-pure (bf16 weights, fp32 master "
+                                          "weights and optimizer) | fp16 (autocast + grad scaler, GPU only)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
+    distributed: Literal["ddp", "fsdp"] = field(
+        default="ddp", metadata={"help": "under torchrun: ddp (replicas) | fsdp (FSDP2 sharding)"})
+    eval_every: int = field(default=100, metadata={"help": "validate every N steps (and at the end); 0 = end only"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (older ones are deleted)"})
+    resume: str | None = field(default=None, metadata={"help": "auto (newest checkpoint in run_dir) or a "
+                                                                 "checkpoint directory"})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "skip a step whose loss or gradient is not "
+                                                                  "finite instead of stopping"})
+    log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    peak_flops: float | None = field(default=None, metadata={"help": "accelerator peak FLOP/s for MFU "
+                                                                      "(measured with a matmul if null)"})
+    expert_bias_rate: float = field(default=0.001, metadata={
+        "help": "DeepSeek-V3 aux-loss-free balancing: bias update per step (MoE models with the bias)"})
+    tensorboard: bool = field(default=False, metadata={"help": "log to RUN_DIR/tensorboard"})
+    wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (WANDB_MODE=offline works)"})
+    wandb_project: str = "lmforge"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+class Batches(Protocol):
+    """A resumable stream of training batches."""
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm was NaN or infinite; the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    run_dir: Path
+    model_dir: Path  # the final checkpoint: an HF model directory (or a PEFT adapter directory)
+    val_loss: float | None
+    val_bpb: float | None
+    loss_curve: Path | None
+    skipped_steps: int
+    history: list[dict]  # the training rows of metrics.jsonl of this process's run
+
+
+# -- the distributed environment --------------------------------------------------------------------
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_env(device: str = "auto") -> Env:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any, and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Env(rank, world_size, local_rank, dev)
+
+
+def distributed_launch_help() -> str:
+    """How to run any training stage on several processes or machines (README text)."""
+    return """\
+Multi-process and multi-node training
+
+Every training command runs unchanged under torchrun; choose replicas (DDP, the default) or sharded
+weights, gradients and optimizer state (FSDP2) with --train.distributed:
+
+    # one machine, 8 GPUs
+    torchrun --nproc_per_node 8 -m lmforge.cli pretrain --config configs/pretrain_small.yaml \\
+        --train.distributed fsdp
+
+    # two machines with 8 GPUs each: run this on both, with --node_rank 0 on the first and 1 on the second;
+    # MASTER is the first machine's address, reachable from the second on port 29500
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr MASTER --master_port 29500 \\
+        -m lmforge.cli pretrain --config configs/pretrain_small.yaml --train.distributed fsdp
+
+    # CPUs only (gloo): the same, e.g. two processes on one machine
+    torchrun --nproc_per_node 2 -m lmforge.cli pretrain --config configs/pretrain_tiny.yaml --train.device cpu
+
+The global batch is batch_size x grad_accum x number of processes; each process reads its own part of
+the data. Only rank 0 prints, logs and writes the model; with FSDP every rank writes its shard of the
+training state. All nodes must see the same run_dir (a shared file system) for checkpoints and resume.
+On clusters with a scheduler, `torchrun --nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT` lets
+the nodes find each other without fixed ranks. Resume needs the same number of processes as the run
+that wrote the checkpoint.
+"""
+
+
+# -- precision ---------------------------------------------------------------------------------------
+
+def _autocast(env: Env, precision: str):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(env.device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights and biases (1-D) and embeddings are not decayed (as in GPT-2/nanoGPT and LLaMA)."""
+    return param.ndim < 2 or "embed_tokens" in name
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig,
+                    foreach_only: bool = False) -> torch.optim.AdamW:
+    decay = [p for n, p in named_params if not _no_decay(n, p)]
+    no_decay = [p for n, p in named_params if _no_decay(n, p)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if not foreach_only:
+        # One fused kernel for all parameters where the device supports it (CUDA, and CPU since torch 2.4).
+        with contextlib.suppress(RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The matmul FLOP/s this device reaches: the best of a few square matmuls (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# -- RNG and checkpoint files ---------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temporary and half-deleted ones are hidden dot-dirs)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# -- the Trainer ----------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_data: Batches, *,
+                 val_data: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
+                 bytes_per_token: float | None = None, flops_per_token: float | None = None,
+                 save_weights: Callable[[nn.Module, Path], Any] | None = None,
+                 log_config: dict | None = None):
+        """model: built on any device; the Trainer moves, casts, wraps (DDP/FSDP) and compiles it.
+        bytes_per_token: UTF-8 bytes per token of the validation data, for bits per byte.
+        flops_per_token: training FLOPs per token (lmforge.model.flops_per_token), for MFU.
+        save_weights(model, dir): writes a checkpoint's weights (default: lmforge.checkpoint.save_model).
+        log_config: the stage's whole config, recorded in run_dir/config.json and W&B."""
+        self.cfg, self.loss_fn, self.train_data, self.val_data = cfg, loss_fn, train_data, val_data
+        self.bytes_per_token, self.flops_per_token = bytes_per_token, flops_per_token
+        self.save_weights = save_weights or (lambda m, path: save_model(m, path))
+        self.log_config = log_config or {}
+        self.env = setup_env(cfg.device)
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.precision == "fp16" and self.env.device.type != "cuda":
+            raise ValueError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        if cfg.grad_accum < 1 or cfg.steps < 1:
+            raise ValueError(f"{'grad_accum' if cfg.grad_accum < 1 else 'steps'}: must be at least 1")
+        self.fsdp = self.env.distributed and cfg.distributed == "fsdp"
+        self.inner = self._prepare_model(model)
+        params = [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.trainable_names = {n for n, _ in params}
+        # bf16-pure outside FSDP: the model computes in bf16, the optimizer updates fp32 copies (masters)
+        # that are rounded back into the model after every step (Micikevicius et al. 2018, "Mixed
+        # Precision Training"). Under FSDP the same is FSDP's MixedPrecisionPolicy (see _prepare_model).
+        self.masters: list[tuple[nn.Parameter, nn.Parameter]] = []
+        if cfg.precision == "bf16-pure" and not self.fsdp:
+            for i, (name, p) in enumerate(params):
+                if p.dtype == torch.bfloat16:
+                    master = nn.Parameter(p.detach().float().clone())
+                    self.masters.append((p, master))
+                    params[i] = (name, master)
+        self.optim_params = [p for _, p in params]
+        self.optimizer = build_optimizer(params, cfg.optim, foreach_only=self.fsdp)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.step, self.tokens_seen, self.skipped = 0, 0, 0
+        self.moe_layers = [m for m in self.inner.modules() if hasattr(m, "update_score_bias")
+                           and hasattr(getattr(m, "gate", None), "e_score_correction_bias")]
+        random.seed(cfg.seed + self.env.rank)
+        np.random.seed(cfg.seed + self.env.rank)
+        torch.manual_seed(cfg.seed + self.env.rank)
+
+    # -- model preparation --------------------------------------------------------------------------
+    def _prepare_model(self, model: nn.Module) -> nn.Module:
+        cfg, env = self.cfg, self.env
+        model = model.to(env.device)
+        if self.fsdp:
+            # A skeleton of the unsharded model, for writing full checkpoints from rank 0.
+            self._skeleton = copy.deepcopy(model).to("meta") if env.is_main else None
+        if cfg.precision == "bf16-pure" and not self.fsdp:
+            # The model's own weights; LoRA adapters stay fp32, as PEFT keeps them (they are small).
+            for name, p in model.named_parameters():
+                if p.dtype == torch.float32 and "lora_" not in name:
+                    p.data = p.data.to(torch.bfloat16)
+        blocks = list(getattr(getattr(model, "model", None), "layers", []))
+        if cfg.activation_checkpointing:
+            for block in blocks:
+                _checkpoint_block(block)
+        if cfg.compile:
+            for block in blocks:
+                block.compile()
+        if self.fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if cfg.precision == "bf16-pure" else MixedPrecisionPolicy()
+            for block in blocks:
+                fully_shard(block, mp_policy=mp)
+            # The root keeps its weights gathered after forward: the chunked loss reads the output
+            # matrix outside the model's forward.
+            fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+            self.model = model
+        elif env.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        else:
+            self.model = model
+        return model
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def _sync_context(self, last: bool):
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        lr = lr_at(self.step, cfg.steps, cfg.optim.lr, cfg.optim.lr * cfg.optim.min_lr_ratio,
+                   cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=env.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        expert_load = [torch.zeros_like(m.expert_load) for m in self.moe_layers]
+        for micro in range(cfg.grad_accum):
+            batch = self._to_device(next(self.train_data))
+            with self._sync_context(micro == cfg.grad_accum - 1), _autocast(env, cfg.precision):
+                loss, metrics = self.loss_fn(self.model, batch)
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                v = torch.as_tensor(v, dtype=torch.float32, device=env.device).detach()
+                metric_sums[k] = metric_sums.get(k, 0) + v
+            tokens += batch["input_ids"].numel()
+            for total, m in zip(expert_load, self.moe_layers):
+                total += m.expert_load
+        if self.masters:
+            for p, master in self.masters:
+                master.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.optim_params, max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        # The loss all ranks saw: reduced so every rank takes the same decision below.
+        stats = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(tokens), device=env.device)])
+        if env.distributed:
+            dist.all_reduce(stats)
+            stats[0] /= env.world_size
+        loss_value, grad_norm_value = stats[0].item(), grad_norm.item()
+        step_tokens = int(stats[1].item()) if env.distributed else tokens
+        finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or self.scaler is not None)
+        row = {"step": self.step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value}
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if not cfg.skip_nonfinite:
+                raise NonFiniteError(f"step {self.step + 1}: non-finite loss {loss_value} or gradient norm "
+                                     f"{grad_norm_value}; stopping (set train.skip_nonfinite to skip such steps)")
+            self.skipped += 1
+            row["skipped"] = 1
+        else:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.masters:
+                with torch.no_grad():
+                    for p, master in self.masters:
+                        p.copy_(master)
+            if self.moe_layers and cfg.expert_bias_rate > 0:
+                self._update_expert_bias(expert_load)
+        self.step += 1
+        self.tokens_seen += step_tokens
+        row["tokens"] = self.tokens_seen
+        for k, v in metric_sums.items():
+            if k != "tokens":
+                row[k] = v.item() / cfg.grad_accum
+        return row
+
+    @torch.no_grad()
+    def _update_expert_bias(self, expert_load: list[torch.Tensor]) -> None:
+        """DeepSeek-V3's bias update from the load of the whole step (all micro-batches, all ranks)."""
+        for total, m in zip(expert_load, self.moe_layers):
+            if self.env.distributed:
+                dist.all_reduce(total)
+            m.expert_load.copy_(total)
+            m.update_score_bias(self.cfg.expert_bias_rate)
+
+    # -- validation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over every validation batch (weighed by the tokens trained on), its
+        perplexity, and bits per byte: loss / ln 2 / (bytes per token) (as in nanochat's evaluate_bpb),
+        comparable across tokenizers."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for batch in self.val_data():
+            batch = self._to_device(batch)
+            with _autocast(self.env, self.cfg.precision):
+                loss, metrics = self.loss_fn(self.model, batch)
+            weight = float(metrics.get("tokens", 1))
+            totals += torch.stack([metrics.get("ce", loss).double() * weight,
+                                   torch.tensor(weight, dtype=torch.float64, device=self.env.device)])
+        if self.env.distributed:
+            dist.all_reduce(totals)
+        self.model.train()
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        out = {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if self.bytes_per_token:
+            out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _full_model(self) -> nn.Module | None:
+        """The model with all weights on this process (rank 0); None on other ranks under FSDP."""
+        if not self.fsdp:
+            return self.inner
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        model = self._skeleton.to_empty(device="cpu")
+        model.load_state_dict(full)
+        return model
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """What training changes: trainable parameters (their fp32 masters, if any) and persistent buffers."""
+        masters = {id(p): m for p, m in self.masters}
+        state = {}
+        params = dict(self.inner.named_parameters())
+        for name, tensor in self.inner.state_dict().items():
+            if name in params and not params[name].requires_grad:
+                continue
+            if name in params and id(params[name]) in masters:
+                tensor = masters[id(params[name])]
+            state[name] = tensor.detach().clone()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        env = self.env
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        # Every rank knows this name, so under FSDP all of them can write their shards into it.
+        tmp = self.run_dir / f".{final.name}.tmp"
+        full_model = self._full_model()
+        if env.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.save_weights(full_model, tmp)  # creates tmp
+            if not self.fsdp:
+                torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                            "scaler": self.scaler.state_dict() if self.scaler else None}, tmp / "training_state.pt")
+        if env.distributed:
+            dist.barrier()
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "training_state"))
+        torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+        torch.save(self.train_data.state_dict(), tmp / f"data_rank{env.rank}.pt")
+        if env.distributed:
+            dist.barrier()
+        if env.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
+                     "world_size": env.world_size, "precision": self.cfg.precision}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _fsync_dir(tmp)
+            if final.exists():  # saving a step again after resuming from an older checkpoint
+                _remove(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.run_dir)[:-max(1, self.cfg.keep_last)]:
+                _remove(old)
+        if env.distributed:
+            dist.barrier()
+        return final
+
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items()
+                       if k not in dict(self.inner.named_parameters()) or k in self.trainable_names}
+        return {"model": model_state, "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path, env = Path(path), self.env
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != env.world_size:
+            raise ValueError(f"resume: {path} was written by {state['world_size']} processes; this run has "
+                             f"{env.world_size} (resume with the same number)")
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            saved = self._dcp_state()
+            dcp.load(saved, checkpoint_id=str(path / "training_state"))
+            set_model_state_dict(self.model, saved["model"], options=StateDictOptions(strict=False))
+            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"])
+        else:
+            saved = torch.load(path / "training_state.pt", map_location=env.device, weights_only=False)
+            masters = {id(p): m for p, m in self.masters}
+            params = dict(self.inner.named_parameters())
+            with torch.no_grad():
+                for name, tensor in saved["model"].items():
+                    if name in params and id(params[name]) in masters:
+                        masters[id(params[name])].copy_(tensor)
+                        params[name].copy_(tensor)
+                self.inner.load_state_dict({k: v for k, v in saved["model"].items()
+                                            if not (k in params and id(params[k]) in masters)}, strict=False)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scaler and saved["scaler"]:
+                self.scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(torch.load(path / f"rng_rank{env.rank}.pt", weights_only=False))
+        self.train_data.load_state_dict(torch.load(path / f"data_rank{env.rank}.pt", weights_only=False))
+        self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped"]
+
+    def _resume_path(self) -> Path | None:
+        if not self.cfg.resume:
+            return None
+        if self.cfg.resume == "auto":
+            found = complete_checkpoints(self.run_dir)
+            return found[-1] if found else None
+        path = Path(self.cfg.resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume: {path} is not a checkpoint (no trainer_state.json)")
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        resume = self._resume_path()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        log = _Logger(self, resume_step=self.step if resume is not None else None)
+        history: list[dict] = []
+        last_eval: dict[str, float] = {}
+        last_saved = self.step if resume is not None else -1
+        started, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                t0, tokens_before = time.perf_counter(), self.tokens_seen
+                row = self.train_step()
+                row["tokens_per_s"] = (self.tokens_seen - tokens_before) / max(time.perf_counter() - t0, 1e-9)
+                history.append(row)
+                log.train(row)
+                if self.val_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                        and self.step < cfg.steps:
+                    last_eval = self.evaluate()
+                    log.write(last_eval)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                    last_saved = self.step
+            if self.val_data is not None:
+                last_eval = self.evaluate()
+                log.write(last_eval)
+            final = self.save_checkpoint() if last_saved != self.step else \
+                self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        finally:
+            log.close()
+        curve = log.loss_curve() if env.is_main else None
+        if env.is_main and self.step > start_step:
+            seconds = time.perf_counter() - started
+            summary = f"trained {self.step - start_step} steps in {seconds:.1f}s -> {final}"
+            if last_eval:
+                summary += f"; val loss {last_eval['val_loss']:.4f}" + (
+                    f", {last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in last_eval else "")
+            print(summary)
+        return TrainResult(steps=self.step, run_dir=self.run_dir, model_dir=final,
+                           val_loss=last_eval.get("val_loss"), val_bpb=last_eval.get("val_bpb"),
+                           loss_curve=curve, skipped_steps=self.skipped, history=history)
+
+
+def _checkpoint_block(block: nn.Module) -> None:
+    """Recompute this block's activations in the backward pass instead of keeping them (Chen et al.
+    2016, arXiv 1604.06174): one block's worth of activations at a time, for one extra forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves a half-deleted one looking complete."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+# -- logging ----------------------------------------------------------------------------------------------
+
+class _Logger:
+    """Rank 0's outputs: progress bar, metrics.jsonl, TensorBoard, W&B, and the loss curve at the end."""
+
+    def __init__(self, trainer: Trainer, resume_step: int | None):
+        self.trainer, cfg = trainer, trainer.cfg
+        self.active = trainer.env.is_main
+        self.bar = self.tb = self.wandb = None
+        self.peak = None
+        if not self.active:
+            return
+        run_dir = trainer.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.metrics_path.write_text("")
+        elif self.metrics_path.exists():
+            # Rows past the checkpoint came from the interrupted run; this run writes them again.
+            rows = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), **trainer.log_config},
+                                                        indent=2, default=str))
+        if trainer.flops_per_token:
+            dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else \
+                torch.float16 if cfg.precision == "fp16" else torch.float32
+            self.peak = cfg.peak_flops or measure_peak_flops(trainer.env.device, dtype)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training", dynamic_ncols=True)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), name=run_dir.name,
+                                    config={"train": asdict(cfg), **trainer.log_config})
+
+    def train(self, row: dict) -> None:
+        if not self.active:
+            return
+        world = self.trainer.env.world_size
+        if self.peak and self.trainer.flops_per_token:
+            row["mfu"] = row["tokens_per_s"] * self.trainer.flops_per_token / (self.peak * world)
+        if self.bar is not None:
+            post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if "mfu" in row:
+                post["mfu"] = f"{100 * row['mfu']:.1f}%"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        if row["step"] % self.trainer.cfg.log_every == 0 or row["step"] == self.trainer.cfg.steps:
+            self.write(row)
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k if k.startswith("val_") else f"train/{k}", v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def loss_curve(self) -> Path | None:
+        """loss.png: training loss (and validation loss) against the step, from metrics.jsonl."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if not train:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.trainer.run_dir / "loss.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+class EpochBatches:
+    """Resumable Batches from `make_batches(epoch)`, a function that deterministically yields one epoch's
+    batches (e.g. a seeded shuffle of a tokenized data set). The state is (epoch, batches taken);
+    resuming replays that epoch's generator up to the position, which is cheap for in-memory data."""
+
+    def __init__(self, make_batches: Callable[[int], Iterator[dict]]):
+        self.make_batches = make_batches
+        self.epoch, self.taken = 0, 0
+        self.current = make_batches(0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = next(self.current)
+                self.taken += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.taken = self.epoch + 1, 0
+                self.current = self.make_batches(self.epoch)
+        raise ValueError("the training data yields no batch")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.taken = state["epoch"], 0
+        self.current = self.make_batches(self.epoch)
+        for _ in range(state["taken"]):
+            next(self.current)
+            self.taken += 1

@@ -1,0 +1,80 @@
+"""Two CPU processes (torchrun, gloo) train exactly like one process with the same global batch, with
+DDP and with FSDP2; FSDP's sharded training state saves and resumes; rank 0 writes a loadable HF dir.
+
+The test runs this file under torchrun; `worker()` is what each rank executes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import RandomBatches, tiny_model  # noqa: E402
+
+STEPS, GLOBAL_BATCH, ACCUM = 4, 4, 2
+
+
+def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume: str | None = None,
+        save_every: int = 2):
+    cfg = TrainConfig(run_dir=str(run_dir), steps=STEPS, grad_accum=ACCUM, distributed=distributed, progress=False,
+                      save_every=save_every, eval_every=2, device="cpu", resume=resume,
+                      optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1))
+    data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world)
+    trainer = Trainer(cfg, tiny_model(seed=3), causal_lm_loss, data, val_data=data.validation())
+    return trainer.fit()
+
+
+def worker(mode: str, out: str) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out_dir = Path(out)
+    result = run(out_dir / "run", rank, world, mode)
+    report = {"losses": [h["loss"] for h in result.history], "grad_norms": [h["grad_norm"] for h in result.history],
+              "val_loss": result.val_loss}
+    if mode == "fsdp":  # resume the sharded state from the middle of the run, in a new run directory
+        resumed = run(out_dir / "resumed", rank, world, mode, resume=str(out_dir / "run" / "checkpoint-000002"))
+        report["resumed_losses"] = [h["loss"] for h in resumed.history]
+    if rank == 0:
+        (out_dir / "report.json").write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    result = run(tmp_path_factory.mktemp("single") / "run")
+    return result
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(mode, single, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           __file__, mode, str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    expected = [h["loss"] for h in single.history]
+    torch.testing.assert_close(report["losses"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(report["grad_norms"], [h["grad_norm"] for h in single.history], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(report["val_loss"], single.val_loss, rtol=1e-5, atol=1e-5)
+    # Rank 0 wrote one full HF model directory with the same weights as the single process.
+    ours = load_model(tmp_path / "run" / f"checkpoint-{STEPS:06d}")
+    reference = load_model(single.model_dir)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    if mode == "fsdp":
+        torch.testing.assert_close(report["resumed_losses"], expected[2:], rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])

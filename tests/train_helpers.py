@@ -1,0 +1,57 @@
+"""Shared pieces of the training tests: a tiny model and a resumable stream of random token batches."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.model import build_model
+
+VOCAB = 96
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides):
+    return build_model(tiny_config(**overrides), seed=seed)
+
+
+class RandomBatches:
+    """Batch i of the global stream is `global_batch` rows of seeded tokens with a learnable pattern
+    (each row counts up from a random start, mod VOCAB); rank r of `world` takes rows r::world."""
+
+    def __init__(self, global_batch: int = 4, seq_len: int = 16, seed: int = 0, rank: int = 0, world: int = 1):
+        self.global_batch, self.seq_len, self.seed, self.rank, self.world = global_batch, seq_len, seed, rank, world
+        self.index = 0
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        start = torch.randint(0, VOCAB, (self.global_batch, 1), generator=g)
+        noise = torch.randint(0, 3, (self.global_batch, self.seq_len + 1), generator=g)
+        tokens = (start + torch.arange(self.seq_len + 1) + noise) % VOCAB
+        tokens = tokens[self.rank::self.world]
+        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self.index += 1
+        return self.batch(self.index - 1)
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+    def validation(self, batches: int = 2):
+        """A fixed validation set (a seed the training stream never uses)."""
+        def make():
+            val = RandomBatches(self.global_batch, self.seq_len, self.seed + 7919, self.rank, self.world)
+            return [val.batch(i) for i in range(batches)]
+        return make
