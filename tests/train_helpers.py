@@ -55,3 +55,17 @@ class RandomBatches:
             val = RandomBatches(self.global_batch, self.seq_len, self.seed + 7919, self.rank, self.world)
             return [val.batch(i) for i in range(batches)]
         return make
+
+
+def make_corpus(directory, chars: int = 120_000):
+    """A tokenizer (vocab 300) and pretraining shards from the first `chars` characters of Shakespeare."""
+    from lmforge.data.formats import builtin_shakespeare
+    from lmforge.data.pretrain import prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    text_file = directory / "corpus.txt"
+    text_file.write_text(builtin_shakespeare()[0].read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    train_tokenizer([str(text_file)], vocab_size=300, out_dir=directory / "tokenizer", show_progress=False)
+    prepare(directory / "tokenizer", [str(text_file)], directory / "data", val_fraction=0.1, workers=1,
+            piece_bytes=4096, show_progress=False)
+    return directory / "tokenizer", directory / "data"

@@ -125,7 +125,7 @@ class NonFiniteError(RuntimeError):
 class TrainResult:
     steps: int
     run_dir: Path
-    model_dir: Path  # the final checkpoint: an HF model directory (or a PEFT adapter directory)
+    model_dir: Path  # the final checkpoint (RUN_DIR/final links to it): an HF model dir or a PEFT adapter dir
     val_loss: float | None
     val_bpb: float | None
     loss_curve: Path | None
@@ -628,6 +628,8 @@ class Trainer:
                 log.write(last_eval)
             final = self.save_checkpoint() if last_saved != self.step else \
                 self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+            if env.is_main:
+                _point_final_at(final)
         finally:
             log.close()
         curve = log.loss_curve() if env.is_main else None
@@ -656,6 +658,15 @@ def _checkpoint_block(block: nn.Module) -> None:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     block.forward = checkpointed
+
+
+def _point_final_at(checkpoint: Path) -> None:
+    """RUN_DIR/final: a symbolic link to the last checkpoint, a stable name for the next stage to read."""
+    link = checkpoint.parent / "final"
+    tmp = checkpoint.parent / ".final.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(checkpoint.name)
+    os.replace(tmp, link)
 
 
 def _remove(path: Path) -> None:

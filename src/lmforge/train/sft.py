@@ -1,0 +1,170 @@
+"""`lmforge sft`: supervised fine-tuning on conversations, with the loss on the assistant's tokens only.
+
+    lmforge sft --config configs/sft_tiny.yaml [--method lora --lora.r 16 --lora.target-modules all-linear]
+
+1. the model: an HF model dir (usually a pretraining checkpoint), and its tokenizer with a chat template
+2. what is trained (`method`):
+      full    every weight
+      lora    low-rank adapters on `lora.target_modules` (Hu et al. 2021); checkpoints are PEFT adapter dirs
+      dora    LoRA with a learned magnitude per row (Liu et al. 2024); the same format, use_dora=true
+      freeze  only the blocks in `freeze.layers` (negative = from the end) and the modules in `freeze.modules`
+3. the data: conversations (OpenAI messages, ShareGPT, Alpaca, MiniMind ...) rendered with the chat
+   template; labels only on assistant replies; padded or packed rows; a new seeded order every epoch
+4. the objective: chunked cross-entropy on the labelled tokens. The Trainer does the rest.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from lmforge.checkpoint import load_model, save_model
+from lmforge.config import PRESETS, preset
+from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
+from lmforge.model import build_model
+from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
+from lmforge.settings import parse_args
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
+from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, setup_env
+
+
+@dataclass
+class FreezeSettings:
+    layers: list[int] = field(default_factory=lambda: [-1], metadata={
+        "help": "method freeze: indices of the blocks to train (negative counts from the end)"})
+    modules: list[str] = field(default_factory=list, metadata={
+        "help": "method freeze: other modules to train too, e.g. model.norm lm_head model.embed_tokens"})
+
+
+@dataclass
+class SFTConfig:
+    model: str = field(default="runs/pretrain/final", metadata={
+        "help": "the HF model dir to fine-tune (a preset name starts from random weights)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir (default: the model dir)"})
+    data: list[str] = field(default_factory=list, metadata={"help": "conversation files (jsonl, parquet, globs)"})
+    val_data: list[str] = field(default_factory=list, metadata={"help": "validation conversation files"})
+    format: str = field(default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | minimind ..."})
+    loss_on: Literal["all", "last"] = field(default="all", metadata={
+        "help": "train on every assistant reply, or only the last of each conversation"})
+    max_len: int = field(default=1024, metadata={"help": "tokens per sample (longer samples are cut)"})
+    batch_size: int = field(default=8, metadata={"help": "samples (or packed rows) per micro-batch per process"})
+    packed: bool = field(default=False, metadata={"help": "pack several samples per row of max_len tokens"})
+    method: Literal["full", "lora", "dora", "freeze"] = field(default="full", metadata={"help": "what is trained"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    freeze: FreezeSettings = field(default_factory=FreezeSettings)
+    merge: bool = field(default=False, metadata={"help": "lora/dora: also write RUN_DIR/merged, the merged model"})
+    chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        run_dir="runs/sft", steps=500, eval_every=100, save_every=250,
+        optim=OptimConfig(lr=5e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)))
+
+
+def shift_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SFT readers align labels with input_ids (Hugging Face style); the loss wants position t's target."""
+    labels = batch["labels"]
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    return {**batch, "labels": shifted}
+
+
+def epoch_batches(samples: list[SFTSample], cfg: SFTConfig, pad_id: int, rank: int, world_size: int,
+                  shuffle: bool):
+    """make_batches(epoch) for EpochBatches: a seeded order per epoch, each process every world_size-th sample."""
+    def make(epoch: int):
+        order = list(range(len(samples)))
+        if shuffle:
+            random.Random(cfg.train.seed * 1_000_003 + epoch).shuffle(order)
+        mine = [samples[i] for i in order[rank::world_size]]
+        for batch in sft_batches(mine, cfg.batch_size, pad_id, cfg.packed, cfg.max_len):
+            yield shift_labels(batch)
+    return make
+
+
+def freeze_except(model: torch.nn.Module, layers: list[int], modules: list[str]) -> list[str]:
+    """Freeze every parameter but those of the chosen blocks and modules; returns the trained names."""
+    count = len(model.model.layers)
+    for index in layers:
+        if not -count <= index < count:
+            raise ValueError(f"freeze.layers: {index} is not a block of this {count}-block model")
+    prefixes = [f"model.layers.{index % count}." for index in layers] + [m.rstrip(".") + "." for m in modules]
+    named = dict(model.named_modules())
+    for m in modules:
+        if m not in named:
+            raise ValueError(f"freeze.modules: the model has no module '{m}'")
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(prefix) for prefix in prefixes))
+        if p.requires_grad:
+            trained.append(name)
+    return trained
+
+
+def build(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
+    if cfg.model in PRESETS:
+        model = build_model(preset(cfg.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                                   pad_token_id=tokenizer.pad_id), device=device, seed=cfg.train.seed)
+    elif Path(cfg.model).is_dir():
+        model = load_model(cfg.model, device=device)
+    else:
+        raise FileNotFoundError(f"model: '{cfg.model}' is neither a model directory nor a preset")
+    if cfg.method in ("lora", "dora"):
+        apply_lora(model, replace(cfg.lora, use_dora=cfg.method == "dora" or cfg.lora.use_dora))
+    elif cfg.method == "freeze":
+        freeze_except(model, cfg.freeze.layers, cfg.freeze.modules)
+    return model
+
+
+def read_samples(files: list[str], cfg: SFTConfig, tokenizer: Tokenizer, what: str) -> list[SFTSample]:
+    dataset = SFTDataset(files, tokenizer, cfg.max_len, cfg.format, cfg.loss_on)
+    samples = list(dataset)
+    if not samples:
+        raise ValueError(f"{what}: no trainable conversation in {files} ({dataset.stats.summary()})")
+    return samples
+
+
+def run(cfg: SFTConfig) -> TrainResult:
+    if not cfg.data:
+        raise ValueError("data: give one or more conversation files")
+    if cfg.merge and not (cfg.method in ("lora", "dora") and Path(cfg.model).is_dir()):
+        raise ValueError("merge: needs method lora or dora and a base model directory")
+    env = setup_env(cfg.train.device)
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    model = build(cfg, tokenizer, env.device)
+    adapters = cfg.method in ("lora", "dora")
+    base_dir = cfg.model if Path(cfg.model).is_dir() else None
+    train = EpochBatches(epoch_batches(read_samples(cfg.data, cfg, tokenizer, "data"), cfg, tokenizer.pad_id,
+                                       env.rank, env.world_size, shuffle=True))
+    val_data = None
+    if cfg.val_data:
+        val_samples = read_samples(cfg.val_data, cfg, tokenizer, "val_data")
+        val_data = lambda: epoch_batches(val_samples, cfg, tokenizer.pad_id, env.rank, env.world_size, False)(0)
+    if adapters:
+        save_weights = lambda m, path: save_adapter(m, path, base_model_path=base_dir)
+    else:
+        save_weights = lambda m, path: save_model(m, path, tokenizer_dir=tokenizer_dir)
+    trainer = Trainer(cfg.train, model, lambda m, batch: causal_lm_loss(m, batch, cfg.chunk_size), train,
+                      val_data=val_data, save_weights=save_weights,
+                      log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
+    result = trainer.fit()
+    if cfg.merge and env.is_main:
+        from lmforge.merge import merge
+
+        merge(base_dir, result.model_dir, Path(cfg.train.run_dir) / "merged")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(SFTConfig, argv, prog="lmforge sft",
+                     description="Supervised fine-tuning: full, LoRA, DoRA or chosen layers; loss on replies only.")
+    try:
+        run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
