@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
     "tokenizer": ("lmforge.tokenizer", "train a byte-level BPE tokenizer with chat special tokens"),
     "prepare": ("lmforge.data.pretrain", "tokenize text into memory-mapped pretraining shards"),
+    "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
+    "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
 }
 
 
