@@ -20,15 +20,15 @@ from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomBatches, tiny_model  # noqa: E402
+from train_helpers import RandomBatches, one_thread, tiny_model  # noqa: E402, F401
 
 STEPS, GLOBAL_BATCH, ACCUM = 4, 4, 2
 
 
 def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume: str | None = None,
-        save_every: int = 2):
+        precision: str = "fp32"):
     cfg = TrainConfig(run_dir=str(run_dir), steps=STEPS, grad_accum=ACCUM, distributed=distributed, progress=False,
-                      save_every=save_every, eval_every=2, device="cpu", resume=resume,
+                      save_every=2, eval_every=2, device="cpu", resume=resume, precision=precision,
                       optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1))
     data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world)
     trainer = Trainer(cfg, tiny_model(seed=3), causal_lm_loss, data, val_data=data.validation())
@@ -44,6 +44,8 @@ def worker(mode: str, out: str) -> None:
     if mode == "fsdp":  # resume the sharded state from the middle of the run, in a new run directory
         resumed = run(out_dir / "resumed", rank, world, mode, resume=str(out_dir / "run" / "checkpoint-000002"))
         report["resumed_losses"] = [h["loss"] for h in resumed.history]
+    # bf16-pure: fp32 master weights beside bf16 ones under DDP; FSDP's MixedPrecisionPolicy under FSDP
+    report["bf16_losses"] = [h["loss"] for h in run(out_dir / "bf16", rank, world, mode, precision="bf16-pure").history]
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
@@ -51,12 +53,16 @@ def worker(mode: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    result = run(tmp_path_factory.mktemp("single") / "run")
-    return result
+    return run(tmp_path_factory.mktemp("single") / "run")
+
+
+@pytest.fixture(scope="module")
+def single_bf16(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("single") / "bf16", precision="bf16-pure")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, single, tmp_path):
+def test_two_processes_match_one(mode, single, single_bf16, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            __file__, mode, str(tmp_path)]
@@ -72,6 +78,7 @@ def test_two_processes_match_one(mode, single, tmp_path):
     reference = load_model(single.model_dir)
     for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(report["bf16_losses"], [h["loss"] for h in single_bf16.history], rtol=2e-2, atol=0)
     if mode == "fsdp":
         torch.testing.assert_close(report["resumed_losses"], expected[2:], rtol=1e-5, atol=1e-5)
 

@@ -24,7 +24,7 @@ from lmforge.train.trainer import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomBatches, tiny_config, tiny_model  # noqa: E402
+from train_helpers import RandomBatches, one_thread, tiny_config, tiny_model  # noqa: E402, F401
 
 
 def config(run_dir, **kw) -> TrainConfig:
