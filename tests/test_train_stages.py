@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from train_helpers are parameters of the tests)
 """The stages over the Trainer: `lmforge pretrain` (preset or HF dir, on prepared shards; SIGKILL and
 resume; config errors) and `lmforge sft` (full, freeze, LoRA, DoRA; loss on replies only)."""
 
