@@ -17,7 +17,6 @@ A stage's loss function has the signature the Trainer expects: `loss_fn(model, b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -41,15 +40,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-            logits = (h @ w.T).float()
-            total += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            valid = y != IGNORE_INDEX
+            logprobs = (h @ w.T).float().log_softmax(-1)
+            total -= (logprobs.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * valid).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             # d CE / d logits = softmax(logits) - onehot(label); zero for ignored tokens.
-            valid = y != IGNORE_INDEX
-            grad_logits = logits.softmax(-1)
-            grad_logits[valid, y[valid]] -= 1.0
-            grad_logits[~valid] = 0.0
+            grad_logits = logprobs.exp_()  # the softmax, in the log-probabilities' memory
+            rows = valid.nonzero().squeeze(1)
+            grad_logits[rows, y[rows]] -= 1.0
+            if rows.numel() < len(y):
+                grad_logits *= valid[:, None]
             grad_logits = grad_logits.to(h.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits @ w

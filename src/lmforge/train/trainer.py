@@ -1,4 +1,4 @@
-"""The one training loop of lmforge: pretraining, SFT, LoRA, DPO, reward models, distillation and RL
+r"""The one training loop of lmforge: pretraining, SFT, LoRA, DPO, reward models, distillation and RL
 all run through `Trainer`.
 
 A stage supplies only what differs between stages:
@@ -27,9 +27,33 @@ adapter directory) with the training state beside the weights, never inside them
 Each is written into a hidden temporary directory that is renamed into place as the last act, so a
 process killed at any moment leaves only complete checkpoints; `resume: auto` takes the newest.
 
-Distributed: launch the same command under torchrun (see `distributed_launch_help`); the Trainer
-joins the process group that torchrun describes (NCCL on GPUs, gloo on CPUs), each rank reads its
-own part of the data, and only rank 0 logs and writes files other than its own shards.
+Distributed: the Trainer joins the process group that torchrun describes (NCCL on GPUs, gloo on
+CPUs), each rank reads its own part of the data, and only rank 0 logs and writes files other than
+its own shards of the training state.
+
+Multi-process and multi-node training
+
+Every training command runs unchanged under torchrun; choose replicas (DDP, the default) or sharded
+weights, gradients and optimizer state (FSDP2) with --train.distributed:
+
+    # one machine, 8 GPUs
+    torchrun --nproc_per_node 8 -m lmforge.cli pretrain --config configs/pretrain_small.yaml \
+        --train.distributed fsdp
+
+    # two machines with 8 GPUs each: run this on both, with --node_rank 0 on the first and 1 on the second;
+    # MASTER is the first machine's address, reachable from the second on port 29500
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr MASTER --master_port 29500 \
+        -m lmforge.cli pretrain --config configs/pretrain_small.yaml --train.distributed fsdp
+
+    # CPUs only (gloo): the same, e.g. two processes on one machine
+    torchrun --nproc_per_node 2 -m lmforge.cli pretrain --config configs/pretrain_tiny.yaml --train.device cpu
+
+The global batch is batch_size x grad_accum x number of processes; each process reads its own part of
+the data. Only rank 0 prints, logs and writes the model; with FSDP every rank writes its shard of the
+training state. All nodes must see the same run_dir (a shared file system) for checkpoints and resume.
+On clusters with a scheduler, `torchrun --nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT` lets
+the nodes find each other without fixed ranks. Resume needs the same number of processes as the run
+that wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -166,35 +190,6 @@ def setup_env(device: str = "auto") -> Env:
     return Env(rank, world_size, local_rank, dev)
 
 
-def distributed_launch_help() -> str:
-    """How to run any training stage on several processes or machines (README text)."""
-    return """\
-Multi-process and multi-node training
-
-Every training command runs unchanged under torchrun; choose replicas (DDP, the default) or sharded
-weights, gradients and optimizer state (FSDP2) with --train.distributed:
-
-    # one machine, 8 GPUs
-    torchrun --nproc_per_node 8 -m lmforge.cli pretrain --config configs/pretrain_small.yaml \\
-        --train.distributed fsdp
-
-    # two machines with 8 GPUs each: run this on both, with --node_rank 0 on the first and 1 on the second;
-    # MASTER is the first machine's address, reachable from the second on port 29500
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr MASTER --master_port 29500 \\
-        -m lmforge.cli pretrain --config configs/pretrain_small.yaml --train.distributed fsdp
-
-    # CPUs only (gloo): the same, e.g. two processes on one machine
-    torchrun --nproc_per_node 2 -m lmforge.cli pretrain --config configs/pretrain_tiny.yaml --train.device cpu
-
-The global batch is batch_size x grad_accum x number of processes; each process reads its own part of
-the data. Only rank 0 prints, logs and writes the model; with FSDP every rank writes its shard of the
-training state. All nodes must see the same run_dir (a shared file system) for checkpoints and resume.
-On clusters with a scheduler, `torchrun --nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT` lets
-the nodes find each other without fixed ranks. Resume needs the same number of processes as the run
-that wrote the checkpoint.
-"""
-
-
 # -- precision ---------------------------------------------------------------------------------------
 
 def _autocast(env: Env, precision: str):
@@ -225,7 +220,7 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConf
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """The matmul FLOP/s this device reaches: the best of a few square matmuls (the MFU denominator)."""
-    n = 4096 if device.type == "cuda" else 512
+    n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -464,7 +459,18 @@ class Trainer:
         comparable across tokenizers."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
-        for batch in self.val_data():
+        batches = iter(self.val_data())
+        while True:
+            batch = next(batches, None)
+            if self.env.distributed:
+                # Every rank runs the same number of forwards (FSDP and DDP communicate in each): stop
+                # as soon as one rank has no batch left.
+                more = torch.tensor(float(batch is not None), device=self.env.device)
+                dist.all_reduce(more, op=dist.ReduceOp.MIN)
+                if not more.item():
+                    break
+            elif batch is None:
+                break
             batch = self._to_device(batch)
             with _autocast(self.env, self.cfg.precision):
                 loss, metrics = self.loss_fn(self.model, batch)
