@@ -26,9 +26,10 @@ STEPS, GLOBAL_BATCH, ACCUM = 4, 4, 2
 
 
 def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume: str | None = None,
-        precision: str = "fp32"):
+        precision: str = "fp32", activation_checkpointing: bool = False):
     cfg = TrainConfig(run_dir=str(run_dir), steps=STEPS, grad_accum=ACCUM, distributed=distributed, progress=False,
                       save_every=2, eval_every=2, device="cpu", resume=resume, precision=precision,
+                      activation_checkpointing=activation_checkpointing,
                       optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1))
     data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world)
     trainer = Trainer(cfg, tiny_model(seed=3), causal_lm_loss, data, val_data=data.validation())
@@ -45,7 +46,9 @@ def worker(mode: str, out: str) -> None:
         resumed = run(out_dir / "resumed", rank, world, mode, resume=str(out_dir / "run" / "checkpoint-000002"))
         report["resumed_losses"] = [h["loss"] for h in resumed.history]
     # bf16-pure: fp32 master weights beside bf16 ones under DDP; FSDP's MixedPrecisionPolicy under FSDP
-    report["bf16_losses"] = [h["loss"] for h in run(out_dir / "bf16", rank, world, mode, precision="bf16-pure").history]
+    # (there with activation checkpointing too, which recomputes each sharded block in backward)
+    bf16 = run(out_dir / "bf16", rank, world, mode, precision="bf16-pure", activation_checkpointing=mode == "fsdp")
+    report["bf16_losses"] = [h["loss"] for h in bf16.history]
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
