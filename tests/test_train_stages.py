@@ -97,6 +97,7 @@ def test_config_errors_name_the_bad_key(tmp_path, capsys):
     for option in ("--method", "--lora.r", "--lora.target-modules", "--freeze.layers", "--train.optim.schedule",
                    "--train.grad-accum", "--train.resume", "--train.distributed", "--train.precision"):
         assert option in out
+    assert "--train.run-dir STR  (default: runs/sft)" in out  # the stage's own defaults for its Trainer
 
 
 KILL_ARGS = ["--train.steps", "24", "--train.save-every", "3", "--train.keep-last", "2", "--train.eval-every", "0",

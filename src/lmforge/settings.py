@@ -169,20 +169,20 @@ def format_help(cls, prog: str, description: str = "") -> str:
     lines.append("options (YAML keys or --dotted.flags; defaults shown):")
     lines.append("  --config YAML    read options from a YAML file first; flags override it")
 
-    def walk(c, prefix: str):
-        inst = c()
-        for name, f in _fields(c).items():
+    def walk(inst, prefix: str):
+        # Walk instances, not classes: a parent's default_factory may set a nested section's defaults.
+        for name, f in _fields(type(inst)).items():
             default = getattr(inst, name)
             flag = "--" + prefix + name.replace("_", "-")
             if dataclasses.is_dataclass(default):
-                walk(type(default), prefix + name + ".")
+                walk(default, prefix + name + ".")
                 continue
             help_text = f.metadata.get("help", "")
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             line = f"  {flag} {_type_name(f.type).upper()}  (default: {shown})"
             lines.append(line + (f"  {help_text}" if help_text else ""))
 
-    walk(cls, "")
+    walk(cls(), "")
     return "\n".join(lines)
 
 
