@@ -127,11 +127,16 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     """
     extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
     output = model(batch["input_ids"], return_hidden=True, **extra)
-    inner = unwrap_model(model)
-    ce = chunked_cross_entropy(output.hidden, inner.output_weight, batch["labels"], chunk_size)
+    ce = chunked_cross_entropy(output.hidden, unwrap_model(model).output_weight, batch["labels"], chunk_size)
     metrics = {"ce": ce.detach(), "tokens": (batch["labels"] != IGNORE_INDEX).sum()}
-    loss = ce
-    if output.aux_loss is not None and inner.config.router_aux_loss_coef > 0:
-        loss = ce + inner.config.router_aux_loss_coef * output.aux_loss
-        metrics["aux_loss"] = output.aux_loss.detach()
-    return loss, metrics
+    return with_router_aux_loss(ce, output, model, metrics), metrics
+
+
+def with_router_aux_loss(loss: torch.Tensor, output, model: nn.Module, metrics: dict) -> torch.Tensor:
+    """loss + router_aux_loss_coef * the MoE load-balancing loss of `output` (a ModelOutput), for every
+    objective that trains a MoE model; records it in metrics["aux_loss"]. Dense models: loss unchanged."""
+    coef = unwrap_model(model).config.router_aux_loss_coef
+    if output.aux_loss is None or coef <= 0:
+        return loss
+    metrics["aux_loss"] = output.aux_loss.detach()
+    return loss + coef * output.aux_loss
