@@ -301,7 +301,6 @@ class Trainer:
         params = [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.trainable_names = {n for n, _ in params}
         # bf16-pure outside FSDP: the model computes in bf16, the optimizer updates fp32 copies (masters)
         # that are rounded back into the model after every step (Micikevicius et al. 2018, "Mixed
         # Precision Training"). Under FSDP the same is FSDP's MixedPrecisionPolicy (see _prepare_model).
@@ -405,13 +404,15 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.optim_params, max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        # The loss all ranks saw: reduced so every rank takes the same decision below.
-        stats = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(tokens), device=env.device)])
+        # Loss and metrics averaged over ranks, tokens summed: every rank takes the same decision below.
+        keys = sorted(k for k in metric_sums if k != "tokens")
+        stats = torch.stack([loss_sum, *(metric_sums[k] for k in keys)]) / cfg.grad_accum
+        stats = torch.cat([stats, torch.tensor([float(tokens)], device=env.device)])
         if env.distributed:
             dist.all_reduce(stats)
-            stats[0] /= env.world_size
-        loss_value, grad_norm_value = stats[0].item(), grad_norm.item()
-        step_tokens = int(stats[1].item()) if env.distributed else tokens
+            stats[:-1] /= env.world_size
+        loss_value, *metric_values, step_tokens = stats.tolist()
+        step_tokens, grad_norm_value = int(step_tokens), grad_norm.item()
         finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or self.scaler is not None)
         row = {"step": self.step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value}
         if not finite:
@@ -437,9 +438,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += step_tokens
         row["tokens"] = self.tokens_seen
-        for k, v in metric_sums.items():
-            if k != "tokens":
-                row[k] = v.item() / cfg.grad_accum
+        row.update(zip(keys, metric_values))
         return row
 
     @torch.no_grad()
@@ -553,8 +552,8 @@ class Trainer:
     def _dcp_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_state = {k: v for k, v in get_model_state_dict(self.model).items()
-                       if k not in dict(self.inner.named_parameters()) or k in self.trainable_names}
+        frozen = {n for n, p in self.inner.named_parameters() if not p.requires_grad}
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if k not in frozen}
         return {"model": model_state, "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
 
     def load_checkpoint(self, path: str | Path) -> None:
