@@ -153,8 +153,8 @@ def test_sft_labels_cover_assistant_replies_only(corpus, chats):
         assert tokenizer.decode([t for t in labels if t != -100]) == answer + "<|im_end|>"
 
 
-def test_sft_full_learns(tmp_path, base_model, chats):
-    result = sft.run(sft_config(tmp_path, base_model, chats, "--train.steps", "12"))
+def test_sft_full_learns_on_packed_rows(tmp_path, base_model, chats):
+    result = sft.run(sft_config(tmp_path, base_model, chats, "--train.steps", "12", "--packed"))
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0] - 0.5
     assert load_model(result.model_dir).config.vocab_size == 300
