@@ -1,0 +1,458 @@
+"""The inference engine: KV-cached, batched, streaming generation, with continuous batching.
+
+How a request runs (one function per step, read top to bottom):
+1. `submit` checks it and queues it.
+2. `_admit` gives it a batch row per sample, prefills its prompt once into the first row, copies
+   that row of the cache to the others (n samples share one prefill), and samples each one's
+   first token from the prompt's last logits.
+3. `_decode` runs one forward over every running row: one new token each, at each row's own
+   position (the cache rows are independent, so prompts of different lengths and requests that
+   joined at different times share a batch), then picks each row's next token.
+4. `_advance` detokenises the token, checks stop ids / stop strings / lengths, and sends a Delta.
+   A finished or cancelled sample leaves, and the last row moves into its place, so the running
+   rows are always rows 0..k-1 of the cache and a decode step is one forward over a [k, 1] batch.
+
+`start()` runs steps 2-4 in a background thread (continuous batching: requests join and leave
+between decode steps, so a short request never waits for a long one); without it, `generate` and
+`stream` run the same steps in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.config import PRESETS, preset
+from lmforge.infer.detokenize import Detokenizer
+from lmforge.infer.sampling import SamplerState, SamplingParams, choose_tokens, token_logprobs
+from lmforge.model import KVCache, Transformer, build_model
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Delta", "Engine", "Output", "Request", "SamplingParams", "TokenLogprob"]
+
+DEFAULT_MAX_LEN = 2048
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (id, text, logprob), most likely first
+
+
+@dataclass
+class Output:  # one of the n samples of a request
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | None while running (or cancelled)
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class Delta:  # one streaming event for sample `index`
+    index: int
+    text: str  # new text, never a broken UTF-8 character (held back until complete)
+    token_ids: list[int]  # tokens since the previous event of this sample
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # set on the last event of that sample
+
+
+_DONE = object()  # end of a request's event stream
+
+
+class Request:
+    """A submitted prompt: iterate it (or `aiter` it) for Deltas; `outputs` holds the results."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams):
+        self.id = f"req-{uuid.uuid4().hex[:16]}"
+        self.prompt = prompt
+        self.prompt_tokens = len(prompt)
+        self.params = params
+        self.outputs = [Output(i, "", [], None, [] if params.logprobs else None) for i in range(params.n)]
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._engine = engine
+        self._events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_events: asyncio.Queue | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the batch rows are freed before the next decode step."""
+        self.cancelled = True
+        self._engine._wake()
+
+    def _put(self, event) -> None:  # called by the engine's thread
+        with self._lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
+            else:
+                self._events.put(event)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.done.set()
+        self._put(_DONE)
+
+    def _next(self, event):
+        if event is _DONE:
+            if self.error is not None:
+                raise RuntimeError(f"generation failed: {self.error!r}") from self.error
+            return None
+        return event
+
+    def __iter__(self) -> Iterator[Delta]:
+        """Blocking iteration over events until all n samples finish."""
+        if not self._engine.running:  # nobody else steps the engine: do it here
+            yield from self._engine._drive_stream(self)
+            return
+        while (event := self._next(self._events.get())) is not None:
+            yield event
+
+    async def aiter(self) -> AsyncIterator[Delta]:
+        """Events for asyncio code: the engine's thread hands them to this event loop."""
+        if not self._engine.running:
+            raise RuntimeError("Engine.start() must be called before iterating requests asynchronously")
+        with self._lock:
+            self._loop, self._async_events = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._events.empty():  # anything sent before we switched to asyncio
+                self._async_events.put_nowait(self._events.get_nowait())
+        while (event := self._next(await self._async_events.get())) is not None:
+            yield event
+
+
+class _Sample:
+    """One running sample: the state of one batch row."""
+
+    def __init__(self, request: Request, index: int, engine: Engine):
+        p, prompt = request.params, request.prompt
+        self.request, self.index = request, index
+        self.output = request.outputs[index]
+        self.sampler = SamplerState(p, prompt, engine.vocab_size, None if p.seed is None else p.seed + index)
+        self.detok = Detokenizer(engine.tokenizer, prompt, p.stop)
+        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else engine.eos_ids)
+        self.position = len(prompt)  # where `last_token` goes in the cache (positions below are written)
+        self.last_token = -1
+        self.pending_ids: list[int] = []  # tokens (and log-probs) not yet sent in a Delta
+        self.pending_logprobs: list[TokenLogprob] = []
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16,
+                 max_len: int | None = None, eos_ids: set[int] | None = None):
+        """`max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
+        that end any output unless `ignore_eos`; by default the tokenizer's and config's eos, and every
+        special token (they mark an end of text or of a turn, never content)."""
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_len = max_len or min(model.config.max_position_embeddings, DEFAULT_MAX_LEN)
+        self.vocab_size = model.config.vocab_size
+        self.eos_ids = eos_ids if eos_ids is not None else default_eos_ids(model, tokenizer)
+        self.cache = model.new_cache(max_batch_size, self.max_len)
+        self._views: dict[tuple[int, int], KVCache] = {}
+        self._running: list[_Sample] = []  # row i of the cache belongs to _running[i]
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()  # guards _waiting; wakes the background thread
+        self._step_lock = threading.Lock()  # one thread steps the engine at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                        tokenizer: str | Path | None = None, **kw) -> Engine:
+        """Load a Hugging Face model directory (weights + tokenizer), or build a preset (`small`, ...)
+        with random weights, which then needs `tokenizer` (a directory; the vocabulary follows it)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+        if not Path(path).is_dir() and str(path) in PRESETS:
+            if tokenizer is None:
+                raise ValueError(f"model '{path}' is a preset with random weights: give a tokenizer directory too")
+            tok = Tokenizer.from_dir(tokenizer)
+            model = build_model(preset(str(path), vocab_size=tok.vocab_size), device=device, dtype=DTYPES[dtype])
+            return cls(model, tok, **kw)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: not a model directory nor a preset ({', '.join(PRESETS)})")
+        model = load_model(path, dtype=DTYPES[dtype], device=device)
+        tok = Tokenizer.from_dir(tokenizer or path)
+        kw.setdefault("eos_ids", default_eos_ids(model, tok) | generation_eos_ids(path))
+        return cls(model, tok, **kw)
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a prompt (thread-safe). Raises ValueError for a bad prompt or bad params."""
+        params = params or SamplingParams()
+        params.validate(self.vocab_size)
+        if params.n > self.max_batch_size:
+            raise ValueError(f"n={params.n}: more samples than the engine's max_batch_size {self.max_batch_size}")
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context holds {self.max_len}, "
+                             f"so a prompt may have at most {self.max_len - 1}")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
+        request = Request(self, list(prompt), params)
+        with self._cond:
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[Output]]:
+        """Blocking: all prompts run batched; returns each prompt's n outputs."""
+        requests = [self.submit(p, params) for p in prompts]
+        for r in requests:
+            if self.running:
+                r.done.wait()
+            else:
+                self._drive(r)
+            if r.error is not None:
+                raise RuntimeError(f"generation failed: {r.error!r}") from r.error
+        return [r.outputs for r in requests]
+
+    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Blocking generator of the Deltas of one prompt."""
+        yield from self.submit(prompt, params)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def num_active(self) -> int:
+        """Requests queued or generating (the server's /health reports it; 0 once cancelled ones left)."""
+        return len(self._waiting) + len({id(s.request) for s in list(self._running)})
+
+    def start(self) -> None:
+        """Run the engine in a background thread (continuous batching)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread; requests still queued or running are cancelled."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self._thread = None
+        with self._step_lock:
+            for r in list(self._waiting) + [s.request for s in self._running]:
+                r.cancelled = True
+            self._drop_cancelled()
+
+    # -- stepping -----------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # the requests in flight got the error; later ones may still succeed
+                log.exception("engine step failed")
+
+    def _drive(self, request: Request) -> None:
+        while not request.done.is_set():
+            self.step()
+
+    def _drive_stream(self, request: Request) -> Iterator[Delta]:
+        while True:
+            if request._events.empty():
+                self.step()
+                continue
+            event = request._next(request._events.get_nowait())
+            if event is None:
+                return
+            yield event
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests, drop cancelled ones, decode one token for every running row."""
+        with self._step_lock:
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._running:
+                    self._decode()
+            except Exception as error:  # fail the requests in flight, keep the engine usable
+                for request in {s.request for s in self._running}:
+                    request._finish(error)
+                self._running.clear()
+                raise
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            for r in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(r)
+                r._finish()
+        for i in reversed(range(len(self._running))):
+            sample = self._running[i]
+            if sample.request.cancelled:
+                self._leave(i)
+                if not sample.request.done.is_set():
+                    sample.request._finish()
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while their samples fit in free rows (first come, first served)."""
+        while True:
+            with self._cond:
+                if not self._waiting or self._waiting[0].params.n > self.max_batch_size - len(self._running):
+                    return
+                request = self._waiting.popleft()
+            row, n = len(self._running), request.params.n
+            try:
+                ids = torch.tensor([request.prompt], device=self.cache_device)
+                hidden = self.model(ids, cache=self._rows(row, row + 1), return_hidden=True).hidden
+                logits = self.model.logits(hidden[:, -1]).float()  # only the last position is needed
+            except Exception as error:
+                request._finish(error)
+                raise
+            for r in range(row + 1, row + n):  # every sample starts from the same prefilled cache
+                self._copy_row(row, r, len(request.prompt))
+            samples = [_Sample(request, i, self) for i in range(n)]
+            self._running.extend(samples)
+            self._advance(samples, logits.expand(n, -1))
+
+    def _decode(self) -> None:
+        k = len(self._running)
+        device = self.cache_device
+        tokens = torch.tensor([[s.last_token] for s in self._running], device=device)
+        positions = torch.tensor([[s.position] for s in self._running], device=device)
+        hidden = self.model(tokens, position_ids=positions, cache=self._rows(0, k), return_hidden=True).hidden
+        for sample in self._running:
+            sample.position += 1
+        self._advance(list(self._running), self.model.logits(hidden[:, -1]).float())
+
+    def _advance(self, samples: list[_Sample], logits: torch.Tensor) -> None:
+        """Pick each sample's next token from its logits row, record it, emit text, retire finished ones."""
+        tokens = choose_tokens(logits, [s.sampler for s in samples])
+        logprobs = self._logprobs(samples, logits, tokens)
+        finished = []
+        for sample, token, lp in zip(samples, tokens, logprobs):
+            sample.sampler.observe(token)
+            sample.last_token = token
+            out = sample.output
+            out.token_ids.append(token)
+            sample.pending_ids.append(token)
+            if lp is not None:
+                out.logprobs.append(lp)
+                sample.pending_logprobs.append(lp)
+            if token in sample.stop_ids:
+                text, reason = sample.detok.finish(), "stop"
+            else:
+                text = sample.detok.add(token)
+                if sample.detok.stopped:
+                    reason = "stop"
+                elif (len(out.token_ids) >= sample.request.params.max_tokens
+                      or sample.request.prompt_tokens + len(out.token_ids) >= self.max_len):
+                    text, reason = text + sample.detok.finish(), "length"
+                else:
+                    reason = None
+            out.text = sample.detok.text[:sample.detok.emitted]
+            if text or reason:
+                self._emit(sample, text, reason)
+            if reason:
+                finished.append(sample)
+        for sample in finished:
+            self._leave(self._running.index(sample))
+            request = sample.request
+            if all(o.finish_reason for o in request.outputs):
+                request._finish()
+
+    def _logprobs(self, samples, logits, tokens) -> list[TokenLogprob | None]:
+        want = [i for i, s in enumerate(samples) if s.request.params.logprobs]
+        result: list[TokenLogprob | None] = [None] * len(samples)
+        if not want:
+            return result
+        top = max(samples[i].request.params.top_logprobs for i in want)
+        chosen, alternatives = token_logprobs(logits[want], [tokens[i] for i in want], top)
+        text = self._token_text
+        for i, lp, alts in zip(want, chosen, alternatives):
+            k = samples[i].request.params.top_logprobs
+            result[i] = TokenLogprob(tokens[i], text(tokens[i]), lp, [(t, text(t), v) for t, v in alts[:k]])
+        return result
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _emit(self, sample: _Sample, text: str, reason: str | None) -> None:
+        sample.output.finish_reason = reason
+        logprobs = sample.pending_logprobs if sample.request.params.logprobs else None
+        sample.request._put(Delta(sample.index, text, sample.pending_ids, logprobs, reason))
+        sample.pending_ids, sample.pending_logprobs = [], []
+
+    # -- cache rows ---------------------------------------------------------------------------------
+
+    @property
+    def cache_device(self) -> torch.device:
+        return self.cache.layers[0][0].device
+
+    def _rows(self, start: int, stop: int) -> KVCache:
+        """A KVCache over rows start..stop-1 of the engine's cache: the same memory, a smaller batch."""
+        key = (start, stop)
+        if key not in self._views:
+            view = copy.copy(self.cache)
+            view.layers = [[buf[start:stop] for buf in layer] for layer in self.cache.layers]
+            view.batch_size = stop - start
+            self._views[key] = view
+        return self._views[key]
+
+    def _copy_row(self, src: int, dst: int, length: int) -> None:
+        for layer in self.cache.layers:
+            for buf in layer:
+                buf[dst, :, :length] = buf[src, :, :length]
+
+    def _leave(self, row: int) -> None:
+        """Free a row: the last running row moves into it, so rows 0..k-1 stay the running ones."""
+        last = len(self._running) - 1
+        if row != last:
+            moved = self._running[last]
+            self._copy_row(last, row, moved.position)
+            self._running[row] = moved
+        self._running.pop()
+
+
+def default_eos_ids(model: Transformer, tokenizer: Tokenizer) -> set[int]:
+    ids = set(tokenizer.special_ids)
+    for value in (tokenizer.eos_id, model.config.eos_token_id):
+        ids |= set(value if isinstance(value, list) else [] if value is None else [value])
+    return {i for i in ids if i < model.config.vocab_size}
+
+
+def generation_eos_ids(path: str | Path) -> set[int]:
+    """eos ids listed in a model directory's generation_config.json (e.g. Llama 3's <|eot_id|>)."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return set()
+    value = json.loads(file.read_text()).get("eos_token_id")
+    return {i for i in (value if isinstance(value, list) else [] if value is None else [value]) if isinstance(i, int)}

@@ -1,0 +1,158 @@
+"""Choosing the next token: penalties, temperature, top-k / top-p / min-p, seeded draws, log-probs.
+
+Every sample in a batch has its own `SamplingParams` and its own `torch.Generator`, and draws
+exactly one number from it per token, so a seeded request produces the same text whatever else
+shares the batch. The order of the logits transforms is transformers' (`generate` builds its
+processors in this order): repetition penalty, presence/frequency penalties, temperature, top-k,
+top-p, min-p.
+
+Log-probs are the log-softmax of the *unmodified* logits (before penalties, temperature and
+filtering), as vLLM and the OpenAI API report them: they say what the model thinks of a token,
+not how the sampler was configured.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/CTRL style, on logits of tokens already in prompt+output
+    presence_penalty: float = 0.0  # OpenAI style, on tokens already in the output
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # same seed -> same text, regardless of what else is batched
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # eos is always a stop unless ignore_eos
+    ignore_eos: bool = False
+    n: int = 1  # samples per prompt, sharing one prefill; sample i uses seed + i
+    logprobs: bool = False
+    top_logprobs: int = 0  # k alternatives per position
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first bad field."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "must be > 0"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("n", self.n >= 1, "must be >= 1"),
+            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
+             f"must be token ids in [0, {vocab_size})"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class SamplerState:
+    """What one sample needs to pick its tokens: its params, its generator, and the token counts
+    the penalties read (kept as [vocab] tensors, only when a penalty is on)."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, seed: int | None):
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
+        self.seen = self.counts = None
+        if params.penalized:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # in prompt or output: repetition
+            self.seen[torch.tensor(prompt, dtype=torch.long)] = True
+            self.counts = torch.zeros(vocab_size)  # times in the output: presence / frequency
+
+    def observe(self, token: int) -> None:
+        if self.counts is not None:
+            self.seen[token] = True
+            self.counts[token] += 1
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+    """logits [V] -> penalised logits [V].
+
+    Repetition (CTRL, Keskar et al. 2019, as transformers' RepetitionPenaltyLogitsProcessor):
+    a logit of a token already in prompt or output is divided by the penalty if positive and
+    multiplied by it if negative. Presence and frequency (OpenAI's definition, output only):
+    logit - frequency_penalty * count - presence_penalty * (count > 0).
+    """
+    if params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if params.presence_penalty or params.frequency_penalty:
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set the logits of excluded tokens to -inf (logits [V], already divided by the temperature).
+
+    top-k: keep the k largest (ties at the k-th kept). top-p (nucleus, Holtzman et al. 2019): keep
+    the smallest set of most likely tokens whose probability reaches top_p. min-p (Nguyen et al.
+    2024): keep tokens whose probability is at least min_p times the most likely one's.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
+        drop = torch.zeros_like(logits, dtype=torch.bool)
+        drop[order] = mass_before >= top_p  # the most likely token always has mass_before 0
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
+    """One next token per row of logits [B, V] (fp32), row i sampled with states[i]."""
+    if all(s.params.greedy and s.seen is None for s in states):
+        return logits.argmax(-1).tolist()  # the common case in one op: no per-row Python work
+    tokens = []
+    for row, state in zip(logits, states):
+        p = state.params
+        if state.seen is not None:
+            row = apply_penalties(row, p, state.seen, state.counts)
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+            continue
+        row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
+        tokens.append(int(torch.multinomial(row.softmax(-1), 1, generator=state.generator)))
+    return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int
+                   ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-softmax of the raw logits [B, V]: each row's chosen token's log-prob, and its `top` best
+    alternatives as (id, logprob), most likely first."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if top == 0:
+        return chosen, [[] for _ in tokens]
+    values, ids = logp.topk(top, dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]

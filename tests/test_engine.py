@@ -1,0 +1,330 @@
+"""The inference engine against full forwards without a cache, run one request at a time.
+
+Every test builds a tiny random model (dense, MoE or MLA) and a byte-level BPE tokenizer trained on
+a few KB of text with accents, CJK and emojis, so that some characters are split across tokens.
+"""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from lmforge.config import preset
+from lmforge.infer import Engine, SamplingParams
+from lmforge.infer.detokenize import Detokenizer
+from lmforge.infer.sampling import apply_penalties, filter_logits
+from lmforge.model import build_model
+from lmforge.tokenizer import train_tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog, and then it rests. Café, naïve, façade. "
+        "日本語のテキストです。東京は大きい。 Emojis: 😀 🎉 🚀. Numbers 12345. ") * 40
+SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+CONFIGS = {
+    "dense": ("tiny", {}),
+    "moe": ("tiny-moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)),
+    "mla": ("tiny-mla", dict(num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                             v_head_dim=16, num_experts=4, moe_intermediate_size=48)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    return train_tokenizer([str(folder / "corpus.txt")], vocab_size=300, out_dir=folder, show_progress=False)
+
+
+def make_model(tokenizer, kind="dense", seed=0):
+    name, extra = CONFIGS[kind]
+    return build_model(preset(name, vocab_size=tokenizer.vocab_size, **{**SIZES, **extra}), seed=seed).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    return Engine(make_model(tokenizer), tokenizer, max_batch_size=4, max_len=128)
+
+
+def reference(model, prompt, steps):
+    """Greedy tokens and per-step logits from full forwards over the whole sequence, no cache."""
+    ids, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            row = model(torch.tensor([ids])).logits[0, -1].float()
+            logits.append(row)
+            ids.append(int(row.argmax()))
+    return ids[len(prompt):], torch.stack(logits)
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.2,
+                         presence_penalty=0.3, frequency_penalty=0.2, seed=1234, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "mla"])
+def test_greedy_and_logprobs_match_full_forward(tokenizer, kind):
+    model = make_model(tokenizer, kind)
+    engine = Engine(model, tokenizer, max_batch_size=2, max_len=64)
+    prompt = tokenizer.encode("The quick brown fox")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    (out,), = engine.generate([prompt], params)
+    expected, logits = reference(model, prompt, 12)
+    assert out.token_ids == expected
+    assert out.finish_reason == "length"
+    assert out.text == tokenizer.decode(expected, skip_special_tokens=True)
+    logp = logits.log_softmax(-1)
+    got = torch.tensor([lp.logprob for lp in out.logprobs])
+    torch.testing.assert_close(got, logp[torch.arange(12), torch.tensor(expected)], atol=1e-4, rtol=0)
+    for step, lp in enumerate(out.logprobs):
+        values, ids = logp[step].topk(3)
+        assert [t for t, _, _ in lp.top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, _, v in lp.top]), values, atol=1e-4, rtol=0)
+        assert lp.text == tokenizer.decode([lp.token_id])
+    if kind == "mla":  # the cache holds MLA's compressed latent, not per-head keys and values
+        assert engine.cache.layers[0][0].shape[-1] == model.config.kv_lora_rank
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_batched_equals_one_by_one(engine, tokenizer, params):
+    # Five prompts of different lengths for four rows: one waits for a free row.
+    texts = ["The", "Café, naïve, façade. The quick", "日本語", "Numbers 12345. The lazy dog", "🚀"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    batched = engine.generate(prompts, params)
+    for prompt, (out,) in zip(prompts, batched):
+        (alone,), = engine.generate([prompt], params)
+        assert out.token_ids == alone.token_ids
+        assert out.text == alone.text
+        assert len(out.token_ids) == 12
+
+
+def test_n_samples_share_one_prefill(tokenizer):
+    model = make_model(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=4, max_len=64)
+    prefills = []
+    hook = model.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1]))
+    prompt = tokenizer.encode("The lazy dog")
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    (outs,) = engine.generate([prompt], params)
+    hook.remove()
+    assert [t for t in prefills if t > 1] == [len(prompt)]  # one prefill, then one token per step
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in outs}) > 1  # different seeds, different samples
+    for i, out in enumerate(outs):  # sample i is the request run alone with seed + i
+        (alone,), = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=1.0, seed=7 + i,
+                                                             ignore_eos=True))
+        assert out.token_ids == alone.token_ids
+
+
+def test_seeded_sampling_is_reproducible(engine, tokenizer):
+    prompt = tokenizer.encode("The quick")
+    first = engine.generate([prompt], SAMPLED)[0][0]
+    again = engine.generate([prompt], SAMPLED)[0][0]
+    other = engine.generate([prompt], SamplingParams(**{**SAMPLED.__dict__, "seed": 99}))[0][0]
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def test_filters_and_repetition_penalty_match_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 200) * 3
+    for ours, theirs in [
+        (dict(top_k=17), TopKLogitsWarper(17)),
+        (dict(top_p=0.8), TopPLogitsWarper(0.8)),
+        (dict(top_p=0.05), TopPLogitsWarper(0.05)),
+        (dict(min_p=0.1), MinPLogitsWarper(0.1)),
+    ]:
+        expected = theirs(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+        assert torch.equal(filter_logits(logits[0], **ours).isinf(), expected.isinf()), ours
+    history = torch.tensor([[3, 5, 5, 150, 7]])
+    params = SamplingParams(repetition_penalty=1.3)
+    seen = torch.zeros(200, dtype=torch.bool)
+    seen[history[0]] = True
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())[0]
+    torch.testing.assert_close(apply_penalties(logits[0], params, seen, torch.zeros(200)), expected)
+    # OpenAI's presence/frequency definition: logit - count * frequency - (count > 0) * presence.
+    counts = torch.zeros(200)
+    counts[5], counts[7] = 2, 1
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits[0], params, seen, counts)
+    assert got[5] == pytest.approx(float(logits[0, 5]) - 0.5 - 0.5)
+    assert got[7] == pytest.approx(float(logits[0, 7]) - 0.25 - 0.5)
+    assert got[3] == logits[0, 3]
+
+
+def test_stop_strings_across_tokens(engine, tokenizer):
+    prompt = tokenizer.encode("The quick brown")
+    full = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True))[0][0]
+    tokens = full.token_ids
+    # A stop string made of the end of token 4's text and the start of token 5's: split across tokens.
+    left, right = tokenizer.decode(tokens[3:4]), tokenizer.decode(tokens[4:5])
+    stop = left[-1:] + right[:1]
+    assert len(stop) == 2
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True, stop=["@@never@@", stop])
+    deltas = list(engine.stream(prompt, params))
+    out_text = "".join(d.text for d in deltas)
+    assert out_text == full.text[:full.text.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+    assert all(stop not in d.text for d in deltas)
+    (out,), = engine.generate([prompt], params)
+    assert out.text == out_text and out.finish_reason == "stop"
+    assert out.token_ids == tokens[:len(out.token_ids)]
+    assert stop in tokenizer.decode(out.token_ids)  # the tokens that made the stop string are reported
+
+
+def test_stop_token_ids_and_eos(engine, tokenizer):
+    prompt = tokenizer.encode("Café")
+    full = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=1.0, seed=5, ignore_eos=True))[0][0]
+    stop_id = full.token_ids[5]
+    first = full.token_ids.index(stop_id)
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=5, ignore_eos=True, stop_token_ids=[stop_id])
+    (out,), = engine.generate([prompt], params)
+    assert out.token_ids == full.token_ids[:first + 1]  # the stop token is generated, its text is not shown
+    assert out.finish_reason == "stop"
+    assert out.text == tokenizer.decode(full.token_ids[:first], skip_special_tokens=True)
+    # eos is a stop token unless ignore_eos
+    eos_engine = Engine(engine.model, tokenizer, max_batch_size=1, max_len=128, eos_ids={stop_id})
+    (out,), = eos_engine.generate([prompt], SamplingParams(max_tokens=20, temperature=1.0, seed=5))
+    assert out.token_ids == full.token_ids[:first + 1] and out.finish_reason == "stop"
+
+
+def test_streaming_never_splits_a_character(tokenizer):
+    text = "Emojis: 😀 🎉 🚀 and 日本語のテキスト, café façade 🚀🚀"
+    ids = tokenizer.encode(text)
+    # The tokenizer really does split characters: some single tokens decode to a broken character.
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    detok = Detokenizer(tokenizer, prompt=tokenizer.encode("Say: "))
+    deltas = [detok.add(i) for i in ids] + [detok.finish()]
+    assert "".join(deltas) == text == detok.text
+    assert not any("\ufffd" in d for d in deltas)
+    # With a stop string that starts inside a multi-token emoji run.
+    detok = Detokenizer(tokenizer, prompt=[], stop=["🎉 🚀"])
+    deltas = [detok.add(i) for i in ids]
+    assert detok.stopped and "".join(deltas) == "Emojis: 😀 "
+
+
+def test_engine_stream_deltas_concatenate_to_output(engine, tokenizer):
+    prompt = tokenizer.encode("日本")
+    params = SamplingParams(max_tokens=25, temperature=1.0, seed=11, ignore_eos=True, logprobs=True)
+    deltas = list(engine.stream(prompt, params))
+    (out,), = engine.generate([prompt], params)
+    assert "".join(d.text for d in deltas) == out.text
+    assert [t for d in deltas for t in d.token_ids] == out.token_ids
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == out.token_ids
+    assert [d.finish_reason for d in deltas][-1] == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_continuous_batching_matches_running_alone(tokenizer):
+    model = make_model(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=3, max_len=256)
+    long = (tokenizer.encode("The quick brown fox"), SamplingParams(max_tokens=120, temperature=0.0,
+                                                                    ignore_eos=True))
+    jobs = [(tokenizer.encode("Café, naïve"), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)),
+            (tokenizer.encode("日本語の"), SamplingParams(max_tokens=10, temperature=0.8, seed=2, ignore_eos=True)),
+            (tokenizer.encode("Numbers"), SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=4,
+                                                        n=2, ignore_eos=True))]
+    alone = [engine.generate([p], params)[0] for p, params in [long, *jobs]]
+    engine.start()
+    try:
+        first = engine.submit(*long)
+        events = iter(first)
+        next(events)  # the long request is running
+        late = [engine.submit(*jobs[0])]
+        next(events)
+        late += [engine.submit(*job) for job in jobs[1:]]  # the third waits for rows, then joins
+        for request in late:
+            request.done.wait(timeout=60)
+            assert request.done.is_set()
+        assert not first.done.is_set()  # the short requests did not wait for the long one
+        list(events)
+    finally:
+        engine.stop()
+    for request, expected in zip([first, *late], alone):
+        assert [o.token_ids for o in request.outputs] == [o.token_ids for o in expected]
+        assert [o.text for o in request.outputs] == [o.text for o in expected]
+
+
+def test_cancel_frees_the_row(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer, max_batch_size=1, max_len=256)
+    engine.start()
+    try:
+        hog = engine.submit(tokenizer.encode("The"), SamplingParams(max_tokens=200, ignore_eos=True, seed=0))
+        waiting = engine.submit(tokenizer.encode("dog"), SamplingParams(max_tokens=5, temperature=0.0,
+                                                                        ignore_eos=True))
+        events = iter(hog)
+        next(events)
+        assert not waiting.done.is_set()
+        hog.cancel()
+        list(events)  # the cancelled request's stream ends
+        assert waiting.done.wait(timeout=60)
+        assert len(waiting.outputs[0].token_ids) == 5
+        assert hog.outputs[0].finish_reason is None and len(hog.outputs[0].token_ids) < 200
+    finally:
+        engine.stop()
+    assert engine._running == []
+
+
+def test_async_iteration(engine, tokenizer):
+    prompt = tokenizer.encode("The lazy")
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    (expected,), = engine.generate([prompt], params)
+
+    async def consume():
+        return [d async for d in engine.submit(prompt, params).aiter()]
+
+    engine.start()
+    try:
+        ticks = []
+
+        async def main():
+            async def ticker():  # the event loop keeps running while we wait for tokens
+                while len(ticks) < 1000:
+                    ticks.append(1)
+                    await asyncio.sleep(0)
+            tick = asyncio.create_task(ticker())
+            deltas = await consume()
+            tick.cancel()
+            return deltas
+
+        deltas = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert ticks
+
+
+def test_submit_rejects_bad_requests(engine, tokenizer):
+    with pytest.raises(ValueError, match="at most 127"):
+        engine.submit([1] * 128)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([])
+    with pytest.raises(ValueError, match=r"token ids must be"):
+        engine.submit([tokenizer.vocab_size])
+    for bad in [dict(temperature=-1), dict(top_p=0.0), dict(max_tokens=0), dict(n=5), dict(top_logprobs=50),
+                dict(stop=[""]), dict(stop_token_ids=[10**6])]:
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            engine.submit([1, 2], SamplingParams(**bad))
+
+
+def test_engine_survives_a_failing_step(engine, tokenizer, monkeypatch):
+    calls = threading.Event()
+
+    def broken(*args, **kwargs):
+        calls.set()
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.model, "forward", broken)
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.generate([tokenizer.encode("The")], GREEDY)
+    assert calls.is_set() and engine._running == []
+    (out,), = engine.generate([tokenizer.encode("The")], GREEDY)
+    assert len(out.token_ids) == 12
