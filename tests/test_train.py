@@ -173,6 +173,11 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(tmp_path, precisi
         Trainer(config(tmp_path / "cut", **kw), tiny_model(), crashing_loss, RandomBatches(4),
                 val_data=data.validation()).fit()
     assert [p.name for p in complete_checkpoints(tmp_path / "cut")] == ["checkpoint-000003", "checkpoint-000006"]
+    # What a kill can leave: a cut-off metrics line, half-written and half-deleted checkpoint directories.
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')
+    for stale in (".checkpoint-000009.tmp", "..checkpoint-000009.tmp.tmp-123", ".checkpoint-000001.deleting"):
+        (tmp_path / "cut" / stale).mkdir()
     resumed_trainer = Trainer(config(tmp_path / "cut", resume="auto", **kw), tiny_model(seed=99), noisy_loss,
                               RandomBatches(4), val_data=data.validation())
     resumed = resumed_trainer.fit()
@@ -181,6 +186,7 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(tmp_path, precisi
     assert resumed.val_loss == full.val_loss
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # no duplicated steps
+    assert not list((tmp_path / "cut").glob(".*checkpoint-*"))
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):

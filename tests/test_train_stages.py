@@ -23,7 +23,7 @@ from lmforge.model.lora import load_adapter
 from lmforge.settings import ConfigError, parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import pretrain, sft
-from lmforge.train.trainer import complete_checkpoints
+from lmforge.train.trainer import complete_checkpoints, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import base_model, chats, corpus, one_thread  # noqa: E402, F401  (fixtures)
@@ -33,7 +33,7 @@ QUIET = ["--train.progress", "false", "--train.peak-flops", "1e11", "--train.dev
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 # -- pretrain -------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_sigkill_at_any_moment_resumes_from_last_complete_checkpoint(tmp_path, c
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
     losses = lambda run: [(r["step"], r["loss"]) for r in metrics(run) if "loss" in r]
     assert losses(tmp_path / "killed") == losses(tmp_path / "reference")
-    assert not list((tmp_path / "killed").glob(".checkpoint-*"))  # no temporary dir left behind
+    assert not list((tmp_path / "killed").glob(".*checkpoint-*"))  # no temporary dir left behind
 
 
 # -- sft ------------------------------------------------------------------------------------------------

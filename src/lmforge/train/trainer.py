@@ -674,6 +674,21 @@ def _point_final_at(checkpoint: Path) -> None:
     os.replace(tmp, link)
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl, without a last line that a killed process left unfinished."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """What a killed process left half-written or half-deleted: hidden directories named after checkpoints."""
+    for path in run_dir.glob(f".*{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove(path: Path) -> None:
     """Delete a checkpoint so that a crash midway never leaves a half-deleted one looking complete."""
     doomed = path.with_name(f".{path.name}.deleting")
@@ -701,10 +716,11 @@ class _Logger:
         if resume_step is None:
             self.metrics_path.write_text("")
         elif self.metrics_path.exists():
-            # Rows past the checkpoint came from the interrupted run; this run writes them again.
-            rows = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+            # Rows past the checkpoint came from the interrupted run (whose last line may be cut off by
+            # the kill); this run writes them again.
+            rows = [row for row in read_metrics(self.metrics_path) if row["step"] <= resume_step]
+            self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        _remove_stale_temporaries(run_dir)
         (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), **trainer.log_config},
                                                         indent=2, default=str))
         if trainer.flops_per_token:
@@ -767,7 +783,7 @@ class _Logger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = read_metrics(self.metrics_path)
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if not train:
