@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lmforge.data.pretrain", "tokenize text into memory-mapped pretraining shards"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
     "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
+    "serve": ("lmforge.infer.server", "OpenAI-compatible HTTP API and web chat over a model directory"),
 }
 
 

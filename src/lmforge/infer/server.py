@@ -1,0 +1,579 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP API and a web chat, both over one continuously batched Engine.
+
+    lmforge serve --model runs/sft [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints (the request and response schemas are OpenAI's, so the official `openai` client works unchanged):
+    GET  /v1/models              the one model this server holds
+    POST /v1/chat/completions    prompt = the model's own chat template over `messages`
+    POST /v1/completions         prompt = raw text or token ids (one prompt or a batch of them)
+    GET  /health                 200 while the engine runs (no API key needed)
+    GET  /                       the web chat (web/index.html, plain HTML/JS, no build step)
+
+Every request becomes one engine Request (`n` samples share one prefill); the engine's background thread
+steps all running requests together, so concurrent clients share each decode step (continuous batching).
+The HTTP side is asyncio: handlers await the engine's events without blocking the loop, and a client
+that goes away mid-request cancels its engine request, which frees the batch slot at the next step.
+
+Errors use OpenAI's schema, {"error": {"message", "type", "param", "code"}}, with 400 for anything wrong
+in the request (malformed JSON, a wrong type, an unknown field, an out-of-range value, too long a prompt),
+401 for a missing or wrong API key, 404 for an unknown model or route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+try:
+    import uvicorn
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # an optional extra: only this command needs it
+    raise ImportError(f"lmforge serve needs the `serve` extra: pip install 'lmforge[serve]' ({e})") from None
+
+from tokenizers import decoders
+
+from lmforge.infer.engine import Delta, Engine, SamplingParams, TokenLogprob
+from lmforge.settings import parse_args
+
+WEB_DIR = Path(__file__).parent / "web"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token the sampler masked out reports this (as vLLM does)
+
+
+# -- request schemas ------------------------------------------------------------------------------
+# Strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an error
+# naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not given",
+# because OpenAI's schema lets clients send null for any optional parameter.
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Schema):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Schema):
+    model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
+    ignore_eos: bool | None = None  # vLLM's extension: run to max_tokens (benchmarks want fixed lengths)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's schema."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    """The first problem pydantic found, worded as OpenAI words it, naming the parameter."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"We could not parse the JSON body of your request: {first['msg']}")
+    # Drop the union-branch tags pydantic puts in the location (`prompt.list[int].1` -> `prompt.1`).
+    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.lower() in _TYPE_TAGS))]
+    param = ".".join(loc) or None
+    if first["type"] == "model_type" and not loc:
+        return APIError(400, "The request body must be a JSON object.")
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
+    if first["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param)
+    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param, "invalid_value")
+
+
+def _parse(schema: type[_Schema], body: bytes) -> _Schema:
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+# -- token log-probs --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, ours)
+    spell each byte as one printable character; printable bytes stand for themselves, the other 68 are
+    shifted to chr(256 + i) in byte order (Radford et al. 2019, openai/gpt-2 encoder.py bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+@dataclass
+class TokenBytes:
+    """The exact bytes of each token, for the `bytes` field of chat log-probs: a token may be part of a
+    UTF-8 character, whose decoded text is then only a replacement character."""
+
+    tokenizer: object
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return isinstance(self.tokenizer.backend.decoder, decoders.ByteLevel)
+
+    @functools.cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.backend.get_added_tokens_decoder())
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        piece = self.tokenizer.backend.id_to_token(token_id)
+        table = _byte_level_decoder()
+        if self._byte_level and token_id not in self._added and piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(text.encode("utf-8"))
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def _chat_logprobs(entries: list[TokenLogprob], k: int, token_bytes: TokenBytes) -> dict:
+    """OpenAI chat schema: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    content = [
+        {"token": e.text, "logprob": _logprob(e.logprob), "bytes": token_bytes(e.token_id, e.text),
+         "top_logprobs": [{"token": text, "logprob": _logprob(lp), "bytes": token_bytes(tid, text)}
+                          for tid, text, lp in e.top[:k]]}
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(entries: list[TokenLogprob], offsets: list[int], k: int) -> dict:
+    """Legacy completions schema: parallel lists, `top_logprobs` one {text: logprob} dict per token holding
+    the k most likely tokens and the chosen one ("up to logprobs+1 elements", OpenAI's API reference)."""
+    top = []
+    for e in entries:
+        alternatives = {text: _logprob(lp) for _, text, lp in e.top[:k]}
+        alternatives.setdefault(e.text, _logprob(e.logprob))
+        top.append(alternatives)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+# -- one request's choices ------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """What one sample has produced so far; `offsets[i]` is where token i starts in `text`."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> list[int]:
+        """Append one engine event; returns the text offsets of its tokens. A token's text may be held back
+        (an incomplete UTF-8 character), so offsets advance by each token's text but never past the event's."""
+        start, offsets, used = len(self.text), [], 0
+        for entry in delta.logprobs or []:
+            offsets.append(start + min(used, len(delta.text)))
+            used += len(entry.text)
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        self.offsets += offsets
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        return offsets
+
+
+async def _events(requests: list) -> object:
+    """(request number, Delta) from several engine requests as they come, in one async stream."""
+    if len(requests) == 1:
+        async for delta in requests[0].aiter():
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(number, request):
+        try:
+            async for delta in request.aiter():
+                await queue.put((number, delta))
+            await queue.put((number, None))
+        except Exception as e:  # surfaces in the consumer, not as an unretrieved task exception
+            await queue.put((number, e))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        running = len(requests)
+        while running:
+            number, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield number, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _cancel_on_disconnect(http_request: Request, requests: list) -> None:
+    """Once the body is read, the next ASGI message is the disconnect: cancel the engine work then."""
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+    for request in requests:
+        if not request.done.is_set():
+            request.cancel()
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """What the handlers share: the engine, the model's public name, the optional API key."""
+
+    engine: Engine
+    model_name: str
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.engine.tokenizer)
+
+    def check_key(self, http_request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = http_request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided." if key else "Missing API key: send "
+                           "'Authorization: Bearer KEY'.", code="invalid_api_key")
+
+    async def parse(self, schema: type[_Sampling], http_request: Request) -> _Sampling:
+        """The request body as `schema`, with the checks every endpoint shares."""
+        req = _parse(schema, await http_request.body())
+        if req.model != self.model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server holds '{self.model_name}'.",
+                           "model", "model_not_found")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                           "stream_options")
+        return req
+
+    def params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
+               top_logprobs: int) -> SamplingParams:
+        """Engine sampling parameters from the request, after checking the prompt and reply fit the context."""
+        max_len = self.engine.max_len
+        if prompt_len >= max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt "
+                           f"is {prompt_len} tokens, which leaves no room for a reply.", "messages"
+                           if isinstance(req, ChatCompletionRequest) else "prompt", "context_length_exceeded")
+        if max_tokens is None:
+            room = max_len - prompt_len
+            max_tokens = room if isinstance(req, ChatCompletionRequest) else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
+        elif prompt_len + max_tokens > max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
+                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                           f"completion). Please reduce the prompt or the completion length.", "max_tokens",
+                           "context_length_exceeded")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if "" in stop:
+            raise APIError(400, "Invalid value for 'stop': a stop sequence cannot be empty.", "stop", "invalid_value")
+        return SamplingParams(
+            max_tokens=max_tokens, stop=stop, n=req.n or 1, seed=req.seed,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=bool(req.ignore_eos),
+        )
+
+    def submit(self, prompt: list[int], params: SamplingParams):
+        try:
+            return self.engine.submit(prompt, params)
+        except ValueError as e:  # the engine's own checks (its message names the problem)
+            raise APIError(400, str(e)) from None
+
+    # -- chat --------------------------------------------------------------------------------------
+
+    async def chat(self, http_request: Request):
+        req = await self.parse(ChatCompletionRequest, http_request)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
+        messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
+                     "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
+                    for m in req.messages]
+        try:
+            prompt, _ = self.engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        except Exception as e:  # the template refused these messages (raise_exception), or has none
+            raise APIError(400, f"Invalid 'messages': the chat template cannot render them: {e}", "messages") from None
+        params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, bool(req.logprobs),
+                             req.top_logprobs or 0)
+        request = self.submit(prompt, params)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        choices = [Choice(i) for i in range(params.n)]
+        k = params.top_logprobs
+
+        def logprobs_of(entries):
+            return _chat_logprobs(entries, k, self.token_bytes) if params.logprobs else None
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choice_list, usage=None):
+                return {**meta, "object": "chat.completion.chunk", "choices": choice_list,
+                        **({"usage": usage} if include_usage else {})}
+
+            async def body():
+                # Each choice opens with its role, as OpenAI's stream does.
+                for choice in choices:
+                    yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+                async for _, delta in _events([request]):
+                    choices[delta.index].add(delta)
+                    yield chunk([{"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
+                                  "logprobs": logprobs_of(delta.logprobs or []) if delta.logprobs else None,
+                                  "finish_reason": delta.finish_reason}])
+                if include_usage:
+                    yield chunk([], _usage(len(prompt), choices))
+
+            return _sse(body(), [request])
+
+        await self._collect([request], lambda number, delta: choices[delta.index], http_request)
+        return {**meta, "object": "chat.completion", "usage": _usage(len(prompt), choices), "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+             "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason} for c in choices]}
+
+    # -- completions -------------------------------------------------------------------------------
+
+    async def completions(self, http_request: Request):
+        req = await self.parse(CompletionRequest, http_request)
+        prompts = self.encode_prompts(req.prompt)
+        n = req.n or 1
+        k = req.logprobs or 0
+        params = [self.params(req, len(p), req.max_tokens, req.logprobs is not None, k) for p in prompts]
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params):
+                requests.append(self.submit(prompt, p))
+        except APIError:
+            for request in requests:
+                request.cancel()
+            raise
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        # Choice i*n + j is sample j of prompt i, OpenAI's order for a batch of prompts.
+        choices = [Choice(i) for i in range(len(prompts) * n)]
+        prompt_tokens = sum(map(len, prompts))
+
+        def logprobs_of(entries, offsets):
+            return _completion_logprobs(entries, offsets, k) if req.logprobs is not None else None
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choice_list, usage=None):
+                return {**meta, "object": "text_completion", "choices": choice_list,
+                        **({"usage": usage} if include_usage else {})}
+
+            async def body():
+                async for number, delta in _events(requests):
+                    choice = choices[number * n + delta.index]
+                    offsets = choice.add(delta)
+                    yield chunk([{"index": choice.index, "text": delta.text,
+                                  "logprobs": logprobs_of(delta.logprobs or [], offsets),
+                                  "finish_reason": delta.finish_reason}])
+                if include_usage:
+                    yield chunk([], _usage(prompt_tokens, choices))
+
+            return _sse(body(), requests)
+
+        await self._collect(requests, lambda number, delta: choices[number * n + delta.index], http_request)
+        return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices), "choices": [
+            {"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs, c.offsets),
+             "finish_reason": c.finish_reason} for c in choices]}
+
+    def encode_prompts(self, prompt) -> list[list[int]]:
+        """A completions prompt (text, texts, token ids, or lists of token ids) as token-id lists."""
+        if isinstance(prompt, str):
+            prompts = [self.engine.tokenizer.encode(prompt)]
+        elif prompt and isinstance(prompt[0], str):
+            prompts = [self.engine.tokenizer.encode(p) for p in prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "Invalid value for 'prompt': the list of prompts is empty.", "prompt", "invalid_value")
+        vocab = self.engine.model.config.vocab_size
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "Invalid value for 'prompt': a prompt is empty.", "prompt", "invalid_value")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"Invalid value for 'prompt': token ids must be in [0, {vocab}).", "prompt",
+                               "invalid_value")
+        return prompts
+
+    async def _collect(self, requests: list, choice_of, http_request: Request) -> None:
+        """Run requests to the end, filling their choices; a client that leaves cancels them."""
+        watcher = asyncio.create_task(_cancel_on_disconnect(http_request, requests))
+        try:
+            async for number, delta in _events(requests):
+                choice_of(number, delta).add(delta)
+        finally:
+            watcher.cancel()
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(chunks, requests: list) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. If the client disconnects, Starlette
+    cancels this generator mid-await; `finally` then cancels the engine requests so their slots free up."""
+
+    async def body():
+        try:
+            async for item in chunks:
+                yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for request in requests:
+                if not request.done.is_set():
+                    request.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a started `engine`. The caller owns the engine (starts and stops it)."""
+    server = Server(engine, model_name, api_key)
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, error: APIError):
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, error: StarletteHTTPException):
+        return APIError(error.status_code, str(error.detail), type="invalid_request_error",
+                        code="not_found" if error.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_, error: Exception):
+        return APIError(500, f"The server had an error processing the request: {type(error).__name__}: {error}",
+                        type="server_error").response()
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(server.check_key)])
+
+    @api.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
+                                            "owned_by": "lmforge", "max_model_len": engine.max_len}]}
+
+    api.post("/chat/completions")(server.chat)
+    api.post("/completions")(server.completions)
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "active_requests": engine.num_active}
+
+    @app.get("/")
+    async def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeConfig:
+    model: str = field(default="", metadata={"help": "model directory (HF format, with its tokenizer)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 exposes it to the network"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1"})
+    name: str | None = field(default=None, metadata={"help": "model id clients send (default: directory name)"})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weight dtype"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    max_batch_size: int = field(default=16, metadata={"help": "requests decoded together (engine slots)"})
+    max_len: int | None = field(default=None, metadata={"help": "context length of each slot (default: engine's)"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(ServeConfig, argv, prog="lmforge serve",
+                     description="Serve a model over OpenAI's HTTP API, with a web chat at /.")
+    if not cfg.model:
+        print("lmforge serve: error: --model DIR is required")
+        return 2
+    engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                    max_batch_size=cfg.max_batch_size, max_len=cfg.max_len)
+    name = cfg.name or Path(cfg.model).resolve().name
+    engine.start()
+    try:
+        print(f"serving '{name}' at http://{cfg.host}:{cfg.port}  (web chat: /, OpenAI API: /v1)", flush=True)
+        uvicorn.run(create_app(engine, name, cfg.api_key), host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        engine.stop()
+    return 0

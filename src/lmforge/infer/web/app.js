@@ -1,0 +1,187 @@
+// The web chat: plain JavaScript over the server's own OpenAI API (no build step, no external resources).
+// The conversation lives in `history` and is sent whole with every request, as the API is stateless.
+// Replies stream over server-sent events read with fetch + ReadableStream, so the Stop button can abort
+// the fetch; the server sees the disconnect and frees the model's batch slot.
+
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const history = [];        // [{role, content}], what the model sees
+let model = null;          // the id /v1/models reports
+let controller = null;     // AbortController of the reply being streamed, if any
+const emptyHint = $("empty");
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return { "Content-Type": "application/json", ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+}
+
+async function errorMessage(response) {
+  try {
+    return (await response.json()).error.message;
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+async function loadModel() {
+  const response = await fetch("/v1/models", { headers: headers() });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  model = (await response.json()).data[0].id;
+  $("model-name").textContent = model;
+}
+
+function addMessage(role, text) {
+  emptyHint.remove();
+  const element = document.createElement("div");
+  element.className = `message ${role}`;
+  element.textContent = text;  // textContent, never innerHTML: model output is not trusted markup
+  $("messages").append(element);
+  element.scrollIntoView({ block: "end" });
+  return element;
+}
+
+function addNote(element, text) {
+  const note = document.createElement("span");
+  note.className = "note";
+  note.textContent = text;
+  element.append(note);
+}
+
+// Yield the `data:` payload of each server-sent event as it arrives (events end with a blank line).
+async function* serverSentEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (line.startsWith("data: ")) yield line.slice(6);
+      }
+    }
+  }
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+async function send(text) {
+  if (!model) await loadModel();
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const bubble = addMessage("assistant", "");
+  bubble.classList.add("streaming");
+  controller = new AbortController();
+  setBusy(true);
+
+  // Text is shown at most every 40 ms, not per token: each update costs the browser a layout of the
+  // whole reply, and a long reply streamed token by token would keep the page busy.
+  const shown = bubble.appendChild(document.createTextNode(""));
+  let unshown = "", timer = null;
+  const show = () => {
+    shown.appendData(unshown);
+    unshown = "";
+    timer = null;
+    bubble.scrollIntoView({ block: "end" });
+  };
+
+  const started = performance.now();
+  let reply = "", firstTokenAt = null, chunks = 0, usage = null, stopped = false;
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      signal: controller.signal,
+      body: JSON.stringify({
+        model,
+        messages: history,
+        stream: true,
+        stream_options: { include_usage: true },
+        temperature: Number($("temperature").value),
+        max_tokens: Number($("max-tokens").value),
+      }),
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    for await (const data of serverSentEvents(response.body)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices) {
+        if (!choice.delta.content) continue;
+        firstTokenAt ??= performance.now();
+        chunks += 1;
+        reply += choice.delta.content;
+        unshown += choice.delta.content;
+        timer ??= setTimeout(show, 40);
+      }
+    }
+  } catch (error) {
+    if (error.name === "AbortError") {
+      stopped = true;
+    } else {
+      history.pop();  // the server did not take this turn; let the user send it again
+      bubble.classList.add("error");
+      bubble.textContent = `Error: ${error.message}`;
+    }
+  } finally {
+    clearTimeout(timer);
+    show();
+    controller = null;
+    setBusy(false);
+    bubble.classList.remove("streaming");
+  }
+  if (bubble.classList.contains("error") || !bubble.isConnected) return;  // failed, or a new chat began
+  history.push({ role: "assistant", content: reply });
+  if (stopped) addNote(bubble, "stopped");
+  showSpeed(started, firstTokenAt, performance.now(), usage ? usage.completion_tokens : chunks, !usage);
+}
+
+// Tokens per second of the last reply, counted from its first token (so the prompt's prefill is the
+// separate "first token" figure). Without the final usage chunk (a stopped reply) the count is the number
+// of streamed chunks, which is about one token each.
+function showSpeed(started, firstTokenAt, ended, tokens, approximate) {
+  if (firstTokenAt === null) {
+    $("speed").textContent = "no tokens";
+    return;
+  }
+  const seconds = (ended - firstTokenAt) / 1000;
+  const rate = tokens > 1 && seconds > 0 ? ((tokens - 1) / seconds).toFixed(1) : "–";
+  $("speed").textContent = `${approximate ? "≈" : ""}${tokens} tokens · ${rate} tok/s · ` +
+    `first token ${Math.round(firstTokenAt - started)} ms`;
+}
+
+function newChat() {
+  controller?.abort();
+  history.length = 0;
+  $("messages").replaceChildren(emptyHint);
+  $("speed").textContent = "";
+  $("prompt").focus();
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || controller) return;
+  $("prompt").value = "";
+  send(text);
+});
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => controller?.abort());
+$("new-chat").addEventListener("click", newChat);
+$("temperature").addEventListener("input", () => {
+  $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
+});
+$("api-key").addEventListener("change", () => loadModel().catch(() => {}));
+loadModel().catch((error) => { $("model-name").textContent = `(${error.message})`; });

@@ -1,0 +1,520 @@
+"""`lmforge serve` against the official `openai` client, over a live server on localhost.
+
+One tiny random model (hidden 64, 2 layers) with a BPE tokenizer trained on a few KB serves every test;
+the server runs in a thread beside the test, so the tests can also look inside its engine (active
+requests, cancelled ones). Whatever the server answers is compared with the engine run directly on the
+same prompt and sampling parameters: the HTTP layer must add the schema and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lmforge.checkpoint import save_model  # noqa: E402
+from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.infer.engine import Engine, SamplingParams  # noqa: E402
+from lmforge.infer.server import create_app  # noqa: E402
+from lmforge.model import build_model  # noqa: E402
+from lmforge.tokenizer import train_tokenizer  # noqa: E402
+
+MODEL = "tiny-chat"
+CORPUS = ("The quick brown fox jumps over the lazy dog. To be, or not to be: that is the question.\n"
+          "Café, naïve, façade; 3 + 4 = 7; ünïcödé and 😀 emoji.\n"
+          "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune.\n") * 30
+HELLO = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there!"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model_dir(root: Path, context: int = 1024) -> Path:
+    """A random tiny llama plus a ~300-token byte-level BPE tokenizer with the ChatML template."""
+    (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    tokenizer = train_tokenizer([str(root / "corpus.txt")], vocab_size=300, out_dir=root / "tokenizer",
+                                show_progress=False)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, seed=0)
+    return save_model(model, root / "model", tokenizer_dir=root / "tokenizer")
+
+
+@dataclass
+class LiveServer:
+    """uvicorn serving `create_app(engine)` in a thread, on a free localhost port."""
+
+    engine: Engine
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @classmethod
+    def start(cls, engine: Engine, api_key: str | None = None) -> LiveServer:
+        port = free_port()
+        config = uvicorn.Config(create_app(engine, MODEL, api_key), host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return cls(engine, f"http://127.0.0.1:{port}", server, thread)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
+
+    def healthy(self) -> bool:
+        response = httpx.get(self.url + "/health", timeout=10)
+        return response.status_code == 200 and response.json()["status"] == "ok"
+
+    def wait_idle(self, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while self.engine.num_active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.engine.num_active
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    engine = Engine.from_pretrained(model_dir, max_batch_size=8)
+    engine.start()
+    server = LiveServer.start(engine)
+    yield server
+    server.close()
+    engine.stop()
+
+
+def chat_prompt(engine: Engine, messages) -> list[int]:
+    return engine.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+def engine_outputs(engine: Engine, prompt: list[int], **params):
+    """What the engine itself produces for one prompt: the reference for the server's answer."""
+    return engine.generate([prompt], SamplingParams(**params))[0]
+
+
+# -- the happy paths ------------------------------------------------------------------------------
+
+
+def test_models_and_health(live):
+    models = live.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model"
+    assert live.healthy()
+    assert httpx.get(live.url + "/health").json()["active_requests"] == 0
+
+
+def test_chat_matches_engine(live):
+    response = live.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    prompt = chat_prompt(live.engine, HELLO)
+    (expected,) = engine_outputs(live.engine, prompt, max_tokens=12, temperature=0.0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert response.usage.prompt_tokens == len(prompt)
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    assert response.usage.total_tokens == len(prompt) + len(expected.token_ids)
+    assert response.object == "chat.completion" and response.model == MODEL
+    assert response.id.startswith("chatcmpl-") and abs(response.created - time.time()) < 60
+
+
+def test_chat_stream_equals_non_stream(live):
+    client = live.client()
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=20, temperature=0.0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    # Without include_usage there is no usage chunk.
+    plain = list(client.chat.completions.create(stream=True, model=MODEL, messages=HELLO, max_tokens=3))
+    assert all(c.choices and c.usage is None for c in plain)
+
+
+def test_sse_wire_format(live):
+    """The bytes on the wire: `data: {json}` events separated by blank lines, ending with `data: [DONE]`."""
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: {") for e in events[:-1])
+    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_ignore_eos_and_max_completion_tokens(live):
+    client = live.client()
+    for kw in (dict(max_tokens=15), dict(max_completion_tokens=15)):
+        response = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=1.0, seed=3,
+                                                  extra_body={"ignore_eos": True}, **kw)
+        assert response.usage.completion_tokens == 15 and response.choices[0].finish_reason == "length"
+    expected = engine_outputs(live.engine, chat_prompt(live.engine, HELLO), max_tokens=15, temperature=1.0, seed=3,
+                              ignore_eos=True)[0]
+    assert response.choices[0].message.content == expected.text
+
+
+def test_n_samples_and_seed(live):
+    client = live.client()
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, n=3, seed=1234)
+    first, again = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]  # same seed, same samples
+    assert len(set(texts)) > 1  # the n samples differ from each other
+    expected = engine_outputs(live.engine, chat_prompt(live.engine, HELLO), max_tokens=10, temperature=1.0, n=3,
+                              seed=1234)
+    assert texts == [o.text for o in expected]
+    assert first.usage.completion_tokens == sum(len(o.token_ids) for o in expected)
+    other = client.chat.completions.create(**{**kw, "seed": 99})
+    assert [c.message.content for c in other.choices] != texts
+
+
+def test_sampling_parameters_reach_the_engine(live):
+    """temperature, top_p and the OpenAI penalties give what the engine gives with the same values."""
+    params = dict(temperature=0.7, top_p=0.9, presence_penalty=1.5, frequency_penalty=-0.5, seed=5)
+    response = live.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, **params)
+    expected = engine_outputs(live.engine, chat_prompt(live.engine, HELLO), max_tokens=12, **params)[0]
+    assert response.choices[0].message.content == expected.text
+    plain = engine_outputs(live.engine, chat_prompt(live.engine, HELLO), max_tokens=12, temperature=0.7, seed=5)[0]
+    assert expected.text != plain.text  # the penalties and top_p changed something, so the check above means it
+
+
+def test_stop_strings(live):
+    client = live.client()
+    prompt = "To be, or not"
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert len(text) >= 8
+    for stop in (text[4:6], [text[5:7], "never appears \x00"]):
+        first = min(text.find(s) for s in ([stop] if isinstance(stop, str) else stop) if s in text)
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                             extra_body={"ignore_eos": True})
+        assert response.choices[0].text == text[:first]
+        assert response.choices[0].finish_reason == "stop"
+        streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                  stop=stop, stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in streamed) == text[:first]
+        assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_completions_prompt_forms_and_batches(live):
+    client = live.client()
+    tokenizer = live.engine.tokenizer
+    prompts = ["The quick brown", "Café"]
+    response = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2, temperature=1.0, seed=11)
+    assert response.object == "text_completion" and response.id.startswith("cmpl-")
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    batch = live.engine.generate([tokenizer.encode(p) for p in prompts],
+                                 SamplingParams(max_tokens=6, n=2, temperature=1.0, seed=11))
+    expected = [o.text for outputs in batch for o in outputs]
+    assert [c.text for c in response.choices] == expected
+    assert response.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    # Token-id prompts, one and several, mean the same as their text.
+    ids = [tokenizer.encode(p) for p in prompts]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, n=2, temperature=1.0, seed=11)
+    assert [c.text for c in by_ids.choices] == expected
+    one = client.completions.create(model=MODEL, prompt=ids[0], max_tokens=6, temperature=0)
+    assert one.choices[0].text == client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=6,
+                                                            temperature=0).choices[0].text
+    # Streaming a batch: every choice's chunks add up to its non-streamed text.
+    texts = {}
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2, temperature=1.0,
+                                           seed=11, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(4)] == expected
+    # OpenAI's default length for completions is 16 tokens.
+    default = client.completions.create(model=MODEL, prompt=prompts[0], temperature=0, extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16
+
+
+def _reference_bytes(tokenizer, token_id: int) -> list[int]:
+    """Token bytes the way transformers' converter reads a byte-level vocabulary."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if token_id in tokenizer.backend.get_added_tokens_decoder():
+        return list(tokenizer.backend.id_to_token(token_id).encode())
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    return [decoder[c] for c in tokenizer.backend.id_to_token(token_id)]
+
+
+def test_chat_logprobs(live):
+    response = live.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=0,
+                                                     logprobs=True, top_logprobs=3)
+    (expected,) = engine_outputs(live.engine, chat_prompt(live.engine, HELLO), max_tokens=10, temperature=0.0,
+                                 logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == response.usage.completion_tokens
+    tokenizer = live.engine.tokenizer
+    for entry, token_id, reference in zip(content, expected.token_ids, expected.logprobs):
+        assert entry.token == tokenizer.decode([token_id])
+        assert math.isclose(entry.logprob, reference.logprob, abs_tol=1e-4)
+        assert entry.bytes == _reference_bytes(tokenizer, token_id)
+        assert len(entry.top_logprobs) == 3
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob, abs_tol=1e-6)  # greedy: the best one
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-5
+        for top, (top_id, _, _) in zip(entry.top_logprobs, reference.top):
+            assert top.bytes == _reference_bytes(tokenizer, top_id)
+    # Streamed log-probs are the same entries, spread over the chunks.
+    chunks = live.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=0,
+                                                   logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    plain = live.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs(live):
+    response = live.client().completions.create(model=MODEL, prompt="The quick", max_tokens=12, temperature=1.0,
+                                                seed=2, logprobs=2, extra_body={"ignore_eos": True})
+    (expected,) = engine_outputs(live.engine, live.engine.tokenizer.encode("The quick"), max_tokens=12,
+                                 temperature=1.0, seed=2, logprobs=True, top_logprobs=2, ignore_eos=True)
+    choice = response.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+    assert lp.tokens == [e.text for e in expected.logprobs]
+    for value, top, reference in zip(lp.token_logprobs, lp.top_logprobs, expected.logprobs):
+        assert math.isclose(value, reference.logprob, abs_tol=1e-4)
+        # The k alternatives plus the chosen token ("up to logprobs+1 elements").
+        assert {text for _, text, _ in reference.top} | {reference.text} == set(top)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert all(0 <= offset <= len(choice.text) for offset in lp.text_offset)
+    # Where every token is whole characters, the offsets are exactly where each token's text starts.
+    if "\ufffd" not in "".join(lp.tokens):
+        assert [choice.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+
+
+def test_32_concurrent_clients(live):
+    """32 clients at once (more than the 8 engine slots), streaming or not, chat or completions: each gets
+    exactly the greedy answer it gets alone (greedy, so float noise between batch shapes cannot flip a draw)."""
+    engine = live.engine
+    jobs = []
+    for i in range(32):
+        messages = [{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}]
+        jobs.append(dict(kind=("chat", "completion")[i % 2], stream=i % 4 >= 2, messages=messages,
+                         prompt=f"Story {i}: the fox", max_tokens=4 + i % 9))
+    for job in jobs:
+        chat = job["kind"] == "chat"
+        prompt = chat_prompt(engine, job["messages"]) if chat else engine.tokenizer.encode(job["prompt"])
+        job["expected"] = engine_outputs(engine, prompt, max_tokens=job["max_tokens"], temperature=0.0)[0].text
+
+    def run(job):
+        client = live.client(timeout=120)
+        kw = dict(model=MODEL, max_tokens=job["max_tokens"], temperature=0, stream=job["stream"])
+        if job["kind"] == "chat":
+            result = client.chat.completions.create(messages=job["messages"], **kw)
+            if job["stream"]:
+                return "".join(c.choices[0].delta.content or "" for c in result if c.choices)
+            return result.choices[0].message.content
+        result = client.completions.create(prompt=job["prompt"], **kw)
+        if job["stream"]:
+            return "".join(c.choices[0].text for c in result)
+        return result.choices[0].text
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(run, jobs))
+    assert answers == [job["expected"] for job in jobs]
+    assert live.wait_idle() == 0 and live.healthy()
+
+
+# -- bad requests -------------------------------------------------------------------------------
+
+GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+GOOD_COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+LONG = "the " * 1100  # ~1100 tokens: more than the 1024-token context
+
+BAD_REQUESTS = [
+    # (name, path, body (bytes = sent as is), status, param)
+    ("malformed json", "chat", b'{"model": "tiny-chat", "messages": [', 400, None),
+    ("not an object", "chat", b"[1, 2, 3]", 400, None),
+    ("empty body", "completion", b"", 400, None),
+    ("missing messages", "chat", {"model": MODEL}, 400, "messages"),
+    ("missing model", "chat", {"messages": GOOD_CHAT["messages"]}, 400, "model"),
+    ("empty messages", "chat", {**GOOD_CHAT, "messages": []}, 400, "messages"),
+    ("message not an object", "chat", {**GOOD_CHAT, "messages": ["hi"]}, 400, "messages.0"),
+    ("unknown role", "chat", {**GOOD_CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+    ("content of wrong type", "chat", {**GOOD_CHAT, "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
+    ("template refuses", "chat", {**GOOD_CHAT, "messages": [{"role": "user", "content": "a"},
+                                                            {"role": "system", "content": "b"}]}, 400, "messages"),
+    ("temperature a string", "chat", {**GOOD_CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("temperature too high", "chat", {**GOOD_CHAT, "temperature": 2.5}, 400, "temperature"),
+    ("temperature negative", "completion", {**GOOD_COMPLETION, "temperature": -0.1}, 400, "temperature"),
+    ("top_p zero", "chat", {**GOOD_CHAT, "top_p": 0}, 400, "top_p"),
+    ("n zero", "chat", {**GOOD_CHAT, "n": 0}, 400, "n"),
+    ("n not an integer", "completion", {**GOOD_COMPLETION, "n": 1.5}, 400, "n"),
+    ("n over the engine's slots", "chat", {**GOOD_CHAT, "n": 50}, 400, None),
+    ("max_tokens negative", "chat", {**GOOD_CHAT, "max_tokens": -1}, 400, "max_tokens"),
+    ("max_tokens zero", "completion", {**GOOD_COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens a bool", "completion", {**GOOD_COMPLETION, "max_tokens": True}, 400, "max_tokens"),
+    ("max_completion_tokens negative", "chat", {**GOOD_CHAT, "max_completion_tokens": -5}, 400,
+     "max_completion_tokens"),
+    ("presence_penalty out of range", "chat", {**GOOD_CHAT, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("frequency_penalty a list", "completion", {**GOOD_COMPLETION, "frequency_penalty": [1]}, 400,
+     "frequency_penalty"),
+    ("seed a float", "chat", {**GOOD_CHAT, "seed": 1.5}, 400, "seed"),
+    ("stream a string", "chat", {**GOOD_CHAT, "stream": "yes"}, 400, "stream"),
+    ("stream_options without stream", "chat", {**GOOD_CHAT, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("stop a number", "chat", {**GOOD_CHAT, "stop": 5}, 400, "stop"),
+    ("stop empty", "completion", {**GOOD_COMPLETION, "stop": [""]}, 400, "stop"),
+    ("logprobs a number in chat", "chat", {**GOOD_CHAT, "logprobs": 3}, 400, "logprobs"),
+    ("top_logprobs without logprobs", "chat", {**GOOD_CHAT, "top_logprobs": 2}, 400, "logprobs"),
+    ("top_logprobs too many", "chat", {**GOOD_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("logprobs too many", "completion", {**GOOD_COMPLETION, "logprobs": 50}, 400, "logprobs"),
+    ("unknown field", "chat", {**GOOD_CHAT, "frobnicate": 1}, 400, "frobnicate"),
+    ("known unused field of wrong type", "chat", {**GOOD_CHAT, "user": 5}, 400, "user"),
+    ("prompt of wrong type", "completion", {**GOOD_COMPLETION, "prompt": {"text": "hi"}}, 400, "prompt"),
+    ("prompt empty", "completion", {**GOOD_COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("prompt token out of vocabulary", "completion", {**GOOD_COMPLETION, "prompt": [1, 2, 10**6]}, 400, "prompt"),
+    ("prompt longer than the context", "completion", {**GOOD_COMPLETION, "prompt": LONG}, 400, "prompt"),
+    ("messages longer than the context", "chat", {**GOOD_CHAT, "messages": [{"role": "user", "content": LONG}]}, 400,
+     "messages"),
+    ("prompt + max_tokens over the context", "chat", {**GOOD_CHAT, "max_tokens": 1020}, 400, "max_tokens"),
+    ("unknown model", "chat", {**GOOD_CHAT, "model": "gpt-17"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(live, name, path, body, status, param):
+    url = live.url + ("/v1/chat/completions" if path == "chat" else "/v1/completions")
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+    assert live.healthy()
+    good = GOOD_CHAT if path == "chat" else GOOD_COMPLETION
+    assert httpx.post(url, json=good, timeout=30).status_code == 200
+
+
+def test_unknown_route_and_method(live):
+    missing = httpx.get(live.url + "/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx.get(live.url + "/v1/chat/completions").status_code == 405
+    assert live.healthy()
+
+
+def test_openai_client_raises_on_errors(live):
+    with pytest.raises(openai.BadRequestError) as info:
+        live.client().chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    assert info.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError):
+        live.client().chat.completions.create(model="other", messages=HELLO, max_tokens=2)
+
+
+# -- clients that leave -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def submitted(live, monkeypatch):
+    """The engine requests the server submits during a test."""
+    requests = []
+    submit = live.engine.submit
+
+    def spy(prompt, params=None):
+        requests.append(submit(prompt, params))
+        return requests[-1]
+
+    monkeypatch.setattr(live.engine, "submit", spy)
+    return requests
+
+
+def test_disconnect_mid_stream_frees_the_slot(live, submitted):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]  # role chunk, a few tokens; then hang up
+    assert any(line.startswith("data: {") for line in received)
+    assert live.wait_idle() == 0
+    (request,) = submitted
+    assert request.cancelled and len(request.outputs[0].token_ids) < 900
+    assert live.healthy()
+
+
+def test_disconnect_while_waiting_for_a_full_answer_frees_the_slot(live, submitted):
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 1000, "ignore_eos": True, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    assert live.wait_idle() == 0
+    (request,) = submitted
+    assert request.cancelled and all(len(o.token_ids) < 1000 for o in request.outputs)
+    assert live.healthy()
+
+
+# -- the command line: API key, default bind address --------------------------------------------
+
+
+def test_cli_serve_with_api_key(model_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir),
+                                "--port", str(port), "--api-key", "sekret", "--max-batch-size", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        banner = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in banner  # binds localhost unless told otherwise
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:  # no key needed for health
+                    break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        name = model_dir.name
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        assert good.chat.completions.create(model=name, messages=HELLO, max_tokens=3).choices[0].message
+        with pytest.raises(openai.AuthenticationError) as info:
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+        missing = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "hi"})
+        assert missing.status_code == 401 and missing.json()["error"]["type"] == "invalid_request_error"
+        assert httpx.get(url + "/health").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,0 +1,139 @@
+"""The web chat at `/`, in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+The page is opened against a live `lmforge serve` app on localhost; the test types a message, watches the
+reply stream in, stops it, checks the conversation the page sends next, and starts a new chat.
+CI installs the browser with `apt-get install -y chromium`; without /usr/bin/chromium this test skips.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium (Debian's `chromium` package) to drive", allow_module_level=True)
+
+from test_server import MODEL, LiveServer, build_model_dir  # noqa: E402
+
+from lmforge.infer.engine import Engine  # noqa: E402
+
+CONTEXT = 4096
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    # No end-of-text ids: a random model could end a reply at any token, and the test needs replies that
+    # run to the page's max-tokens setting: long enough to be stopped midway (a 4096-token context), or
+    # exactly as long as asked.
+    model_dir = build_model_dir(tmp_path_factory.mktemp("web"), context=CONTEXT)
+    engine = Engine.from_pretrained(model_dir, max_batch_size=4, max_len=CONTEXT, eos_ids=set())
+    engine.start()
+    server = LiveServer.start(engine)
+    yield server
+    server.close()
+    engine.stop()
+
+
+@pytest.fixture
+def page(live):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def wait_until(page, condition: str) -> None:
+    """Poll a JavaScript condition on a timer (animation-frame polling may not run in a headless tab)."""
+    page.wait_for_function(condition, polling=50)
+
+
+# Records the reply's length at every change while it is still marked as streaming: a reply that arrived
+# in one piece leaves one entry, a streamed one many.
+WATCH_STREAMING = """
+window.partialLengths = [];
+new MutationObserver(() => {
+  const reply = document.querySelector('.message.assistant.streaming');
+  if (reply && reply.textContent.length) window.partialLengths.push(reply.textContent.length);
+}).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+"""
+
+
+def open_chat(page, live) -> None:
+    page.goto(live.url + "/")
+    wait_until(page, f"document.getElementById('model-name').textContent === {json.dumps(MODEL)}")
+
+
+def test_chat_streams_stops_keeps_history_and_starts_over(live, page, tmp_path):
+    requests, bodies = [], []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("request", lambda request: request.method == "POST" and bodies.append(json.loads(request.post_data)))
+    open_chat(page, live)
+    assert page.is_disabled("#stop") and page.is_enabled("#send")
+
+    # 1. A long reply streams in: the page shows text while the reply is still streaming, and Stop is live.
+    page.evaluate(WATCH_STREAMING)
+    page.fill("#max-tokens", "4000")
+    page.fill("#prompt", "Hello there")
+    page.press("#prompt", "Enter")
+    wait_until(page, "window.partialLengths.length >= 3")
+    assert page.is_enabled("#stop") and page.is_disabled("#send")
+    assert page.text_content(".message.user") == "Hello there"
+
+    # 2. Stop: the fetch is aborted, the partial reply stays, and the server frees the engine slot.
+    page.click("#stop")
+    page.wait_for_selector(".message.assistant:not(.streaming)")
+    assert page.text_content(".message.assistant .note") == "stopped"
+    assert page.is_enabled("#send") and page.is_disabled("#stop")
+    assert live.wait_idle() == 0
+    partial = page.evaluate("document.querySelector('.message.assistant').firstChild.textContent")
+    assert partial and len(set(page.evaluate("window.partialLengths"))) >= 3
+
+    # 3. The next turn sends the whole conversation, with the temperature and max-tokens controls' values.
+    page.eval_on_selector("#temperature", "e => { e.value = '1.3'; e.dispatchEvent(new Event('input')); }")
+    assert page.text_content("#temperature-value") == "1.30"
+    page.fill("#max-tokens", "7")
+    page.fill("#prompt", "And then?")
+    page.click("#send")
+    wait_until(page, "document.querySelectorAll('.message.assistant:not(.streaming)').length === 2")
+    second = bodies[-1]
+    assert second["messages"] == [{"role": "user", "content": "Hello there"},
+                                  {"role": "assistant", "content": partial},
+                                  {"role": "user", "content": "And then?"}]
+    assert second["temperature"] == 1.3 and second["max_tokens"] == 7 and second["stream"] is True
+    speed = page.text_content("#speed")
+    assert speed.startswith("7 tokens · ") and "tok/s" in speed and "first token" in speed  # from usage
+    page.screenshot(path=str(tmp_path / "web_chat.png"))
+
+    # 4. New chat: the page is empty again and the next request carries only the new message.
+    page.click("#new-chat")
+    assert page.locator(".message").count() == 0 and page.text_content("#speed") == ""
+    page.fill("#prompt", "Fresh start")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".message.assistant:not(.streaming)")
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "Fresh start"}]
+
+    # Everything the page loaded came from this server (no CDN: these machines have no internet).
+    assert requests and all(url.startswith(live.url + "/") for url in requests)
+    assert live.wait_idle() == 0 and live.healthy()
+
+
+def test_errors_are_shown_and_the_turn_can_be_retried(live, page):
+    open_chat(page, live)
+    page.fill("#max-tokens", "9000")  # more than the 4096-token context: the server answers 400
+    page.fill("#prompt", "Too long a reply")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".message.assistant.error")
+    assert "maximum context length" in page.text_content(".message.assistant.error")
+    page.fill("#max-tokens", "3")
+    page.fill("#prompt", "Shorter")
+    page.press("#prompt", "Enter")
+    wait_until(page, "document.querySelectorAll('.message.assistant:not(.streaming):not(.error)').length")
+    assert page.is_enabled("#send")
