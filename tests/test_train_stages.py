@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -114,16 +113,20 @@ def test_sigkill_at_any_moment_resumes_from_last_complete_checkpoint(tmp_path, c
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     reference = launch(tmp_path / "reference")
-    victim = launch(tmp_path / "killed")
     assert reference.wait(timeout=120) == 0, reference.stderr.read()
-    deadline = time.time() + 60
-    while not complete_checkpoints(tmp_path / "killed") and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.0, 0.3))  # somewhere in a training step or in the middle of a save
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    survivors = complete_checkpoints(tmp_path / "killed")
-    assert survivors and all(load_model(p) for p in survivors)
+    # Kill three times, each a little later after a new checkpoint appeared: in a step, or in a save.
+    for delay in (0.0, 0.1, 0.25):
+        newest = ([p.name for p in complete_checkpoints(tmp_path / "killed")] or [""])[-1]
+        victim = launch(tmp_path / "killed", "--train.resume", "auto")
+        deadline = time.time() + 60
+        while ([p.name for p in complete_checkpoints(tmp_path / "killed")] or [""])[-1] == newest \
+                and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+        survivors = complete_checkpoints(tmp_path / "killed")
+        assert survivors and all(load_model(p) for p in survivors)
     resumed = launch(tmp_path / "killed", "--train.resume", "auto")
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
     losses = lambda run: [(r["step"], r["loss"]) for r in metrics(run) if "loss" in r]
