@@ -114,8 +114,9 @@ class LoraLinear(nn.Module):
         #   y = W x + b + (m/n - 1) * W x' + (m/n) * s * B A x'      (x' = dropout(x))
         # which is m/n * (W + s B A) x + b when dropout is off.
         weight = self.weight.to(x.dtype)
-        lora_weight = (self.lora_B @ self.lora_A).detach().to(x.dtype)
-        norm = torch.linalg.vector_norm(weight + self.scaling * lora_weight, dim=1).detach()
+        with torch.no_grad():
+            lora_weight = (self.lora_B @ self.lora_A).to(x.dtype)
+            norm = torch.linalg.vector_norm(weight + self.scaling * lora_weight, dim=1)
         scale = (self.lora_magnitude_vector / norm).view(1, -1)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base = result if self.bias is None else result - self.bias
