@@ -21,10 +21,9 @@ from lmforge.checkpoint import load_model, save_model
 from lmforge.config import PRESETS, preset
 from lmforge.data.pretrain import Manifest, PretrainLoader
 from lmforge.model import build_model, flops_per_token
-from lmforge.settings import parse_args
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
 
 
 @dataclass
@@ -116,12 +115,5 @@ def run(cfg: PretrainConfig) -> TrainResult:
     return trainer.fit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(PretrainConfig, argv, prog="lmforge pretrain",
-                     description="Pretrain a model (a preset, or an HF dir to continue) on prepared shards.")
-    try:
-        run(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+main = stage_main(PretrainConfig, run, "lmforge pretrain",
+                  "Pretrain a model (a preset, or an HF dir to continue) on prepared shards.")

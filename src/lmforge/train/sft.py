@@ -21,17 +21,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import PRESETS, preset
 from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
 from lmforge.model import build_model
 from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
-from lmforge.settings import parse_args
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, setup_env
+from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
 
 
 @dataclass
@@ -159,12 +157,5 @@ def run(cfg: SFTConfig) -> TrainResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(SFTConfig, argv, prog="lmforge sft",
-                     description="Supervised fine-tuning: full, LoRA, DoRA or chosen layers; loss on replies only.")
-    try:
-        run(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+main = stage_main(SFTConfig, run, "lmforge sft",
+                  "Supervised fine-tuning: full, LoRA, DoRA or chosen layers; loss on replies only.")

@@ -77,6 +77,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.checkpoint import save_model
+from lmforge.settings import parse_args
 from lmforge.train.schedule import lr_at
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -800,6 +801,20 @@ class _Logger:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+def stage_main(config_cls: type, run: Callable[[Any], Any], prog: str, description: str):
+    """The `main(argv)` of a training stage: parse its config (YAML + dotted flags), run it, and leave the
+    process group that torchrun made, so every stage behaves the same on the command line."""
+    def main(argv: list[str] | None = None) -> int:
+        cfg = parse_args(config_cls, argv, prog=prog, description=description)
+        try:
+            run(cfg)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return 0
+    return main
 
 
 class EpochBatches:
