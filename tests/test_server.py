@@ -393,6 +393,7 @@ BAD_REQUESTS = [
     ("frequency_penalty a list", "completion", {**GOOD_COMPLETION, "frequency_penalty": [1]}, 400,
      "frequency_penalty"),
     ("seed a float", "chat", {**GOOD_CHAT, "seed": 1.5}, 400, "seed"),
+    ("seed beyond 64 bits", "completion", {**GOOD_COMPLETION, "seed": 2**70}, 400, "seed"),
     ("stream a string", "chat", {**GOOD_CHAT, "stream": "yes"}, 400, "stream"),
     ("stream_options without stream", "chat", {**GOOD_CHAT, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
@@ -444,6 +445,34 @@ def test_openai_client_raises_on_errors(live):
     assert info.value.body["param"] == "messages"
     with pytest.raises(openai.NotFoundError):
         live.client().chat.completions.create(model="other", messages=HELLO, max_tokens=2)
+
+
+def test_a_failing_generation_is_a_500_and_the_server_recovers(live, monkeypatch):
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("simulated failure inside the model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(live.engine.model, "forward", broken_forward)
+        response = httpx.post(live.url + "/v1/chat/completions", json=GOOD_CHAT, timeout=30)
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "simulated failure" in error["message"]
+        # Streaming: the 200 status has gone out before generation starts, so the failure is an error event.
+        with httpx.stream("POST", live.url + "/v1/completions", json={**GOOD_COMPLETION, "stream": True}) as stream:
+            events = [line for line in stream.iter_lines() if line]
+        assert stream.status_code == 200 and events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["error"]["type"] == "server_error"
+    assert live.healthy() and live.wait_idle() == 0
+    assert live.client().completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_health_is_503_while_the_engine_is_stopped(model_dir):
+    server = LiveServer.start(Engine.from_pretrained(model_dir, max_batch_size=1))  # never started
+    try:
+        response = httpx.get(server.url + "/health", timeout=10)
+        assert response.status_code == 503 and response.json()["status"] == "stopped"
+    finally:
+        server.close()
 
 
 # -- clients that leave -------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import asyncio
 import functools
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
@@ -46,6 +47,8 @@ from tokenizers import decoders
 
 from lmforge.infer.engine import Delta, Engine, SamplingParams, TokenLogprob
 from lmforge.settings import parse_args
+
+log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -85,7 +88,7 @@ class _Sampling(_Schema):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
@@ -115,9 +118,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _server_error(error: Exception) -> APIError:
+    return APIError(500, f"The server had an error while processing your request: {type(error).__name__}: {error}",
+                    type="server_error")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -486,13 +496,19 @@ def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
 
 
 def _sse(chunks, requests: list) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. If the client disconnects, Starlette
-    cancels this generator mid-await; `finally` then cancels the engine requests so their slots free up."""
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. The status line has gone out with the
+    first chunk, so a generation that fails midway is reported as an error event (in OpenAI's error schema, as
+    OpenAI's and vLLM's streams do). If the client disconnects, Starlette cancels this generator mid-await;
+    `finally` then cancels the engine requests so their slots free up."""
 
     async def body():
         try:
             async for item in chunks:
                 yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+        except Exception as error:
+            log.exception("generation failed mid-stream")
+            yield f"data: {json.dumps(_server_error(error).body())}\n\n"
+        try:
             yield "data: [DONE]\n\n"
         finally:
             for request in requests:
@@ -519,8 +535,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.exception_handler(Exception)
     async def server_error(_, error: Exception):
-        return APIError(500, f"The server had an error processing the request: {type(error).__name__}: {error}",
-                        type="server_error").response()
+        log.exception("request failed")
+        return _server_error(error).response()
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(server.check_key)])
 
@@ -535,7 +551,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "active_requests": engine.num_active}
+        status = "ok" if engine.running else "stopped"
+        return JSONResponse({"status": status, "model": model_name, "active_requests": engine.num_active},
+                            status_code=200 if engine.running else 503)
 
     @app.get("/")
     async def index():
