@@ -159,6 +159,8 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(tmp_path, precisi
     data = RandomBatches(4)
     full = Trainer(config(tmp_path / "full", **kw), tiny_model(), noisy_loss, RandomBatches(4),
                    val_data=data.validation()).fit()
+    # checkpoints at steps 3, 6 and the end (8); keep_last=2 pruned step 3's
+    assert [p.name for p in complete_checkpoints(tmp_path / "full")] == ["checkpoint-000006", "checkpoint-000008"]
 
     train_calls = 0
 
