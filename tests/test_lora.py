@@ -269,3 +269,19 @@ def test_errors_name_the_problem(base_dir, tmp_path):
                      tmp_path / "a")
     assert isinstance(lora_modules(model)["model.layers.0.self_attn.q_proj"], LoraLinear)
     assert target_module_names(model, "model\\.layers\\.1\\.self_attn\\.(q|v)_proj") == []  # wrapped now
+
+
+def test_init_choices_match_peft(base_dir):
+    """A ~ kaiming-uniform (bound 1/sqrt(in)) or N(0, 1/r), B = 0: PEFT's init_lora_weights True / "gaussian"."""
+    torch.manual_seed(0)
+    for init in ("kaiming", "gaussian"):
+        model = apply_lora(load_model(base_dir), LoraSettings(r=4, target_modules=["all-linear"], init=init))
+        a = torch.cat([m.lora_A.flatten() for m in lora_modules(model).values()])
+        assert all(not m.lora_B.any() for m in lora_modules(model).values())
+        if init == "kaiming":
+            for m in lora_modules(model).values():
+                bound = m.in_features**-0.5
+                assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.9 * bound
+        else:
+            assert abs(a.std().item() - 1 / 4) < 0.01
+    assert LoraSettings(init="gaussian").init == "gaussian"
