@@ -197,3 +197,5 @@ def test_sft_lora_and_dora_end_to_end(tmp_path, base_model, chats, method):
                                  "--lora.target-modules", "all-linear", "--lora.dropout", "0.1",
                                  "--train.resume", str(tmp_path / "checkpoint-000003")))
     assert [h["loss"] for h in resumed.history] == losses[3:]
+    with pytest.raises(ValueError, match="does not fit this model"):  # an adapter run resumed as full training
+        sft.run(sft_config(tmp_path / "full", base_model, chats, "--train.resume", str(tmp_path / "checkpoint-000003")))

@@ -579,6 +579,12 @@ class Trainer:
             saved = torch.load(path / "training_state.pt", map_location=env.device, weights_only=False)
             masters = {id(p): m for p, m in self.masters}
             params = dict(self.inner.named_parameters())
+            trainable = {n for n, p in params.items() if p.requires_grad}
+            extra, missing = set(saved["model"]) - set(self.inner.state_dict()), trainable - set(saved["model"])
+            if extra or missing:  # e.g. a LoRA run resumed as full fine-tuning, or other target modules
+                raise ValueError(f"resume: {path} does not fit this model: "
+                                 + (f"it has {sorted(extra)[:3]} which the model lacks; " if extra else "")
+                                 + (f"it lacks trainable {sorted(missing)[:3]}" if missing else ""))
             with torch.no_grad():
                 for name, tensor in saved["model"].items():
                     if name in params and id(params[name]) in masters:
