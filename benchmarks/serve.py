@@ -1,0 +1,162 @@
+"""Serving throughput: total generated tokens/s of `lmforge serve` with 1, 4 and 16 concurrent streaming clients.
+
+The `small` preset with random weights (and a tokenizer trained on the built-in corpus) is served by the real
+command, `lmforge serve`, in a subprocess on 127.0.0.1. Each client is a thread that sends streaming
+/v1/completions requests one after another (a fixed prompt of random text, a fixed number of new tokens via
+vLLM's `ignore_eos`, greedy) and counts the tokens the final usage chunk reports. A round gives every client
+the same bounded number of requests; throughput = all tokens of the round / its wall time. Each level runs
+several rounds and reports the median: the machine is shared and noisy.
+
+For the record beside the HTTP figures, the engine alone (in this process, no server) decodes a batch of 1
+and of 16, which separates what continuous batching gives from what the HTTP layer costs.
+
+Last line: one JSON object; "ratio" = tokens/s with 16 clients / tokens/s with 1 client (target >= 6).
+
+    python benchmarks/serve.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from lmforge.checkpoint import save_model
+from lmforge.config import preset
+from lmforge.infer import Engine, SamplingParams
+from lmforge.model import build_model
+from lmforge.tokenizer import train_tokenizer
+
+LEVELS = (1, 4, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_completion(client: httpx.Client, url: str, body: dict) -> int:
+    """Send one streaming request, read it to [DONE]; the number of tokens its usage chunk reports."""
+    tokens = 0
+    with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"usage": {' in line:
+                tokens = json.loads(line[len("data: "):])["usage"]["completion_tokens"]
+    return tokens
+
+
+def run_round(url: str, clients: int, requests_per_client: int, body: dict) -> float:
+    """Every client sends its requests in turn; returns total generated tokens / wall seconds."""
+    counts = [0] * clients
+    start_together = threading.Barrier(clients + 1)
+
+    def client_thread(i: int) -> None:
+        with httpx.Client(timeout=600) as client:
+            start_together.wait()
+            for _ in range(requests_per_client):
+                counts[i] += stream_completion(client, url, body)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_together.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    expected = clients * requests_per_client * body["max_tokens"]
+    assert sum(counts) == expected, f"{sum(counts)} tokens generated, {expected} asked for"
+    return sum(counts) / elapsed
+
+
+def engine_alone(model_dir: Path, prompt: list[int], new_tokens: int, batch: int, repeats: int) -> float:
+    """Tokens/s of the engine itself generating for `batch` copies of the prompt at once (prefill included,
+    no HTTP), stepped by its background thread as under the server."""
+    engine = Engine.from_pretrained(model_dir, max_batch_size=batch, max_len=len(prompt) + new_tokens + 1)
+    engine.start()  # its own thread, as under the server
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    try:
+        engine.generate([prompt], params)  # warm-up
+        speeds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.generate([prompt] * batch, params)
+            speeds.append(batch * new_tokens / (time.perf_counter() - start))
+    finally:
+        engine.stop()
+    return statistics.median(speeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter replies, fewer rounds")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    rounds = 2 if args.quick else 3
+    new_tokens = 24 if args.quick else args.new_tokens
+    requests_per_client = {1: 4, 4: 2, 16: 1} if args.quick else {1: 8, 4: 4, 16: 2}
+    cfg = preset("small")
+    print(f"small preset, random weights, fp32 on the CPU, {torch.get_num_threads()} threads; prompt "
+          f"{args.prompt_tokens} tokens, {new_tokens} new tokens (greedy, ignore_eos), streaming /v1/completions; "
+          f"median of {rounds} rounds (shared machine: noisy)", flush=True)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizer(["builtin:shakespeare"], cfg.vocab_size, Path(tmp) / "tok", show_progress=False)
+        model_dir = save_model(build_model(cfg, seed=0), Path(tmp) / "small", tokenizer_dir=Path(tmp) / "tok")
+        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
+        body = {"model": "small", "prompt": prompt.tolist(), "max_tokens": new_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir),
+                                   "--port", str(port), "--max-batch-size", str(max(LEVELS)),
+                                   "--max-len", str(args.prompt_tokens + new_tokens + 16)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("lmforge serve did not start")
+                time.sleep(0.2)
+            run_round(url, 4, 1, body)  # warm-up: first forwards, thread pools, connections
+            for clients in LEVELS:
+                speeds = [run_round(url, clients, requests_per_client[clients], body) for _ in range(rounds)]
+                results[f"clients_{clients}_tok_s"] = round(statistics.median(speeds), 1)
+                print(f"{clients:2d} clients  {statistics.median(speeds):7.1f} tok/s  "
+                      f"(rounds: {', '.join(f'{s:.1f}' for s in speeds)})", flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+        for batch in (1, 16):
+            speed = engine_alone(model_dir, prompt.tolist(), new_tokens, batch, rounds)
+            results[f"engine_batch_{batch}_tok_s"] = round(speed, 1)
+            print(f"engine alone, batch {batch:2d}  {speed:7.1f} tok/s", flush=True)
+    results["ratio"] = round(results["clients_16_tok_s"] / results["clients_1_tok_s"], 2)
+    results["engine_ratio"] = round(results["engine_batch_16_tok_s"] / results["engine_batch_1_tok_s"], 2)
+    print(f"16 clients / 1 client: {results['ratio']:.2f}x (target 6x); engine alone, batch 16 / batch 1: "
+          f"{results['engine_ratio']:.2f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
