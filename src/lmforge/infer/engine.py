@@ -146,7 +146,8 @@ class _Sample:
         p, prompt = request.params, request.prompt
         self.request, self.index = request, index
         self.output = request.outputs[index]
-        self.sampler = SamplerState(p, prompt, engine.vocab_size, None if p.seed is None else p.seed + index)
+        self.sampler = SamplerState(p, prompt, engine.vocab_size, None if p.seed is None else p.seed + index,
+                                    engine.cache_device)
         self.detok = Detokenizer(engine.tokenizer, prompt, p.stop)
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else engine.eos_ids)
         self.position = len(prompt)  # where `last_token` goes in the cache (positions below are written)
@@ -332,8 +333,8 @@ class Engine:
             row, n = len(self._running), request.params.n
             try:
                 ids = torch.tensor([request.prompt], device=self.cache_device)
-                hidden = self.model(ids, cache=self._rows(row, row + 1), return_hidden=True).hidden
-                logits = self.model.logits(hidden[:, -1]).float()  # only the last position is needed
+                logits = self._last_logits(ids, torch.arange(len(request.prompt), device=ids.device)[None],
+                                       self._rows(row, row + 1))
             except Exception as error:
                 request._finish(error)
                 raise
@@ -348,10 +349,16 @@ class Engine:
         device = self.cache_device
         tokens = torch.tensor([[s.last_token] for s in self._running], device=device)
         positions = torch.tensor([[s.position] for s in self._running], device=device)
-        hidden = self.model(tokens, position_ids=positions, cache=self._rows(0, k), return_hidden=True).hidden
+        logits = self._last_logits(tokens, positions, self._rows(0, k))
         for sample in self._running:
             sample.position += 1
-        self._advance(list(self._running), self.model.logits(hidden[:, -1]).float())
+        self._advance(list(self._running), logits)
+
+    def _last_logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run ids [B, T] at positions [B, T] through the model; fp32 logits [B, vocab] of the last
+        position only (the others are never needed, and the output matrix is the largest one)."""
+        hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
+        return self.model.logits(hidden[:, -1]).float()
 
     def _advance(self, samples: list[_Sample], logits: torch.Tensor) -> None:
         """Pick each sample's next token from its logits row, record it, emit text, retire finished ones."""

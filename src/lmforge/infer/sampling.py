@@ -72,16 +72,18 @@ class SamplerState:
     """What one sample needs to pick its tokens: its params, its generator, and the token counts
     the penalties read (kept as [vocab] tensors, only when a penalty is on)."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, seed: int | None):
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, seed: int | None,
+                 device: torch.device | str = "cpu"):
         self.params = params
         self.generator = None
-        if not params.greedy:
-            self.generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
+        if not params.greedy:  # on the logits' device: torch.multinomial needs a generator there
+            seed = random.randrange(2**63) if seed is None else seed
+            self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seen = self.counts = None
         if params.penalized:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # in prompt or output: repetition
-            self.seen[torch.tensor(prompt, dtype=torch.long)] = True
-            self.counts = torch.zeros(vocab_size)  # times in the output: presence / frequency
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # in prompt or output
+            self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+            self.counts = torch.zeros(vocab_size, device=device)  # times in the output
 
     def observe(self, token: int) -> None:
         if self.counts is not None:

@@ -1,0 +1,89 @@
+"""`lmforge generate` and `lmforge chat` on a saved tiny model directory."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+from test_engine import make_model, tokenizer  # noqa: F401  (a fixture)
+
+from lmforge.checkpoint import save_model
+from lmforge.cli import main as cli
+from lmforge.infer import Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):  # noqa: F811
+    tok_dir = tmp_path_factory.mktemp("tok")
+    tokenizer.save(tok_dir)
+    return save_model(make_model(tokenizer), tmp_path_factory.mktemp("m") / "model", tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine.from_pretrained(model_dir, max_batch_size=1)
+
+
+def test_generate_prints_only_the_completion(model_dir, engine, capsys):
+    prompt = "The quick brown"
+    params = SamplingParams(max_tokens=15, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01,
+                            repetition_penalty=1.1, seed=3)
+    (expected,), = engine.generate([engine.tokenizer.encode(prompt)], params)
+    assert cli(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "15",
+                "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.01",
+                "--repetition-penalty", "1.1", "--seed", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected.text + "\n"
+    assert "tok/s" in captured.err
+
+
+def test_generate_chat_template_stop_and_bf16(model_dir, engine, capsys):
+    ids, _ = engine.tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    (full,), = engine.generate([ids], SamplingParams(max_tokens=20, temperature=0.0))
+    stop = full.text[3:5]
+    assert len(stop) == 2
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--chat", "--temperature", "0",
+                "--max-new-tokens", "20", "--stop", stop]) == 0
+    assert capsys.readouterr().out == full.text[:full.text.index(stop)] + "\n"
+    # bf16 weights run end to end (their text may differ from fp32's, so only check it runs)
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--dtype", "bfloat16",
+                "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_generate_from_a_preset_needs_a_tokenizer(model_dir, capsys):
+    assert cli(["generate", "--model", "tiny", "--tokenizer", str(model_dir), "--prompt", "Hi",
+                "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    with pytest.raises(ValueError, match="tokenizer"):
+        cli(["generate", "--model", "tiny", "--prompt", "Hi"])
+
+
+def test_generate_as_a_subprocess_writes_nothing_else_to_stdout(model_dir, engine):
+    (expected,), = engine.generate([engine.tokenizer.encode("Café")], SamplingParams(max_tokens=8, temperature=0))
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "generate", "--model", str(model_dir),
+                             "--prompt", "Café", "--max-new-tokens", "8", "--temperature", "0"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout == expected.text + "\n"
+
+
+def test_chat_history_reset_system_exit(model_dir, engine, monkeypatch, capsys):
+    script = "Hello\nHow are you\n/reset\n/system Be brief.\nHello\n/exit\nnever read\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert cli(["chat", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    replies = [part.split("\n[", 1)[0] for part in out.split("assistant> ")[1:]]
+    assert len(replies) == 3
+    assert out.count(" tok/s, first token ") == 3
+    assert "(conversation cleared)" in out and "(system prompt set; conversation cleared)" in out
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+
+    def expected(messages):
+        ids, _ = engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return engine.generate([ids], params)[0][0].text
+
+    first = expected([{"role": "user", "content": "Hello"}])
+    second = expected([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+                       {"role": "user", "content": "How are you"}])
+    third = expected([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    assert replies == [first, second, third]
