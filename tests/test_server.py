@@ -480,7 +480,7 @@ def test_health_is_503_while_the_engine_is_stopped(model_dir):
 
 @pytest.fixture
 def submitted(live, monkeypatch):
-    """The engine requests the server submits during a test."""
+    """The engine requests the server submits during a test (with a slowed-down model)."""
     requests = []
     submit = live.engine.submit
 
@@ -489,6 +489,14 @@ def submitted(live, monkeypatch):
         return requests[-1]
 
     monkeypatch.setattr(live.engine, "submit", spy)
+    # Slow each forward a little, so the reply (900+ tokens) still runs when the client hangs up.
+    forward = live.engine.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(live.engine.model, "forward", slow_forward)
     return requests
 
 
@@ -514,14 +522,15 @@ def test_disconnect_while_waiting_for_a_full_answer_frees_the_slot(live, submitt
     assert live.healthy()
 
 
-# -- the command line: API key, default bind address --------------------------------------------
+# -- the command line: API key, default bind address, model options --------------------------------------------
 
 
 def test_cli_serve_with_api_key(model_dir):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir),
-                                "--port", str(port), "--api-key", "sekret", "--max-batch-size", "2"],
+                                "--port", str(port), "--api-key", "sekret", "--max-batch-size", "2",
+                                "--name", "served-tiny", "--dtype", "bfloat16", "--max-len", "128"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         banner = process.stdout.readline()
@@ -535,9 +544,13 @@ def test_cli_serve_with_api_key(model_dir):
             except httpx.TransportError:
                 assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
                 time.sleep(0.1)
-        name = model_dir.name
+        name = "served-tiny"
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        (model,) = good.models.list().data
+        assert model.id == name and model.max_model_len == 128
         assert good.chat.completions.create(model=name, messages=HELLO, max_tokens=3).choices[0].message
+        with pytest.raises(openai.BadRequestError):  # the 128-token context set by --max-len
+            good.completions.create(model=name, prompt="hi", max_tokens=200)
         with pytest.raises(openai.AuthenticationError) as info:
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"

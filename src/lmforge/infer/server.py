@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -503,12 +504,12 @@ def _sse(chunks, requests: list) -> StreamingResponse:
 
     async def body():
         try:
-            async for item in chunks:
-                yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
-        except Exception as error:
-            log.exception("generation failed mid-stream")
-            yield f"data: {json.dumps(_server_error(error).body())}\n\n"
-        try:
+            try:
+                async for item in chunks:
+                    yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+            except Exception as error:
+                log.exception("generation failed mid-stream")
+                yield f"data: {json.dumps(_server_error(error).body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for request in requests:
@@ -583,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(ServeConfig, argv, prog="lmforge serve",
                      description="Serve a model over OpenAI's HTTP API, with a web chat at /.")
     if not cfg.model:
-        print("lmforge serve: error: --model DIR is required")
+        print("lmforge serve: error: --model DIR is required", file=sys.stderr)
         return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                     max_batch_size=cfg.max_batch_size, max_len=cfg.max_len)
