@@ -77,7 +77,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter runs")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads for both sides (1 avoids oversubscription on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else 5
     new_tokens = 32 if args.quick else args.new_tokens
     from transformers import AutoModelForCausalLM

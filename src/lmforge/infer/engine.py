@@ -102,10 +102,13 @@ class Request:
 
     def _put(self, event) -> None:  # called by the engine's thread
         with self._lock:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-            else:
+            if self._loop is None:
                 self._events.put(event)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                self.cancelled = True
 
     def _finish(self, error: BaseException | None = None) -> None:
         self.error = error

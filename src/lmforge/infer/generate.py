@@ -46,8 +46,11 @@ class SamplingOptions:
     def engine(self) -> Engine:
         if not self.model:
             raise SystemExit("error: --model is required (a model directory or a preset name)")
-        return Engine.from_pretrained(self.model, dtype=self.dtype, device=self.device, tokenizer=self.tokenizer,
-                                      max_batch_size=1, max_len=self.max_len)
+        try:
+            return Engine.from_pretrained(self.model, dtype=self.dtype, device=self.device,
+                                          tokenizer=self.tokenizer, max_batch_size=1, max_len=self.max_len)
+        except (ValueError, FileNotFoundError) as e:  # a clean message, not a traceback
+            raise SystemExit(f"error: {e}") from None
 
 
 @dataclass
