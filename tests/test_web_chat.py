@@ -137,3 +137,22 @@ def test_errors_are_shown_and_the_turn_can_be_retried(live, page):
     page.press("#prompt", "Enter")
     wait_until(page, "document.querySelectorAll('.message.assistant:not(.streaming):not(.error)').length")
     assert page.is_enabled("#send")
+
+
+def test_api_key_field(live, page):
+    """Against a server that wants a key: the page says so, and works once the key is typed in."""
+    locked = LiveServer.start(live.engine, api_key="sekret")
+    try:
+        page.goto(locked.url + "/")
+        wait_until(page, "document.getElementById('model-name').textContent.includes('API key')")
+        page.fill("#api-key", "sekret")
+        page.dispatch_event("#api-key", "change")
+        wait_until(page, f"document.getElementById('model-name').textContent === {json.dumps(MODEL)}")
+        page.fill("#max-tokens", "4")
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        wait_until(page, "document.querySelector('.message.assistant:not(.streaming)')")
+        assert not page.locator(".message.error").count()
+        assert page.text_content("#speed").startswith("4 tokens")
+    finally:
+        locked.close()
