@@ -6,8 +6,13 @@ Endpoints (the request and response schemas are OpenAI's, so the official `opena
     GET  /v1/models              the one model this server holds
     POST /v1/chat/completions    prompt = the model's own chat template over `messages`
     POST /v1/completions         prompt = raw text or token ids (one prompt or a batch of them)
-    GET  /health                 200 while the engine runs (no API key needed)
+    GET  /health                 200 while the engine runs, else 503 (no API key needed)
     GET  /                       the web chat (web/index.html, plain HTML/JS, no build step)
+
+Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / max_completion_tokens,
+temperature, top_p, seed, presence_penalty, frequency_penalty, logprobs / top_logprobs, user (ignored), and
+vLLM's `ignore_eos` extension. Others of OpenAI's (tools, response_format, logit_bias, echo, best_of, ...)
+are refused by name rather than silently ignored.
 
 Every request becomes one engine Request (`n` samples share one prefill); the engine's background thread
 steps all running requests together, so concurrent clients share each decode step (continuous batching).
@@ -16,7 +21,8 @@ that goes away mid-request cancels its engine request, which frees the batch slo
 
 Errors use OpenAI's schema, {"error": {"message", "type", "param", "code"}}, with 400 for anything wrong
 in the request (malformed JSON, a wrong type, an unknown field, an out-of-range value, too long a prompt),
-401 for a missing or wrong API key, 404 for an unknown model or route.
+401 for a missing or wrong API key, 404 for an unknown model or route, 500 if generation fails (during a
+stream: an error event, since the 200 status has already gone out).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,7 +60,7 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token the sampler masked out reports this (as vLLM does)
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this instead (as vLLM does)
 
 
 # -- request schemas ------------------------------------------------------------------------------
@@ -252,7 +259,7 @@ class Choice:
         return offsets
 
 
-async def _events(requests: list) -> object:
+async def _events(requests: list) -> AsyncIterator[tuple[int, Delta]]:
     """(request number, Delta) from several engine requests as they come, in one async stream."""
     if len(requests) == 1:
         async for delta in requests[0].aiter():
