@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import apply_penalties, filter_logits
+from lmforge.infer.sampling import apply_penalties, draw, filter_logits
 from lmforge.model import build_model
 from lmforge.tokenizer import train_tokenizer
 
@@ -122,6 +122,14 @@ def test_n_samples_share_one_prefill(tokenizer):
         assert out.token_ids == alone.token_ids
 
 
+def test_draw_follows_the_distribution():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(4000)]), minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0  # never a token of probability 0
+    torch.testing.assert_close(counts / 4000, probs, atol=0.03, rtol=0)
+
+
 def test_seeded_sampling_is_reproducible(engine, tokenizer):
     prompt = tokenizer.encode("The quick")
     first = engine.generate([prompt], SAMPLED)[0][0]
@@ -133,15 +141,20 @@ def test_seeded_sampling_is_reproducible(engine, tokenizer):
 
 def test_filters_and_repetition_penalty_match_transformers():
     torch.manual_seed(0)
-    logits = torch.randn(1, 200) * 3
+    logits = torch.randn(1, 1000) * 3
     for ours, theirs in [
         (dict(top_k=17), TopKLogitsWarper(17)),
         (dict(top_p=0.8), TopPLogitsWarper(0.8)),
         (dict(top_p=0.05), TopPLogitsWarper(0.05)),
+        (dict(top_p=0.9999), TopPLogitsWarper(0.9999)),  # beyond the 256 most likely: the full sort
         (dict(min_p=0.1), MinPLogitsWarper(0.1)),
     ]:
         expected = theirs(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
-        assert torch.equal(filter_logits(logits[0], **ours).isinf(), expected.isinf()), ours
+        got = filter_logits(logits[0], **ours)
+        assert torch.equal(got.isinf(), expected.isinf()), ours
+        assert torch.equal(got[~got.isinf()], logits[0][~got.isinf()])
+    assert (~filter_logits(logits[0], top_p=0.9999).isinf()).sum() > 256
+    logits = logits[:, :200]
     history = torch.tensor([[3, 5, 5, 150, 7]])
     params = SamplingParams(repetition_penalty=1.3)
     seen = torch.zeros(200, dtype=torch.bool)
@@ -328,3 +341,21 @@ def test_engine_survives_a_failing_step(engine, tokenizer, monkeypatch):
     assert calls.is_set() and engine._running == []
     (out,), = engine.generate([tokenizer.encode("The")], GREEDY)
     assert len(out.token_ids) == 12
+
+
+def test_a_closed_event_loop_cancels_its_request(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer, max_batch_size=1, max_len=512)
+    engine.start()
+    try:
+        abandoned = engine.submit(tokenizer.encode("The"), SamplingParams(max_tokens=500, ignore_eos=True, seed=0))
+
+        async def first_event():
+            async for delta in abandoned.aiter():
+                return delta
+
+        asyncio.run(first_event())  # the loop closes while the request still runs, as when a server stops
+        nxt = engine.submit(tokenizer.encode("dog"), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        assert nxt.done.wait(timeout=60)  # the only row was freed
+        assert abandoned.outputs[0].finish_reason is None and len(abandoned.outputs[0].token_ids) < 500
+    finally:
+        engine.stop()

@@ -119,12 +119,15 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
-        drop = torch.zeros_like(logits, dtype=torch.bool)
-        drop[order] = mass_before >= top_p  # the most likely token always has mass_before 0
-        logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(-1)
+        # The nucleus is usually small: look among the 256 most likely tokens first, and sort the
+        # whole vocabulary only when they do not reach top_p (a full sort costs ~100 us a row on a CPU).
+        top, order = probs.topk(min(256, probs.shape[-1]))
+        if top.sum() < top_p:
+            top, order = probs.sort(descending=True)
+        mass_before = top.cumsum(-1) - top  # probability of the strictly more likely tokens
+        keep = order[mass_before < top_p]  # the most likely token always has mass_before 0
+        logits = torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits[keep])
     if min_p > 0.0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
@@ -144,8 +147,17 @@ def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]
             tokens.append(int(row.argmax()))
             continue
         row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-        tokens.append(int(torch.multinomial(row.softmax(-1), 1, generator=state.generator)))
+        tokens.append(draw(row.softmax(-1), state.generator))
     return tokens
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from probs [V] by inverting the cumulative distribution at a uniform draw: one
+    random number per token (torch.multinomial draws V exponentials, 30x slower at V=6400)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+    # right=True: the first token whose cumulative probability exceeds u, never one of probability 0
+    return int(torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int
