@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 # (see README); setup keeps any torch that is already there.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test quickstart bench lint clean
+.PHONY: setup browser test quickstart bench lint clean
 
 $(BIN)/lmforge:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,13 @@ $(BIN)/lmforge:
 
 setup: $(BIN)/lmforge
 
-test: setup
+# The web-chat test drives Debian's Chromium (Playwright cannot download a browser here).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: install Debian's chromium (as root) for the web-chat browser test"
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
