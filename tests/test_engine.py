@@ -279,6 +279,7 @@ def test_cancel_frees_the_row(tokenizer):
         assert waiting.done.wait(timeout=60)
         assert len(waiting.outputs[0].token_ids) == 5
         assert hog.outputs[0].finish_reason is None and len(hog.outputs[0].token_ids) < 200
+        assert engine.num_active == 0
     finally:
         engine.stop()
     assert engine._running == []
