@@ -122,6 +122,70 @@ def test_n_samples_share_one_prefill(tokenizer):
         assert out.token_ids == alone.token_ids
 
 
+def prefill_recorder(model):
+    """Record the [B, T] shape of every forward; returns (shapes, hook handle)."""
+    shapes = []
+    return shapes, model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+
+
+def run_until_done(engine, requests):
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_waiting_requests_are_prefilled_in_one_forward(tokenizer, kind):
+    model = make_model(tokenizer, kind)
+    engine = Engine(model, tokenizer, max_batch_size=8, max_len=64)
+    texts = ["The", "Café, naïve, façade. The quick brown", "日本語", "Numbers 12345.", "🚀 dog"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)  # all of different lengths
+    jobs = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2),
+            SAMPLED,
+            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),  # leaves at once: rows compact
+            SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=5, n=3, ignore_eos=True),
+            SamplingParams(max_tokens=9, temperature=0.7, seed=6, ignore_eos=True)]
+    shapes, hook = prefill_recorder(model)
+    requests = [engine.submit(p, params) for p, params in zip(prompts, jobs)]
+    run_until_done(engine, requests)
+    hook.remove()
+    assert shapes[0] == (len(prompts), max(len(p) for p in prompts))  # all five prompts, one forward
+    assert all(t == 1 for _, t in shapes[1:])  # then decode steps only
+    for prompt, params, request in zip(prompts, jobs, requests):
+        alone = engine.generate([prompt], params)[0]
+        assert [o.token_ids for o in request.outputs] == [o.token_ids for o in alone]
+        assert [o.text for o in request.outputs] == [o.text for o in alone]
+        assert all(len(o.token_ids) == params.max_tokens for o in request.outputs)
+    # The logits came from each prompt's last real token, not from its padding.
+    expected_tokens, logits = reference(model, prompts[0], 10)
+    assert requests[0].outputs[0].token_ids == expected_tokens
+    got = torch.tensor([lp.logprob for lp in requests[0].outputs[0].logprobs])
+    expected = logits.log_softmax(-1)[torch.arange(10), torch.tensor(expected_tokens)]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_max_prefill_tokens_splits_a_burst(tokenizer):
+    model = make_model(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=8, max_len=64, max_prefill_tokens=16)
+    prompts = [tokenizer.encode(t) for t in ["The quick", "The lazy dog", "Café, naïve, façade. The quick brown",
+                                             "日本", "dog"]]
+    lengths = [len(p) for p in prompts]
+    assert lengths == [5, 7, 27, 6, 2]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
+    shapes, hook = prefill_recorder(model)
+    requests = [engine.submit(p, params) for p in prompts]
+    run_until_done(engine, requests)
+    hook.remove()
+    # Oldest first, rows x longest prompt <= 16 per forward (2 x 7; then 3 x 27 would not fit, nor
+    # 2 x 27, so the 27-token prompt goes alone; then 2 x 6), a decode step of the running rows between.
+    assert shapes[:6] == [(2, 7), (2, 1), (1, 27), (3, 1), (2, 6), (5, 1)]
+    assert all(t == 1 for _, t in shapes[6:])
+    for prompt, request in zip(prompts, requests):
+        assert request.outputs[0].token_ids == engine.generate([prompt], params)[0][0].token_ids
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        Engine(model, tokenizer, max_prefill_tokens=0)
+
+
 def test_draw_follows_the_distribution():
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     generator = torch.Generator().manual_seed(0)

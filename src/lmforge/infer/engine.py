@@ -2,9 +2,10 @@
 
 How a request runs (one function per step, read top to bottom):
 1. `submit` checks it and queues it.
-2. `_admit` gives it a batch row per sample, prefills its prompt once into the first row, copies
-   that row of the cache to the others (n samples share one prefill), and samples each one's
-   first token from the prompt's last logits.
+2. `_admit` takes the waiting requests that fit in free rows (and in `max_prefill_tokens`) and
+   prefills their prompts together in one forward, right-padded, one row each; it copies a
+   request's row of the cache to its other samples' rows (n samples share one prefill) and
+   samples each one's first token from the logits of its prompt's last real token.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
    position (the cache rows are independent, so prompts of different lengths and requests that
    joined at different times share a batch), then picks each row's next token.
@@ -161,13 +162,19 @@ class _Sample:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16,
-                 max_len: int | None = None, eos_ids: set[int] | None = None):
+                 max_len: int | None = None, eos_ids: set[int] | None = None, max_prefill_tokens: int = 2048):
         """`max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
         that end any output unless `ignore_eos`; by default the tokenizer's and config's eos, and every
-        special token (they mark an end of text or of a turn, never content)."""
+        special token (they mark an end of text or of a turn, never content). `max_prefill_tokens`: the
+        most tokens (rows x longest prompt, padding included) one prefill forward takes, so a burst of
+        long prompts holds the running streams up for one such forward per step at most; a prompt
+        longer than that is prefilled alone."""
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_len = max_len or min(model.config.max_position_embeddings, DEFAULT_MAX_LEN)
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids if eos_ids is not None else default_eos_ids(model, tokenizer)
@@ -327,25 +334,52 @@ class Engine:
                     sample.request._finish()
 
     def _admit(self) -> None:
-        """Prefill waiting requests while their samples fit in free rows (first come, first served)."""
-        while True:
-            with self._cond:
-                if not self._waiting or self._waiting[0].params.n > self.max_batch_size - len(self._running):
-                    return
-                request = self._waiting.popleft()
-            row, n = len(self._running), request.params.n
-            try:
-                ids = torch.tensor([request.prompt], device=self.cache_device)
-                logits = self._last_logits(ids, torch.arange(len(request.prompt), device=ids.device)[None],
-                                       self._rows(row, row + 1))
-            except Exception as error:
+        """Prefill the next waiting requests together: one forward over their right-padded prompts.
+
+        Every row starts at position 0; a shorter prompt's padding writes cache entries beyond its
+        length, which its own later tokens overwrite before they could be attended (a row attends
+        only to positions <= its own). Its logits are taken at its last real token.
+        """
+        batch = self._take_waiting()
+        if not batch:
+            return
+        first, lengths = len(self._running), [len(r.prompt) for r in batch]
+        width, device = max(lengths), self.cache_device
+        try:
+            ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=device)
+            positions = torch.arange(width, device=device).expand(len(batch), width)
+            last = torch.tensor(lengths, device=device) - 1
+            logits = self._last_logits(ids, positions, self._rows(first, first + len(batch)), last)
+        except Exception as error:
+            for request in batch:
                 request._finish(error)
-                raise
-            for r in range(row + 1, row + n):  # every sample starts from the same prefilled cache
-                self._copy_row(row, r, len(request.prompt))
-            samples = [_Sample(request, i, self) for i in range(n)]
-            self._running.extend(samples)
-            self._advance(samples, logits.expand(n, -1))
+            raise
+        # Request i's first sample is row first + i; its other samples take the rows after the
+        # batch, each starting from a copy of that row's prefilled cache.
+        samples = [_Sample(r, 0, self) for r in batch]
+        logit_rows = list(range(len(batch)))
+        for i, request in enumerate(batch):
+            for index in range(1, request.params.n):
+                self._copy_row(first + i, first + len(samples), lengths[i])
+                samples.append(_Sample(request, index, self))
+                logit_rows.append(i)
+        self._running.extend(samples)
+        self._advance(samples, logits[logit_rows])
+
+    def _take_waiting(self) -> list[Request]:
+        """Pop the waiting requests to prefill now, oldest first: while their samples fit in free rows
+        and the padded batch in max_prefill_tokens (the oldest always goes, whatever its length)."""
+        free, batch, width = self.max_batch_size - len(self._running), [], 0
+        with self._cond:
+            for request in self._waiting:
+                wider = max(width, len(request.prompt))
+                if request.params.n > free or (batch and (len(batch) + 1) * wider > self.max_prefill_tokens):
+                    break
+                batch.append(request)
+                free, width = free - request.params.n, wider
+            for _ in batch:
+                self._waiting.popleft()
+        return batch
 
     def _decode(self) -> None:
         k = len(self._running)
@@ -357,11 +391,14 @@ class Engine:
             sample.position += 1
         self._advance(list(self._running), logits)
 
-    def _last_logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run ids [B, T] at positions [B, T] through the model; fp32 logits [B, vocab] of the last
-        position only (the others are never needed, and the output matrix is the largest one)."""
+    def _last_logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                     last: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ids [B, T] at positions [B, T] through the model; fp32 logits [B, vocab] of one position
+        per row only, `last` [B] (default the last): the others are never needed, and the output
+        matrix is the largest one."""
         hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
-        return self.model.logits(hidden[:, -1]).float()
+        hidden = hidden[:, -1] if last is None else hidden[torch.arange(len(last), device=hidden.device), last]
+        return self.model.logits(hidden).float()
 
     def _advance(self, samples: list[_Sample], logits: torch.Tensor) -> None:
         """Pick each sample's next token from its logits row, record it, emit text, retire finished ones."""
