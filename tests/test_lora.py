@@ -253,6 +253,10 @@ def test_errors_name_the_problem(base_dir, tmp_path):
         apply_lora(load_model(base_dir), LoraSettings(target_modules=["nonexistent"]))
     with pytest.raises(ValueError, match="r: must be positive"):
         LoraSettings(r=0)
+    settings = LoraSettings()
+    settings.dropout = 1.5  # as a YAML/flag loader sets fields after construction
+    with pytest.raises(ValueError, match="dropout: must be in"):
+        apply_lora(load_model(base_dir), settings)
     model = apply_lora(load_model(base_dir), VARIANTS["lora"])
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, VARIANTS["lora"])

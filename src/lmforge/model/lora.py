@@ -59,6 +59,10 @@ class LoraSettings:
         default="kaiming", metadata={"help": "A's init (B starts at 0): kaiming-uniform as PEFT, or N(0, 1/r)"})
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Also called by apply_lora: a config loader may set fields after construction."""
         if self.r <= 0:
             raise ValueError(f"r: must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -169,6 +173,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Wrap the targeted linear layers in place; freeze everything but the adapters."""
+    settings.validate()
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters (merge_lora first to add another)")
     names = target_module_names(model, settings.target_modules)
