@@ -33,8 +33,10 @@ quickstart: setup
 	$(BIN)/lmforge quickstart
 
 bench: setup
+	$(BIN)/python benchmarks/tokenize_throughput.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/serve.py
 
 lint: setup
 	$(BIN)/ruff check .

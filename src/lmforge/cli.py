@@ -12,13 +12,13 @@ import sys
 # command -> (module, one-line help). Each module defines `main(argv: list[str]) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("lmforge.quickstart", "the whole life cycle on the built-in data"),
-    "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
-    "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),
-    "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
     "tokenizer": ("lmforge.tokenizer", "train a byte-level BPE tokenizer with chat special tokens"),
     "prepare": ("lmforge.data.pretrain", "tokenize text into memory-mapped pretraining shards"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
     "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
+    "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
+    "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
+    "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),
     "serve": ("lmforge.infer.server", "OpenAI-compatible HTTP API and web chat over a model directory"),
 }
 
