@@ -37,7 +37,7 @@ class QuickstartConfig:
     out_dir: str = field(default="runs/quickstart", metadata={"help": "where every stage writes"})
     preset: str = field(default="tiny", metadata={"help": "model size to build and pretrain"})
     vocab_size: int = field(default=6400, metadata={"help": "BPE vocabulary size"})
-    steps: int = field(default=500, metadata={"help": "pretraining steps"})
+    steps: int = field(default=1000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     result = pretrain.run(pretrain.PretrainConfig(
         model=cfg.preset, data=str(out / "data"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         train=TrainConfig(run_dir=str(out / "pretrain"), steps=cfg.steps, seed=cfg.seed, precision=cfg.precision,
-                          eval_every=0, save_every=0, optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.steps // 10))))
+                          eval_every=max(cfg.steps // 4, 1), save_every=0,
+                          optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.steps // 10))))
     print(f"    validation loss {result.val_loss:.3f}, {result.val_bpb:.3f} bits per byte")
     print(f"    loss curve: {result.loss_curve}")
     engine = Engine.from_pretrained(result.model_dir)
