@@ -106,7 +106,12 @@ def train_step(model, loss_fn, optimizer, x, autocast: bool) -> tuple[float, flo
 def worker(spec: dict) -> dict:
     """'peak': matmul peaks. 'time': every implementation in one process, steps interleaved (the order
     reversed every round), so that load from other processes falls on all of them alike. 'memory': one
-    implementation alone for one step (gradients and optimizer state exist after it), for its peak RSS."""
+    implementation alone for one step (gradients and optimizer state exist after it), for its peak RSS.
+    Every worker first applies the Trainer's CPU malloc setting (`keep_freed_memory`): it is
+    process-wide, so the baseline runs with it too."""
+    from lmforge.train.trainer import keep_freed_memory
+
+    keep_freed_memory()
     torch.manual_seed(0)
     if spec["kind"] == "peak":
         return {name: matmul_peak(dtype, spec["sizes"], spec["repeats"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.model import cpu_kernels
 
 
 class MLP(nn.Module):
@@ -28,7 +29,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if cpu_kernels.fusable(self.gate_proj, self.up_proj) and cpu_kernels.usable(x):
+            # On a CPU: one matmul for gate and up (larger matmuls run closer to the peak), then
+            # one fused pass for silu(gate) * up, forward and backward.
+            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            if cpu_kernels.usable(gate_up):
+                return self.down_proj(cpu_kernels.swiglu(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
 
 
 class Router(nn.Module):

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.model import cpu_kernels
+
 IGNORE_INDEX = -100  # label of a token that is not trained on (prompt, padding), as in transformers
 DEFAULT_CHUNK = 4096
 
@@ -40,18 +42,24 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-            valid = y != IGNORE_INDEX
-            logprobs = (h @ w.T).float().log_softmax(-1)
-            total -= (logprobs.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * valid).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d CE / d logits = softmax(logits) - onehot(label); zero for ignored tokens.
-            grad_logits = logprobs.exp_()  # the softmax, in the log-probabilities' memory
-            rows = valid.nonzero().squeeze(1)
-            grad_logits[rows, y[rows]] -= 1.0
-            if rows.numel() < len(y):
-                grad_logits *= valid[:, None]
-            grad_logits = grad_logits.to(h.dtype)
+            logits = h @ w.T
+            if cpu_kernels.usable(logits):
+                # One fused pass per row: the loss, and the logits overwritten with their gradient.
+                total += cpu_kernels.cross_entropy_(logits, y, IGNORE_INDEX).sum()
+                grad_logits = logits
+            else:
+                valid = y != IGNORE_INDEX
+                logprobs = logits.float().log_softmax(-1)
+                total -= (logprobs.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * valid).sum()
+                if grad_hidden is None and grad_weight is None:
+                    continue
+                # d CE / d logits = softmax(logits) - onehot(label); zero for ignored tokens.
+                grad_logits = logprobs.exp_()  # the softmax, in the log-probabilities' memory
+                rows = valid.nonzero().squeeze(1)
+                grad_logits[rows, y[rows]] -= 1.0
+                if rows.numel() < len(y):
+                    grad_logits *= valid[:, None]
+                grad_logits = grad_logits.to(h.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits @ w
             if grad_weight is not None:

@@ -60,11 +60,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -188,7 +190,29 @@ def setup_env(device: str = "auto") -> Env:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cpu":
+        keep_freed_memory()
     return Env(rank, world_size, local_rank, dev)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+
+    A training step allocates and frees the same large activations every step. By default glibc
+    serves blocks above a threshold (128 KiB, rising to at most 32 MiB) with fresh mmaps and unmaps
+    them on free, so every step page-faults its activations in again, zeroed by the kernel: about
+    10% of a CPU step for the `small` preset (BENCHMARKS.md). The same as starting the process with
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647. Process-wide; returns
+    whether it applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 # -- precision ---------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Fused CPU kernels (cpu_kernels.c): RMSNorm, RoPE and SwiGLU as autograd Functions, and the
+cross-entropy with its gradient.
+
+On a CPU, a training step of a small model spends as much time in elementwise ops as in matmuls:
+each PyTorch op is a pass over memory, and autograd runs about ten per RMSNorm. The C kernels
+fuse each forward and each backward into one or two passes (measured in BENCHMARKS.md).
+
+The C file is compiled on first use with the system's C compiler (`cc -O3 -march=native -fopenmp`,
+under a second) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`)/kernels, keyed by the source's
+hash and the CPU, and loaded with ctypes. It links the OpenMP runtime PyTorch itself loaded, so
+both share one thread pool, and it uses `torch.get_num_threads()` threads.
+
+`available()` is False — and every caller uses the PyTorch ops instead — when there is no
+compiler, off x86-64/aarch64 Linux, or with `LMFORGE_CPU_KERNELS=0`. The functions below take
+contiguous fp32 or bf16 CPU tensors; `usable()` is the check callers make.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_lib: ctypes.CDLL | None = None
+_tried = False
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels"
+
+
+# -fno-math-errno lets sqrtf be one instruction; -ffp-contract=off keeps a*b + c two roundings, as
+# PyTorch's separate ops round; no -ffast-math, so NaN and inf behave.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _compile() -> ctypes.CDLL:
+    cpu = Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0] if Path("/proc/cpuinfo").exists() else b""
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + cpu).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a temporary name and rename: processes starting together (DDP ranks, test
+        # workers) never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [os.environ.get("CC", "cc"), *_FLAGS, str(_SOURCE), "-o", tmp]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if out.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    p, L, f, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+    for s in _SUFFIX.values():
+        getattr(lib, f"rmsnorm_fwd_{s}").argtypes = [p, p, p, p, L, L, f, i]
+        getattr(lib, f"rmsnorm_bwd_{s}").argtypes = [p, p, p, p, p, p, L, L, i]
+        getattr(lib, f"rope_{s}").argtypes = [p, L, p, p, p, L, L, L, f, i]
+        getattr(lib, f"swiglu_fwd_{s}").argtypes = [p, p, p, L, L, L, i]
+        getattr(lib, f"swiglu_bwd_{s}").argtypes = [p, p, p, p, p, L, L, L, i]
+        getattr(lib, f"cross_entropy_{s}").argtypes = [p, p, p, L, L, L, i]
+        getattr(lib, f"causal_softmax_fwd_{s}").argtypes = [p, p, L, L, f, i]
+        getattr(lib, f"causal_softmax_bwd_{s}").argtypes = [p, p, L, L, f, i]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are compiled and loaded (compiling them on the first call)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0" and sys.platform == "linux" \
+                and platform.machine() in ("x86_64", "aarch64"):
+            try:
+                _lib = _compile()
+            except Exception as e:  # no compiler, no OpenMP, read-only cache...: PyTorch ops instead
+                warnings.warn(f"lmforge: CPU kernels unavailable, using PyTorch ops ({e})", stacklevel=2)
+    return _lib is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can run on these tensors: on the CPU, all fp32 or all bf16, not being
+    traced by torch.compile (which fuses these ops itself), and the kernels available."""
+    dtype = tensors[0].dtype
+    return (dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and not torch.compiler.is_compiling() and available())
+
+
+def fusable(*linears: torch.nn.Module) -> bool:
+    """Whether these projections of one input can run as one matmul on their concatenated weights:
+    plain bias-free nn.Linear layers (a LoRA-wrapped one is not), and not under torch.compile.
+    Callers fuse only on a CPU, where one larger matmul runs closer to the peak (BENCHMARKS.md)."""
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears) and not torch.compiler.is_compiling()
+
+
+def _call(name: str, dtype: torch.dtype, *args) -> None:
+    if not available():
+        raise RuntimeError("lmforge's CPU kernels are not available (see the warning above)")
+    fn = getattr(_lib, f"{name}_{_SUFFIX[dtype]}")
+    fn(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args], torch.get_num_threads())
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x = x.contiguous()
+        rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+        y = torch.empty_like(x)
+        rstd = torch.empty(rows, dtype=torch.float32)
+        _call("rmsnorm_fwd", x.dtype, x, weight.contiguous(), y, rstd, rows, dim, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        rows, dim = rstd.numel(), x.shape[-1]
+        dx = torch.empty_like(x)
+        partial = torch.zeros(torch.get_num_threads(), dim, dtype=torch.float32)
+        _call("rmsnorm_bwd", x.dtype, dy, x, weight.contiguous(), rstd, dx, partial, rows, dim)
+        return dx, partial.sum(0).to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * round(x * rsqrt(mean(x^2) + eps)) over the last dimension (x and weight of one dtype)."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        B, T, _, D = x.shape
+        cos, sin = cos.expand(B, T, D).contiguous(), sin.expand(B, T, D).contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _rope(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope(dy, cos, sin, -1.0), None, None
+
+
+def _rope(x, cos, sin, sign):
+    B, T, H, D = x.shape
+    # Rows (b, t) may be any fixed distance apart, as in a slice of a fused q/k/v projection's output.
+    if not (x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)):
+        x = x.contiguous()
+    y = torch.empty(B, T, H, D, dtype=x.dtype)
+    _call("rope", x.dtype, x, x.stride(1), cos, sin, y, B * T, H, D, sign)
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, T, heads, dim] (heads before dim, as a projection's output is laid
+    out) with cos/sin [B, T, dim]. Equals rope.apply_rope on x.transpose(1, 2), transposed back."""
+    return RopeFunction.apply(x, cos, sin)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate_up = gate_up.contiguous()
+        n = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :n], gate_up[..., n:]
+        y = torch.empty(*gate.shape, dtype=gate.dtype)
+        _call("swiglu_fwd", gate.dtype, gate, up, y, gate.numel() // n, n, 2 * n)
+        ctx.save_for_backward(gate_up)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        n = gate_up.shape[-1] // 2
+        grad = torch.empty_like(gate_up)  # written whole: [d gate, d up] side by side
+        _call("swiglu_bwd", gate_up.dtype, dy.contiguous(), gate_up[..., :n], gate_up[..., n:], grad[..., :n],
+              grad[..., n:], gate_up.numel() // (2 * n), n, 2 * n)
+        return grad
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate, up] concatenated on the last dimension (one fused
+    projection), rounded as `F.silu(gate) * up` rounds."""
+    return SwiGLUFunction.apply(gate_up)
+
+
+def cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-row cross-entropy [rows] (fp32) of logits [rows, V] against labels [rows]; overwrites
+    `logits` with the gradient of the summed loss: softmax - onehot, zero rows where ignored."""
+    if not logits.is_contiguous():
+        raise ValueError("cross_entropy_ works in place: logits must be contiguous")
+    rows, vocab = logits.shape
+    labels = labels.to(torch.int64).contiguous()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        raise IndexError(f"label {int(labels[bad][0])} is outside the vocabulary of {vocab}")
+    loss = torch.empty(rows, dtype=torch.float32)
+    _call("cross_entropy", logits.dtype, logits, labels, loss, rows, vocab, ignore_index)
+    return loss
+
+
+def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) with a causal mask, scores [..., G*T, T] whose rows are query positions
+    0..T-1 repeated G times (keys beyond the query position get probability 0)."""
+    p = torch.empty_like(scores)
+    _call("causal_softmax_fwd", scores.dtype, scores.contiguous(), p, scores.numel() // scores.shape[-1],
+          scores.shape[-1], scale)
+    return p
+
+
+def causal_softmax_backward_(grad_p: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient with respect to the scores of causal_softmax, given that of p; written into grad_p."""
+    if not grad_p.is_contiguous():
+        raise ValueError("causal_softmax_backward_ works in place: grad_p must be contiguous")
+    _call("causal_softmax_bwd", p.dtype, grad_p, p.contiguous(), p.numel() // p.shape[-1], p.shape[-1], scale)
+    return grad_p
