@@ -167,6 +167,7 @@ def test_waiting_requests_are_prefilled_in_one_forward(tokenizer, kind):
 def test_max_prefill_tokens_splits_a_burst(tokenizer):
     model = make_model(tokenizer)
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=64, max_prefill_tokens=16)
+    engine._cpu_decoder = None  # decode steps through the model too, so the hook sees them
     prompts = [tokenizer.encode(t) for t in ["The quick", "The lazy dog", "Café, naïve, façade. The quick brown",
                                              "日本", "dog"]]
     lengths = [len(p) for p in prompts]
@@ -424,3 +425,23 @@ def test_a_closed_event_loop_cancels_its_request(tokenizer):
         assert abandoned.outputs[0].finish_reason is None and len(abandoned.outputs[0].token_ids) < 500
     finally:
         engine.stop()
+
+
+def test_engine_decodes_in_c_when_it_can_and_agrees_with_pytorch(tokenizer):
+    """The dense model decodes through cpu_decode.c; the same requests through PyTorch's forward
+    give the same tokens (greedy and seeded sampling) and log-probs (MoE stays on PyTorch)."""
+    model = make_model(tokenizer)
+    fast, slow = Engine(model, tokenizer, max_batch_size=4), Engine(model, tokenizer, max_batch_size=4)
+    slow._cpu_decoder = None
+    assert fast._cpu_decoder is not None
+    assert Engine(make_model(tokenizer, "moe"), tokenizer)._cpu_decoder is None
+    prompts = [tokenizer.encode(t) for t in ["The quick", "dog", "Café, naïve"]]
+    for params in (SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.9, seed=5, n=2, ignore_eos=True)):
+        ours, theirs = fast.generate(prompts, params), slow.generate(prompts, params)
+        for a, b in zip(ours, theirs):
+            assert [o.token_ids for o in a] == [o.token_ids for o in b]
+            for oa, ob in zip(a, b):
+                if params.logprobs:
+                    torch.testing.assert_close(torch.tensor([lp.logprob for lp in oa.logprobs]),
+                                               torch.tensor([lp.logprob for lp in ob.logprobs]), atol=1e-4, rtol=0)

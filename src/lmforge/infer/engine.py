@@ -8,7 +8,8 @@ How a request runs (one function per step, read top to bottom):
    samples each one's first token from the logits of its prompt's last real token.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
    position (the cache rows are independent, so prompts of different lengths and requests that
-   joined at different times share a batch), then picks each row's next token.
+   joined at different times share a batch), then picks each row's next token. On a CPU, for
+   dense Llama-family models, that forward is one C call (cpu_decode.py).
 4. `_advance` detokenises the token, checks stop ids / stop strings / lengths, and sends a Delta.
    A finished or cancelled sample leaves, and the last row moves into its place, so the running
    rows are always rows 0..k-1 of the cache and a decode step is one forward over a [k, 1] batch.
@@ -36,6 +37,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.config import PRESETS, preset
+from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import SamplerState, SamplingParams, choose_tokens, token_logprobs
 from lmforge.model import KVCache, Transformer, build_model
@@ -179,6 +181,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids if eos_ids is not None else default_eos_ids(model, tokenizer)
         self.cache = model.new_cache(max_batch_size, self.max_len)
+        # Decode steps in one C call where the model allows (cpu_decode.py); else PyTorch's forward.
+        self._cpu_decoder = CPUDecoder.create(model)
         self._views: dict[tuple[int, int], KVCache] = {}
         self._running: list[_Sample] = []  # row i of the cache belongs to _running[i]
         self._waiting: deque[Request] = deque()
@@ -386,7 +390,10 @@ class Engine:
         device = self.cache_device
         tokens = torch.tensor([[s.last_token] for s in self._running], device=device)
         positions = torch.tensor([[s.position] for s in self._running], device=device)
-        logits = self._last_logits(tokens, positions, self._rows(0, k))
+        if self._cpu_decoder is not None:
+            logits = self._cpu_decoder(tokens[:, 0], positions[:, 0], self._rows(0, k))
+        else:
+            logits = self._last_logits(tokens, positions, self._rows(0, k))
         for sample in self._running:
             sample.position += 1
         self._advance(list(self._running), logits)

@@ -41,20 +41,21 @@ def _cache_dir() -> Path:
 
 # -fno-math-errno lets sqrtf be one instruction; -ffp-contract=off keeps a*b + c two roundings, as
 # PyTorch's separate ops round; no -ffast-math, so NaN and inf behave.
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _compile() -> ctypes.CDLL:
+def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
+    """Compile a C file of lmforge (once per source, flags and CPU; cached) and load it."""
     cpu = Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0] if Path("/proc/cpuinfo").exists() else b""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + cpu).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cpu).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Compile to a temporary name and rename: processes starting together (DDP ranks, test
         # workers) never load a half-written library.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [os.environ.get("CC", "cc"), *_FLAGS, str(_SOURCE), "-o", tmp]
+        cmd = [os.environ.get("CC", "cc"), *flags, str(source), "-o", tmp]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if out.returncode != 0:
@@ -63,7 +64,11 @@ def _compile() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+def _compile() -> ctypes.CDLL:
+    lib = build(_SOURCE)
     p, L, f, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     for s in _SUFFIX.values():
         getattr(lib, f"rmsnorm_fwd_{s}").argtypes = [p, p, p, p, L, L, f, i]
@@ -77,13 +82,18 @@ def _compile() -> ctypes.CDLL:
     return lib
 
 
+def enabled() -> bool:
+    """Whether compiled CPU code may be used at all: Linux on x86-64/aarch64, LMFORGE_CPU_KERNELS != 0."""
+    return (os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0" and sys.platform == "linux"
+            and platform.machine() in ("x86_64", "aarch64"))
+
+
 def available() -> bool:
     """Whether the kernels are compiled and loaded (compiling them on the first call)."""
     global _lib, _tried
     if not _tried:
         _tried = True
-        if os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0" and sys.platform == "linux" \
-                and platform.machine() in ("x86_64", "aarch64"):
+        if enabled():
             try:
                 _lib = _compile()
             except Exception as e:  # no compiler, no OpenMP, read-only cache...: PyTorch ops instead
@@ -100,10 +110,13 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def fusable(*linears: torch.nn.Module) -> bool:
-    """Whether these projections of one input can run as one matmul on their concatenated weights:
-    plain bias-free nn.Linear layers (a LoRA-wrapped one is not), and not under torch.compile.
-    Callers fuse only on a CPU, where one larger matmul runs closer to the peak (BENCHMARKS.md)."""
-    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears) and not torch.compiler.is_compiling()
+    """Whether these projections of one input should run as one matmul on their concatenated weights:
+    plain bias-free nn.Linear layers (a LoRA-wrapped one is not), in training (with gradients), and
+    not under torch.compile. Callers fuse only on a CPU, where one larger matmul runs closer to the
+    peak. Inference does not fuse: decoding is bound by reading the weights, and the concatenation
+    would copy them at every token."""
+    return (torch.is_grad_enabled() and all(type(m) is torch.nn.Linear and m.bias is None for m in linears)
+            and not torch.compiler.is_compiling())
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:

@@ -1,0 +1,209 @@
+/* One decode step of a dense Llama-family model on a CPU, in C: every row of the batch brings one
+ * new token at its own position; the step writes their keys and values into the KV cache and
+ * returns fp32 logits. cpu_decode.py compiles this (as cpu_kernels.c) and calls it instead of the
+ * PyTorch forward pass when the model fits (dense, no biases, rotate-half RoPE).
+ *
+ * Why: at batch 1 a 25M-parameter model's step is ~60 small matrix-vector products and ~150 other
+ * ops; through PyTorch each is a dispatch of several microseconds and the matvecs stream weights at
+ * a fraction of the memory bandwidth. Here the whole step is one OpenMP parallel region: each matvec
+ * streams its weight rows once for all batch rows (nn.Linear's [out, in] layout, a dot product per
+ * output), and the threads meet only at the barriers between dependent stages.
+ *
+ * Weights and cache are T (fp32, or bf16 bits as uint16_t); activations are fp32 throughout, so in
+ * bf16 the logits are slightly more exact than PyTorch's, which rounds every intermediate to bf16.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  /* round to nearest even, as c10::BFloat16 */
+    uint32_t u; memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+}
+/* With AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4 and later), a bf16 matvec rounds x to bf16
+ * (as PyTorch's bf16 path holds its activations) and multiplies pairs of bf16 with vdpbf16ps,
+ * accumulating in fp32: twice the multiply-adds per instruction and no conversion of the weights. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <stdlib.h>
+#include <immintrin.h>
+static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add) {
+    if (in % 32) return 0;
+    uint16_t *xh = malloc(sizeof(uint16_t) * B * in);  /* this thread's copy of x in bf16 */
+    for (long i = 0; i < B * in; i++) xh[i] = f2bf(x[i]);
+    long blocks = (out + 3) / 4;
+    _Pragma("omp for schedule(static)")
+    for (long jb = 0; jb < blocks; jb++) {
+        for (long b = 0; b < B; b++) {
+            const uint16_t *xb = xh + b * in;
+            for (long j = jb * 4; j < jb * 4 + 4 && j < out; j++) {
+                const uint16_t *w = W + j * in;
+                __m512 acc = _mm512_setzero_ps();
+                for (long i = 0; i < in; i += 32)
+                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w + i),
+                                           (__m512bh)_mm512_loadu_si512(xb + i));
+                float sum = _mm512_reduce_add_ps(acc);
+                y[b * out + j] = add ? y[b * out + j] + sum : sum;
+            }
+        }
+    }
+    free(xh);
+    return 1;
+}
+#define MATVEC_FAST_bf16(W, x, y, B, in, out, add) matvec_dp_bf16(W, x, y, B, in, out, add)
+#else
+#define MATVEC_FAST_bf16(W, x, y, B, in, out, add) 0
+#endif
+#define MATVEC_FAST_f32(W, x, y, B, in, out, add) 0
+
+#define LD_f32(p, i) ((p)[i])
+#define ST_f32(p, i, v) ((p)[i] = (v))
+#define LD_bf16(p, i) bf2f((p)[i])
+#define ST_bf16(p, i, v) ((p)[i] = f2bf(v))
+
+/* Model layout: the pointer table and sizes cpu_decode.py passes. */
+enum { P_EMBED, P_NORM, P_HEAD, P_LAYERS };
+enum { L_IN_NORM, L_Q, L_K, L_V, L_O, L_POST_NORM, L_GATE, L_UP, L_DOWN, L_KCACHE, L_VCACHE, L_N };
+enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV, D_HEAD_DIM, D_INTER, D_VOCAB, D_MAX_LEN, D_WINDOW, D_N };
+
+#define DECODE(S, T)                                                                               \
+/* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in]; called inside a parallel region. Four weight  \
+ * rows at a time: four independent sums per pass over x[b] (which stays in L1).                  \
+ * schedule(static) with out % 4 == 0 typical; a tail row goes one at a time. */                   \
+static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add) {  \
+    if (MATVEC_FAST_##S(W, x, y, B, in, out, add)) return;                                         \
+    long blocks = (out + 3) / 4;                                                                   \
+    _Pragma("omp for schedule(static)")                                                            \
+    for (long jb = 0; jb < blocks; jb++) {                                                         \
+        long j = jb * 4;                                                                           \
+        for (long b = 0; b < B; b++) {                                                             \
+            const float *xb = x + b * in;                                                          \
+            float *yb = y + b * out;                                                               \
+            if (j + 4 <= out) {                                                                    \
+                const T *w0 = W + j * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;             \
+                float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                                      \
+                _Pragma("omp simd reduction(+:a0, a1, a2, a3)")                                    \
+                for (long i = 0; i < in; i++) {                                                    \
+                    float xi = xb[i];                                                              \
+                    a0 += LD_##S(w0, i) * xi; a1 += LD_##S(w1, i) * xi;                            \
+                    a2 += LD_##S(w2, i) * xi; a3 += LD_##S(w3, i) * xi;                            \
+                }                                                                                  \
+                if (add) { yb[j] += a0; yb[j + 1] += a1; yb[j + 2] += a2; yb[j + 3] += a3; }       \
+                else { yb[j] = a0; yb[j + 1] = a1; yb[j + 2] = a2; yb[j + 3] = a3; }               \
+            } else {                                                                               \
+                for (long jj = j; jj < out; jj++) {                                                \
+                    const T *w = W + jj * in;                                                      \
+                    float acc = 0.f;                                                               \
+                    _Pragma("omp simd reduction(+:acc)")                                           \
+                    for (long i = 0; i < in; i++) acc += LD_##S(w, i) * xb[i];                     \
+                    yb[jj] = add ? yb[jj] + acc : acc;                                             \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+static void rmsnorm_rows_##S(const float *x, const T *w, float *y, long B, long n, float eps) {    \
+    _Pragma("omp for schedule(static)")                                                            \
+    for (long b = 0; b < B; b++) {                                                                 \
+        const float *xb = x + b * n; float *yb = y + b * n;                                        \
+        float ss = 0.f;                                                                            \
+        for (long i = 0; i < n; i++) ss += xb[i] * xb[i];                                          \
+        float s = 1.f / sqrtf(ss / (float)n + eps);                                                \
+        for (long i = 0; i < n; i++) yb[i] = xb[i] * s * LD_##S(w, i);                             \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* Rotate-half RoPE of one head in place; c/s the row's cos/sin (repeating across the halves). */  \
+static void rope_head_##S(float *x, const T *c, const T *s, long D) {                              \
+    long half = D / 2;                                                                             \
+    for (long i = 0; i < half; i++) {                                                              \
+        float a = x[i], b = x[i + half];                                                           \
+        x[i] = a * LD_##S(c, i) - b * LD_##S(s, i);                                                \
+        x[i + half] = b * LD_##S(c, i + half) + a * LD_##S(s, i + half);                           \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* tokens/positions [B]; cos/sin [B, head_dim]; logits [B, vocab] out; scratch: see scratch_floats. \
+ * Cache buffers are [B_cache, KV, max_len, head_dim]; rows 0..B-1 are this batch. */              \
+void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens, \
+                     const int64_t *positions, long B, const T *cos, const T *sin, float *logits,  \
+                     float *scratch, int nt) {                                                     \
+    long L = dims[D_LAYERS], Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV];              \
+    long D = dims[D_HEAD_DIM], I = dims[D_INTER], V = dims[D_VOCAB], M = dims[D_MAX_LEN];          \
+    long window = dims[D_WINDOW], G = H / KV;                                                      \
+    float *x = scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                    \
+    float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;  \
+    float *probs = up + B * I;  /* [B * H, M] */                                                   \
+    _Pragma("omp parallel num_threads(nt)")                                                        \
+    {                                                                                              \
+        const T *embed = (const T *)ptrs[P_EMBED];                                                 \
+        _Pragma("omp for schedule(static)")                                                        \
+        for (long b = 0; b < B; b++)                                                               \
+            for (long i = 0; i < Hd; i++) x[b * Hd + i] = LD_##S(embed + tokens[b] * Hd, i);       \
+        for (long l = 0; l < L; l++) {                                                             \
+            void **lp = ptrs + P_LAYERS + l * L_N;                                                 \
+            T *kc = (T *)lp[L_KCACHE], *vc = (T *)lp[L_VCACHE];                                    \
+            rmsnorm_rows_##S(x, (const T *)lp[L_IN_NORM], xn, B, Hd, eps);                         \
+            matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0);                                \
+            matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0);                               \
+            matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0);                               \
+            /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */     \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (long bh = 0; bh < B * (H + KV); bh++) {                                           \
+                long b = bh / (H + KV), h = bh % (H + KV);                                         \
+                const T *c = cos + b * D, *s = sin + b * D;                                        \
+                if (h < H) { rope_head_##S(q + (b * H + h) * D, c, s, D); continue; }              \
+                h -= H;                                                                            \
+                float *kh = k + (b * KV + h) * D, *vh = v + (b * KV + h) * D;                      \
+                rope_head_##S(kh, c, s, D);                                                        \
+                long at = ((b * KV + h) * M + positions[b]) * D;                                   \
+                for (long i = 0; i < D; i++) { ST_##S(kc + at, i, kh[i]); ST_##S(vc + at, i, vh[i]); } \
+            }                                                                                      \
+            /* Attention of each (row, head) over the row's cached positions. */                   \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (long bh = 0; bh < B * H; bh++) {                                                  \
+                long b = bh / H, h = bh % H, kvh = h / G, pos = positions[b];                      \
+                long first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;            \
+                const float *qh = q + (b * H + h) * D;                                             \
+                const T *kb = kc + (b * KV + kvh) * M * D, *vb = vc + (b * KV + kvh) * M * D;      \
+                float *p = probs + bh * M, m = -INFINITY, sum = 0.f;                               \
+                for (long t = first; t <= pos; t++) {                                              \
+                    float dot = 0.f;                                                               \
+                    _Pragma("omp simd reduction(+:dot)")                                           \
+                    for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);             \
+                    p[t] = dot * scale;                                                            \
+                    m = p[t] > m ? p[t] : m;                                                       \
+                }                                                                                  \
+                for (long t = first; t <= pos; t++) { p[t] = expf(p[t] - m); sum += p[t]; }        \
+                float *o = att + (b * H + h) * D;                                                  \
+                for (long i = 0; i < D; i++) o[i] = 0.f;                                           \
+                for (long t = first; t <= pos; t++) {                                              \
+                    float w = p[t] / sum;                                                          \
+                    _Pragma("omp simd")                                                            \
+                    for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);                \
+                }                                                                                  \
+            }                                                                                      \
+            matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1);  /* residual add */            \
+            rmsnorm_rows_##S(x, (const T *)lp[L_POST_NORM], xn, B, Hd, eps);                       \
+            matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0);                              \
+            matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0);                                  \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (long i = 0; i < B * I; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];   \
+            matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1);  /* residual add */           \
+        }                                                                                          \
+        rmsnorm_rows_##S(x, (const T *)ptrs[P_NORM], xn, B, Hd, eps);                              \
+        matvec_##S((const T *)ptrs[P_HEAD], xn, logits, B, Hd, V, 0);                              \
+    }                                                                                              \
+}
+
+DECODE(f32, float)
+DECODE(bf16, uint16_t)
+
+/* Floats of scratch decode_step needs for a batch of B. */
+long scratch_floats(const long *dims, long B) {
+    long Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV], D = dims[D_HEAD_DIM];
+    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * dims[D_INTER] + H * dims[D_MAX_LEN]);
+}

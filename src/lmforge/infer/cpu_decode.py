@@ -1,0 +1,148 @@
+"""Decode steps in C on a CPU (cpu_decode.c): the Engine's fast path for dense Llama-family models.
+
+A decode step feeds each running sequence one token. Through PyTorch that is ~60 matrix-vector
+products and ~150 small ops per token for the `small` preset, each a dispatch of microseconds;
+`CPUDecoder` runs the whole step — embedding, every layer with its KV-cache writes and attention,
+final norm, output projection — as one C call with one OpenMP parallel region (BENCHMARKS.md has
+the speed-up). Prefill (many tokens per row) stays in PyTorch, where matmuls are efficient.
+
+`CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
+or the machine does not fit: not on the CPU, weights not all fp32 or all bf16, MoE or MLA layers,
+biases, QK-norm, LoRA-wrapped projections, no C compiler, or
+LMFORGE_CPU_KERNELS=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.model import cpu_kernels
+from lmforge.model.attention import Attention, KVCache
+from lmforge.model.moe import MLP
+from lmforge.model.rope import rope_cos_sin
+from lmforge.model.transformer import Transformer
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if cpu_kernels.enabled():
+            try:
+                # Contracting a*b + c into one FMA is welcome here: dot products, no bit-exactness goal.
+                flags = [f for f in cpu_kernels.FLAGS if f != "-ffp-contract=off"]
+                flags += ["-ffp-contract=fast", "-mprefer-vector-width=512"]
+                _lib = cpu_kernels.build(Path(__file__).with_name("cpu_decode.c"), flags)
+                p, L, f, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+                for s in _SUFFIX.values():
+                    getattr(_lib, f"decode_step_{s}").argtypes = [p, p, f, f, p, p, L, p, p, p, p, i]
+                _lib.scratch_floats.argtypes, _lib.scratch_floats.restype = [p, L], L
+            except Exception as e:  # no compiler...: PyTorch's forward instead
+                warnings.warn(f"lmforge: C decode unavailable, using PyTorch ({e})", stacklevel=2)
+    return _lib
+
+
+def unsupported(model: Transformer) -> str | None:
+    """Why `model` cannot decode in C (None if it can)."""
+    cfg = model.config
+    params = list(model.parameters())
+    if any(p.device.type != "cpu" for p in params):
+        return "not on the CPU"
+    if params[0].dtype not in _SUFFIX or any(p.dtype != params[0].dtype for p in params):
+        return "weights are not all fp32 or all bf16"
+    if cfg.is_mla or any(layer.is_moe for layer in model.model.layers):
+        return "MLA or MoE layers"
+    if cfg.qk_norm or cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias:
+        return "QK-norm or biases"
+    for layer in model.model.layers:
+        if not isinstance(layer.self_attn, Attention) or not isinstance(layer.mlp, MLP):
+            return "a layer of another kind"
+        if any(type(m) is not nn.Linear for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                   layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)):
+            return "wrapped (LoRA) projections"
+    if any(not p.is_contiguous() for p in params):
+        return "non-contiguous weights"
+    return None
+
+
+def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
+    """A layer's weights in cpu_decode.c's order (its two KV-cache buffers follow them)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+            attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+            mlp.down_proj.weight]
+
+
+class CPUDecoder:
+    """`decoder(tokens [B], positions [B], cache) -> fp32 logits [B, vocab]`: one decode step in C.
+
+    Writes each row's key and value at its position in `cache` (rows 0..B-1 of the cache's
+    buffers), exactly where the PyTorch forward pass would, so the two paths can alternate.
+    """
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL):
+        cfg = model.config
+        self.model, self.lib = model, lib
+        self.dtype = next(model.parameters()).dtype
+        self.step = getattr(lib, f"decode_step_{_SUFFIX[self.dtype]}")
+        self.eps = cfg.rms_norm_eps
+        self.scale = cfg.head_dim**-0.5
+        self.window = cfg.sliding_window or 0
+        self._scratch: dict[int, torch.Tensor] = {}
+        self._weights = [model.model.embed_tokens.weight, model.model.norm.weight, model.output_weight]
+        self._layer_weights = [_layer_weights(layer) for layer in model.model.layers]
+        self._tables: dict[tuple, ctypes.Array] = {}
+
+    @classmethod
+    def create(cls, model: Transformer) -> CPUDecoder | None:
+        if unsupported(model) is not None:
+            return None
+        lib = _library()
+        return None if lib is None else cls(model, lib)
+
+    def _table(self, cache: KVCache) -> ctypes.Array:
+        """The pointer table of cpu_decode.c for this cache. Looked up by the current data pointers,
+        so weights replaced or moved between steps (a trainer updating the policy in RL) are always
+        the ones read; building the key costs ~100 data_ptr() calls, the table is built once."""
+        tensors = list(self._weights)
+        for weights, buffers in zip(self._layer_weights, cache.layers):
+            tensors += [*weights, *buffers]
+        key = tuple(t.data_ptr() for t in tensors)
+        if key not in self._tables:
+            if len(self._tables) > 64:
+                self._tables.clear()
+            self._tables[key] = (ctypes.c_void_p * len(key))(*key)
+        return self._tables[key]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        B = len(tokens)
+        tokens = tokens.reshape(B).to(torch.int64).contiguous()
+        positions = positions.reshape(B).to(torch.int64).contiguous()
+        if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
+            raise ValueError(f"token id outside the vocabulary of {cfg.vocab_size}")
+        cache.begin(positions[:, None])  # checks the batch and max_len as the PyTorch path does
+        if any(buf.dtype != self.dtype or buf.stride() != cache.layers[0][0].stride() for buf in cache.layers[0]):
+            raise ValueError(f"the KV cache must be {self.dtype} like the weights")
+        dims = (ctypes.c_long * 9)(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                   cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+                                   cfg.vocab_size, cache.max_len, self.window)
+        table = self._table(cache)
+        cos, sin = rope_cos_sin(model.inv_freq, model.rope_scale, positions[:, None], self.dtype)
+        cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
+        if B not in self._scratch:
+            self._scratch[B] = torch.empty(self.lib.scratch_floats(dims, B), dtype=torch.float32)
+        logits = torch.empty(B, cfg.vocab_size, dtype=torch.float32)
+        self.step(table, dims, self.eps, self.scale, tokens.data_ptr(), positions.data_ptr(), B, cos.data_ptr(),
+                  sin.data_ptr(), logits.data_ptr(), self._scratch[B].data_ptr(), torch.get_num_threads())
+        return logits

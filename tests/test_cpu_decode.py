@@ -1,0 +1,83 @@
+"""Decode steps in C (infer/cpu_decode.c) against the PyTorch forward pass they replace."""
+
+import pytest
+import torch
+
+from lmforge.config import preset
+from lmforge.infer.cpu_decode import CPUDecoder, unsupported
+from lmforge.model import KVCache, build_model
+from lmforge.model.lora import LoraSettings, apply_lora
+
+pytestmark = pytest.mark.skipif(CPUDecoder.create(build_model(preset("tiny"), seed=0)) is None,
+                                reason="no C compiler: the decoder is not built")
+
+CONFIGS = {
+    "tiny": {},
+    # GQA with a head_dim that is not hidden / heads, an untied output matrix, a sliding window
+    "variant": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
+                    sliding_window=6),
+}
+
+
+def _prefilled(model, dtype, lengths):
+    """Two caches holding the same right-padded prompts of different lengths."""
+    torch.manual_seed(1)
+    B, T = len(lengths), max(lengths)
+    ids = torch.randint(0, model.config.vocab_size, (B, T))
+    pos = torch.tensor([[min(t, n - 1) for t in range(T)] for n in lengths])
+    caches = [KVCache(model.config, B, 40, dtype=dtype) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, position_ids=pos, cache=cache, return_hidden=True)
+    return caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_decode_steps_match_pytorch(config, dtype):
+    model = build_model(preset("tiny", **CONFIGS[config]), seed=0).to(dtype).eval()
+    decoder = CPUDecoder.create(model)
+    assert decoder is not None
+    lengths = [3, 9, 6]
+    ref_cache, c_cache = _prefilled(model, dtype, lengths)
+    tokens, positions = torch.tensor([7, 300, 5000]), torch.tensor(lengths)
+    for _ in range(12):  # past the sliding window
+        with torch.no_grad():
+            hidden = model(tokens[:, None], position_ids=positions[:, None], cache=ref_cache, return_hidden=True).hidden
+            ref = model.logits(hidden[:, -1]).float()
+        got = decoder(tokens, positions, c_cache)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        else:  # C keeps fp32 activations, PyTorch rounds each to bf16: compare at bf16's precision
+            assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
+            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+        tokens, positions = ref.argmax(-1), positions + 1
+    for ref_layer, c_layer in zip(ref_cache.layers, c_cache.layers):
+        for ref_buf, c_buf in zip(ref_layer, c_layer):  # the same keys and values, in the same places
+            tol = 1e-5 if dtype == torch.float32 else 0.05
+            torch.testing.assert_close(c_buf.float(), ref_buf.float(), rtol=tol, atol=tol)
+
+
+def test_bad_steps_are_refused():
+    model = build_model(preset("tiny"), seed=0).eval()
+    decoder = CPUDecoder.create(model)
+    cache = KVCache(model.config, 2, 8)
+    with pytest.raises(ValueError, match="vocabulary"):
+        decoder(torch.tensor([1, model.config.vocab_size]), torch.tensor([0, 0]), cache)
+    with pytest.raises(ValueError, match="max_len"):
+        decoder(torch.tensor([1, 2]), torch.tensor([0, 8]), cache)
+    with pytest.raises(ValueError, match="rows"):
+        decoder(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]), cache)
+    with pytest.raises(ValueError, match="KV cache"):
+        decoder(torch.tensor([1, 2]), torch.tensor([0, 0]), KVCache(model.config, 2, 8, dtype=torch.bfloat16))
+
+
+def test_models_it_does_not_handle_stay_on_pytorch():
+    assert unsupported(build_model(preset("tiny"), seed=0)) is None
+    assert unsupported(build_model(preset("tiny-moe"), seed=0)) == "MLA or MoE layers"
+    assert unsupported(build_model(preset("tiny-mla"), seed=0)) == "MLA or MoE layers"
+    assert unsupported(build_model(preset("tiny", attention_bias=True), seed=0)) == "QK-norm or biases"
+    assert unsupported(build_model(preset("tiny"), seed=0).to(torch.float16)) is not None
+    lora = build_model(preset("tiny"), seed=0)
+    apply_lora(lora, LoraSettings(r=4, target_modules=["q_proj"]))
+    assert unsupported(lora) == "wrapped (LoRA) projections"
