@@ -1,5 +1,7 @@
 """Decode steps in C (infer/cpu_decode.c) against the PyTorch forward pass they replace."""
 
+import platform
+
 import pytest
 import torch
 
@@ -81,3 +83,16 @@ def test_models_it_does_not_handle_stay_on_pytorch():
     lora = build_model(preset("tiny"), seed=0)
     apply_lora(lora, LoraSettings(r=4, target_modules=["q_proj"]))
     assert unsupported(lora) == "wrapped (LoRA) projections"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 flag")
+def test_portable_path_without_avx512_bf16(monkeypatch, tmp_path):
+    """The plain C matvec that CPUs without AVX512-BF16 use (built here with the instructions off)."""
+    import lmforge.infer.cpu_decode as cpu_decode
+
+    monkeypatch.setattr(cpu_decode, "_lib", None)
+    monkeypatch.setattr(cpu_decode, "_tried", False)
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("LMFORGE_CFLAGS", "-mno-avx512bf16")
+    test_decode_steps_match_pytorch("variant", torch.bfloat16)
+    assert len(list((tmp_path / "kernels").glob("cpu_decode-*.so"))) == 1

@@ -1,14 +1,15 @@
-"""Fused CPU kernels (cpu_kernels.c): RMSNorm, RoPE and SwiGLU as autograd Functions, and the
-cross-entropy with its gradient.
+"""Fused CPU kernels (cpu_kernels.c): RMSNorm, RoPE and SwiGLU as autograd Functions, the causal
+softmax of CausalAttentionCPU, and the cross-entropy with its gradient.
 
 On a CPU, a training step of a small model spends as much time in elementwise ops as in matmuls:
 each PyTorch op is a pass over memory, and autograd runs about ten per RMSNorm. The C kernels
 fuse each forward and each backward into one or two passes (measured in BENCHMARKS.md).
 
-The C file is compiled on first use with the system's C compiler (`cc -O3 -march=native -fopenmp`,
+`build` compiles a C file of lmforge (this one, and infer/cpu_decode.c) on first use with the
+system's C compiler (`$CC`, default `cc`; `-O3 -march=native -fopenmp` plus `$LMFORGE_CFLAGS`;
 under a second) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`)/kernels, keyed by the source's
-hash and the CPU, and loaded with ctypes. It links the OpenMP runtime PyTorch itself loaded, so
-both share one thread pool, and it uses `torch.get_num_threads()` threads.
+hash, the flags and the CPU, and loads it with ctypes. It links the OpenMP runtime PyTorch itself
+loaded, so both share one thread pool; calls use `torch.get_num_threads()` threads.
 
 `available()` is False — and every caller uses the PyTorch ops instead — when there is no
 compiler, off x86-64/aarch64 Linux, or with `LMFORGE_CPU_KERNELS=0`. The functions below take
@@ -47,6 +48,7 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopen
 def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     """Compile a C file of lmforge (once per source, flags and CPU; cached) and load it."""
     cpu = Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0] if Path("/proc/cpuinfo").exists() else b""
+    flags = [*flags, *os.environ.get("LMFORGE_CFLAGS", "").split()]  # e.g. -mno-avx512bf16 to test a fallback
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cpu).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
