@@ -512,7 +512,14 @@ def test_disconnect_mid_stream_frees_the_slot(live, submitted):
     assert live.healthy()
 
 
-def test_disconnect_while_waiting_for_a_full_answer_frees_the_slot(live, submitted):
+def test_disconnect_while_waiting_for_a_full_answer_frees_the_slot(live, submitted, monkeypatch):
+    decode = live.engine._decode
+
+    def slow_decode():  # >= 2 ms a step: the answer takes seconds, the client gives up after 0.5 s
+        decode()
+        time.sleep(0.002)
+
+    monkeypatch.setattr(live.engine, "_decode", slow_decode)
     body = {"model": MODEL, "prompt": "The quick", "max_tokens": 1000, "ignore_eos": True, "n": 2}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))

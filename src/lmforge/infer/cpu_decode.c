@@ -9,13 +9,113 @@
  * streams its weight rows once for all batch rows (nn.Linear's [out, in] layout, a dot product per
  * output), and the threads meet only at the barriers between dependent stages.
  *
+ * The threads are this file's own small pool, not OpenMP's: the Engine steps from a background
+ * thread, and libgomp gives each calling thread its own pool, which on a machine with as many
+ * threads as cores makes libgomp fall back to sleeping at every barrier (measured 3x slower).
+ *
  * Weights and cache are T (fp32, or bf16 bits as uint16_t); activations are fp32 throughout, so in
  * bf16 the logits are slightly more exact than PyTorch's, which rounds every intermediate to bf16.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+/* -- the thread pool -------------------------------------------------------------------------
+ * run(fn, arg, nt) calls fn(arg, tid, nt) on the caller (tid 0) and nt - 1 pool workers, and
+ * returns when all are done. Workers spin briefly for the next job (decode steps come back to
+ * back), then sleep on a condition variable. One job at a time (a mutex), so two engines in one
+ * process take turns. barrier() synchronises the nt threads of the running job. */
+#define MAX_THREADS 256
+#define SPIN_WAIT 20000  /* pauses (~1 ms) a worker spins before it sleeps */
+typedef void (*job_fn)(void *arg, int tid, int nt);
+static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER, wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static int workers;  /* started so far, each with its tid 1..workers */
+static atomic_long generation;  /* bumped once per job */
+static atomic_int finished, bar_count, bar_phase;
+static job_fn job;
+static void *job_arg;
+static int job_nt;
+
+static void barrier(int nt) {
+    if (nt == 1) return;
+    int phase = atomic_load(&bar_phase);
+    if (atomic_fetch_add(&bar_count, 1) == nt - 1) {
+        atomic_store(&bar_count, 0);
+        atomic_fetch_add(&bar_phase, 1);
+    } else {
+        for (long spins = 0; atomic_load(&bar_phase) == phase; spins++)
+            if (spins < SPIN_WAIT) cpu_relax(); else sched_yield();  /* a descheduled peer */
+    }
+}
+
+static long start_generation[MAX_THREADS];  /* the job a worker was started for is the next one */
+
+static void *worker_main(void *arg) {
+    int tid = (int)(intptr_t)arg;
+    long seen = start_generation[tid];
+    for (;;) {
+        for (long spins = 0; atomic_load(&generation) == seen && spins < SPIN_WAIT; spins++) cpu_relax();
+        if (atomic_load(&generation) == seen) {
+            pthread_mutex_lock(&wake_lock);
+            while (atomic_load(&generation) == seen) pthread_cond_wait(&wake, &wake_lock);
+            pthread_mutex_unlock(&wake_lock);
+        }
+        seen = atomic_load(&generation);
+        if (tid < job_nt) job(job_arg, tid, job_nt);
+        atomic_fetch_add(&finished, 1);
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {  /* the workers did not survive a fork */
+    workers = 0;
+    pthread_mutex_init(&run_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+}
+
+static void run(job_fn fn, void *arg, int nt) {
+    if (nt < 1) nt = 1;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    pthread_mutex_lock(&run_lock);
+    static int atfork_set;
+    if (!atfork_set) { pthread_atfork(NULL, NULL, after_fork_in_child); atfork_set = 1; }
+    while (workers < nt - 1) {
+        pthread_t t;
+        start_generation[workers + 1] = atomic_load(&generation);
+        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(workers + 1)) != 0) break;
+        pthread_detach(t);
+        workers++;
+    }
+    if (nt > workers + 1) nt = workers + 1;
+    job = fn; job_arg = arg; job_nt = nt;
+    atomic_store(&finished, 0);
+    atomic_store(&bar_count, 0);
+    pthread_mutex_lock(&wake_lock);
+    atomic_fetch_add(&generation, 1);
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&wake_lock);
+    fn(arg, 0, nt);
+    for (long spins = 0; atomic_load(&finished) < workers; spins++)
+        if (spins < SPIN_WAIT) cpu_relax(); else sched_yield();
+    pthread_mutex_unlock(&run_lock);
+}
+
+/* This thread's share [lo, hi) of n iterations (static schedule). */
+#define SHARE(n, lo, hi) long lo = (n) * tid / nt, hi = (n) * (tid + 1) / nt
 
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {  /* round to nearest even, as c10::BFloat16 */
@@ -29,13 +129,13 @@ static inline uint16_t f2bf(float f) {  /* round to nearest even, as c10::BFloat
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <stdlib.h>
 #include <immintrin.h>
-static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add) {
+static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add,
+                          int tid, int nt) {
     if (in % 32) return 0;
     uint16_t *xh = malloc(sizeof(uint16_t) * B * in);  /* this thread's copy of x in bf16 */
     for (long i = 0; i < B * in; i++) xh[i] = f2bf(x[i]);
-    long blocks = (out + 3) / 4;
-    _Pragma("omp for schedule(static)")
-    for (long jb = 0; jb < blocks; jb++) {
+    SHARE((out + 3) / 4, lo, hi);
+    for (long jb = lo; jb < hi; jb++) {
         for (long b = 0; b < B; b++) {
             const uint16_t *xb = xh + b * in;
             for (long j = jb * 4; j < jb * 4 + 4 && j < out; j++) {
@@ -52,7 +152,7 @@ static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, l
     free(xh);
     return 1;
 }
-#define MATVEC_FAST_bf16(W, x, y, B, in, out, add) matvec_dp_bf16(W, x, y, B, in, out, add)
+#define MATVEC_FAST_bf16(W, x, y, B, in, out, add) matvec_dp_bf16(W, x, y, B, in, out, add, tid, nt)
 #else
 #define MATVEC_FAST_bf16(W, x, y, B, in, out, add) 0
 #endif
@@ -69,14 +169,13 @@ enum { L_IN_NORM, L_Q, L_K, L_V, L_O, L_POST_NORM, L_GATE, L_UP, L_DOWN, L_KCACH
 enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV, D_HEAD_DIM, D_INTER, D_VOCAB, D_MAX_LEN, D_WINDOW, D_N };
 
 #define DECODE(S, T)                                                                               \
-/* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in]; called inside a parallel region. Four weight  \
- * rows at a time: four independent sums per pass over x[b] (which stays in L1).                  \
- * schedule(static) with out % 4 == 0 typical; a tail row goes one at a time. */                   \
-static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add) {  \
-    if (MATVEC_FAST_##S(W, x, y, B, in, out, add)) return;                                         \
-    long blocks = (out + 3) / 4;                                                                   \
-    _Pragma("omp for schedule(static)")                                                            \
-    for (long jb = 0; jb < blocks; jb++) {                                                         \
+/* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in], this thread's share of the outputs, then a     \
+ * barrier. Four weight rows at a time: four independent sums per pass over x[b] (in L1). */       \
+static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add,    \
+                       int tid, int nt) {                                                          \
+    if (MATVEC_FAST_##S(W, x, y, B, in, out, add)) { barrier(nt); return; }                        \
+    SHARE((out + 3) / 4, lo, hi);                                                                  \
+    for (long jb = lo; jb < hi; jb++) {                                                            \
         long j = jb * 4;                                                                           \
         for (long b = 0; b < B; b++) {                                                             \
             const float *xb = x + b * in;                                                          \
@@ -103,17 +202,20 @@ static void matvec_##S(const T *W, const float *x, float *y, long B, long in, lo
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
+    barrier(nt);                                                                                   \
 }                                                                                                  \
                                                                                                    \
-static void rmsnorm_rows_##S(const float *x, const T *w, float *y, long B, long n, float eps) {    \
-    _Pragma("omp for schedule(static)")                                                            \
-    for (long b = 0; b < B; b++) {                                                                 \
+static void rmsnorm_rows_##S(const float *x, const T *w, float *y, long B, long n, float eps,       \
+                             int tid, int nt) {                                                    \
+    SHARE(B, lo, hi);                                                                              \
+    for (long b = lo; b < hi; b++) {                                                               \
         const float *xb = x + b * n; float *yb = y + b * n;                                        \
         float ss = 0.f;                                                                            \
         for (long i = 0; i < n; i++) ss += xb[i] * xb[i];                                          \
         float s = 1.f / sqrtf(ss / (float)n + eps);                                                \
         for (long i = 0; i < n; i++) yb[i] = xb[i] * s * LD_##S(w, i);                             \
     }                                                                                              \
+    barrier(nt);                                                                                   \
 }                                                                                                  \
                                                                                                    \
 /* Rotate-half RoPE of one head in place; c/s the row's cos/sin (repeating across the halves). */  \
@@ -128,31 +230,41 @@ static void rope_head_##S(float *x, const T *c, const T *s, long D) {           
                                                                                                    \
 /* tokens/positions [B]; cos/sin [B, head_dim]; logits [B, vocab] out; scratch: see scratch_floats. \
  * Cache buffers are [B_cache, KV, max_len, head_dim]; rows 0..B-1 are this batch. */              \
-void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens, \
-                     const int64_t *positions, long B, const T *cos, const T *sin, float *logits,  \
-                     float *scratch, int nt) {                                                     \
-    long L = dims[D_LAYERS], Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV];              \
+typedef struct {                                                                                   \
+    void **ptrs; const long *dims; float eps, scale; const int64_t *tokens, *positions; long B;     \
+    const T *cos, *sin; float *logits, *scratch;                                                   \
+} Step_##S;                                                                                        \
+                                                                                                   \
+static void step_body_##S(void *arg, int tid, int nt) {                                            \
+    const Step_##S *a = arg;                                                                       \
+    void **ptrs = a->ptrs;                                                                         \
+    const long *dims = a->dims;                                                                    \
+    const int64_t *tokens = a->tokens, *positions = a->positions;                                  \
+    const T *cos = a->cos, *sin = a->sin;                                                          \
+    float eps = a->eps, scale = a->scale, *logits = a->logits;                                     \
+    long B = a->B, L = dims[D_LAYERS], Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV];    \
     long D = dims[D_HEAD_DIM], I = dims[D_INTER], V = dims[D_VOCAB], M = dims[D_MAX_LEN];          \
     long window = dims[D_WINDOW], G = H / KV;                                                      \
-    float *x = scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                    \
+    float *x = a->scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                 \
     float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;  \
     float *probs = up + B * I;  /* [B * H, M] */                                                   \
-    _Pragma("omp parallel num_threads(nt)")                                                        \
+    const T *embed = (const T *)ptrs[P_EMBED];                                                     \
     {                                                                                              \
-        const T *embed = (const T *)ptrs[P_EMBED];                                                 \
-        _Pragma("omp for schedule(static)")                                                        \
-        for (long b = 0; b < B; b++)                                                               \
+        SHARE(B, lo, hi);                                                                          \
+        for (long b = lo; b < hi; b++)                                                             \
             for (long i = 0; i < Hd; i++) x[b * Hd + i] = LD_##S(embed + tokens[b] * Hd, i);       \
-        for (long l = 0; l < L; l++) {                                                             \
-            void **lp = ptrs + P_LAYERS + l * L_N;                                                 \
-            T *kc = (T *)lp[L_KCACHE], *vc = (T *)lp[L_VCACHE];                                    \
-            rmsnorm_rows_##S(x, (const T *)lp[L_IN_NORM], xn, B, Hd, eps);                         \
-            matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0);                                \
-            matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0);                               \
-            matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0);                               \
-            /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */     \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (long bh = 0; bh < B * (H + KV); bh++) {                                           \
+        barrier(nt);                                                                               \
+    }                                                                                              \
+    for (long l = 0; l < L; l++) {                                                                 \
+        void **lp = ptrs + P_LAYERS + l * L_N;                                                     \
+        T *kc = (T *)lp[L_KCACHE], *vc = (T *)lp[L_VCACHE];                                        \
+        rmsnorm_rows_##S(x, (const T *)lp[L_IN_NORM], xn, B, Hd, eps, tid, nt);                    \
+        matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0, tid, nt);                           \
+        matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0, tid, nt);                          \
+        matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0, tid, nt);                          \
+        {   /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */     \
+            SHARE(B * (H + KV), lo, hi);                                                           \
+            for (long bh = lo; bh < hi; bh++) {                                                    \
                 long b = bh / (H + KV), h = bh % (H + KV);                                         \
                 const T *c = cos + b * D, *s = sin + b * D;                                        \
                 if (h < H) { rope_head_##S(q + (b * H + h) * D, c, s, D); continue; }              \
@@ -162,9 +274,11 @@ void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, cons
                 long at = ((b * KV + h) * M + positions[b]) * D;                                   \
                 for (long i = 0; i < D; i++) { ST_##S(kc + at, i, kh[i]); ST_##S(vc + at, i, vh[i]); } \
             }                                                                                      \
-            /* Attention of each (row, head) over the row's cached positions. */                   \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (long bh = 0; bh < B * H; bh++) {                                                  \
+            barrier(nt);                                                                           \
+        }                                                                                          \
+        {   /* Attention of each (row, head) over the row's cached positions. */                   \
+            SHARE(B * H, lo, hi);                                                                  \
+            for (long bh = lo; bh < hi; bh++) {                                                    \
                 long b = bh / H, h = bh % H, kvh = h / G, pos = positions[b];                      \
                 long first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;            \
                 const float *qh = q + (b * H + h) * D;                                             \
@@ -186,17 +300,28 @@ void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, cons
                     for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);                \
                 }                                                                                  \
             }                                                                                      \
-            matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1);  /* residual add */            \
-            rmsnorm_rows_##S(x, (const T *)lp[L_POST_NORM], xn, B, Hd, eps);                       \
-            matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0);                              \
-            matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0);                                  \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (long i = 0; i < B * I; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];   \
-            matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1);  /* residual add */           \
+            barrier(nt);                                                                           \
         }                                                                                          \
-        rmsnorm_rows_##S(x, (const T *)ptrs[P_NORM], xn, B, Hd, eps);                              \
-        matvec_##S((const T *)ptrs[P_HEAD], xn, logits, B, Hd, V, 0);                              \
+        matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1, tid, nt);  /* residual add */      \
+        rmsnorm_rows_##S(x, (const T *)lp[L_POST_NORM], xn, B, Hd, eps, tid, nt);                  \
+        matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0, tid, nt);                         \
+        matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, tid, nt);                             \
+        {                                                                                          \
+            SHARE(B * I, lo, hi);                                                                  \
+            for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];     \
+            barrier(nt);                                                                           \
+        }                                                                                          \
+        matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, tid, nt);  /* residual add */      \
     }                                                                                              \
+    rmsnorm_rows_##S(x, (const T *)ptrs[P_NORM], xn, B, Hd, eps, tid, nt);                         \
+    matvec_##S((const T *)ptrs[P_HEAD], xn, logits, B, Hd, V, 0, tid, nt);                         \
+}                                                                                                  \
+                                                                                                   \
+void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens, \
+                     const int64_t *positions, long B, const T *cos, const T *sin, float *logits,  \
+                     float *scratch, int nt) {                                                     \
+    Step_##S a = {ptrs, dims, eps, scale, tokens, positions, B, cos, sin, logits, scratch};        \
+    run(step_body_##S, &a, nt);                                                                    \
 }
 
 DECODE(f32, float)

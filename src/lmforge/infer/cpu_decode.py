@@ -39,8 +39,9 @@ def _library() -> ctypes.CDLL | None:
         if cpu_kernels.enabled():
             try:
                 # Contracting a*b + c into one FMA is welcome here: dot products, no bit-exactness goal.
-                flags = [f for f in cpu_kernels.FLAGS if f != "-ffp-contract=off"]
-                flags += ["-ffp-contract=fast", "-mprefer-vector-width=512"]
+                # Its own thread pool (pthreads); OpenMP only for `omp simd`.
+                flags = [f for f in cpu_kernels.FLAGS if f not in ("-ffp-contract=off", "-fopenmp")]
+                flags += ["-ffp-contract=fast", "-mprefer-vector-width=512", "-fopenmp-simd", "-pthread"]
                 _lib = cpu_kernels.build(Path(__file__).with_name("cpu_decode.c"), flags)
                 p, L, f, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
                 for s in _SUFFIX.values():

@@ -39,8 +39,9 @@ class CausalAttentionCPU(torch.autograd.Function):
     that every step is one large bf16 matmul (AMX/AVX-512 where the CPU has them) or one softmax
     pass: for the `small` preset at 8 x 256 this is ~2x faster than the flash kernel, forward plus
     backward (BENCHMARKS.md). GQA needs no copies of K and V: the G query heads that share a KV head
-    are stacked as G*T rows against that head's T keys. Numerics are those of transformers' eager
-    attention in bf16: bf16 scores, softmax computed in fp32 and rounded to bf16.
+    are stacked as G*T rows against that head's T keys. The scale, the causal mask and the softmax
+    are one pass of cpu_kernels.causal_softmax (fp32 inside); numerics are those of transformers'
+    eager attention in bf16: bf16 scores, softmax in fp32 rounded to bf16.
 
     Backward (the standard softmax-attention gradients, e.g. FlashAttention-2, Dao 2023, alg. 2):
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = scale dS K,  dK = scale dS^T Q.
@@ -71,9 +72,12 @@ class CausalAttentionCPU(torch.autograd.Function):
 
 
 def use_cpu_attention(q: torch.Tensor, mask, cache) -> bool:
-    """CausalAttentionCPU's case: plain causal bf16 attention on a CPU, with gradients."""
+    """CausalAttentionCPU's case: plain causal bf16 attention on a CPU, with gradients, and the score
+    matrices it keeps for backward (B * heads * T^2 bf16 per layer) at most 64 MB a layer; longer
+    sequences take the flash kernel, whose memory grows with T, not T^2."""
+    B, H, T, _ = q.shape
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and mask is None and cache is None
-            and torch.is_grad_enabled() and q.requires_grad and cpu_kernels.usable(q))
+            and B * H * T * T <= 2**25 and torch.is_grad_enabled() and q.requires_grad and cpu_kernels.usable(q))
 
 
 class KVCache:
