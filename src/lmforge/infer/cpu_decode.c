@@ -129,24 +129,43 @@ static inline uint16_t f2bf(float f) {  /* round to nearest even, as c10::BFloat
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <stdlib.h>
 #include <immintrin.h>
+static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4], const uint16_t *xb[4], const int NB,
+                                                           long in, __m512 acc[4][4]) {
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < NB; c++) acc[r][c] = _mm512_setzero_ps();
+    for (long i = 0; i < in; i += 32) {
+        __m512bh xv[4];
+        for (int c = 0; c < NB; c++) xv[c] = (__m512bh)_mm512_loadu_si512(xb[c] + i);
+        for (int r = 0; r < 4; r++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w[r] + i);
+            for (int c = 0; c < NB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv, xv[c]);
+        }
+    }
+}
+
 static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add,
                           int tid, int nt) {
     if (in % 32) return 0;
     uint16_t *xh = malloc(sizeof(uint16_t) * B * in);  /* this thread's copy of x in bf16 */
     for (long i = 0; i < B * in; i++) xh[i] = f2bf(x[i]);
+    /* Blocks of 4 weight rows x 4 batch rows: 16 accumulators, each weight vector loaded once per
+     * 4 batch rows. A short last block repeats its last row (computed, not stored). */
     SHARE((out + 3) / 4, lo, hi);
     for (long jb = lo; jb < hi; jb++) {
-        for (long b = 0; b < B; b++) {
-            const uint16_t *xb = xh + b * in;
-            for (long j = jb * 4; j < jb * 4 + 4 && j < out; j++) {
-                const uint16_t *w = W + j * in;
-                __m512 acc = _mm512_setzero_ps();
-                for (long i = 0; i < in; i += 32)
-                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w + i),
-                                           (__m512bh)_mm512_loadu_si512(xb + i));
-                float sum = _mm512_reduce_add_ps(acc);
-                y[b * out + j] = add ? y[b * out + j] + sum : sum;
-            }
+        long j0 = jb * 4;
+        const uint16_t *w[4];
+        for (int r = 0; r < 4; r++) w[r] = W + (j0 + r < out ? j0 + r : out - 1) * in;
+        for (long b0 = 0; b0 < B; b0 += 4) {
+            const uint16_t *xb[4];
+            for (int c = 0; c < 4; c++) xb[c] = xh + (b0 + c < B ? b0 + c : B - 1) * in;
+            __m512 acc[4][4];
+            if (B == 1) dp_block(w, xb, 1, in, acc);  /* constant NB: each version keeps its sums in registers */
+            else dp_block(w, xb, 4, in, acc);
+            for (int r = 0; r < 4 && j0 + r < out; r++)
+                for (int c = 0; c < 4 && b0 + c < B; c++) {
+                    float sum = _mm512_reduce_add_ps(acc[r][c]), *dst = y + (b0 + c) * out + j0 + r;
+                    *dst = add ? *dst + sum : sum;
+                }
         }
     }
     free(xh);
@@ -170,36 +189,50 @@ enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV, D_HEAD_DIM, D_INTER, D_VOCAB, D_MAX_LE
 
 #define DECODE(S, T)                                                                               \
 /* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in], this thread's share of the outputs, then a     \
- * barrier. Four weight rows at a time: four independent sums per pass over x[b] (in L1). */       \
+ * barrier. Blocks of 4 weight rows x 4 batch rows: 16 sums per pass, each weight element loaded    \
+ * once per 4 batch rows; a short last block repeats its last row (computed, not stored). */       \
 static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add,    \
                        int tid, int nt) {                                                          \
     if (MATVEC_FAST_##S(W, x, y, B, in, out, add)) { barrier(nt); return; }                        \
     SHARE((out + 3) / 4, lo, hi);                                                                  \
     for (long jb = lo; jb < hi; jb++) {                                                            \
-        long j = jb * 4;                                                                           \
-        for (long b = 0; b < B; b++) {                                                             \
-            const float *xb = x + b * in;                                                          \
-            float *yb = y + b * out;                                                               \
-            if (j + 4 <= out) {                                                                    \
-                const T *w0 = W + j * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;             \
-                float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                                      \
-                _Pragma("omp simd reduction(+:a0, a1, a2, a3)")                                    \
+        long j0 = jb * 4;                                                                          \
+        const T *w0 = W + j0 * in, *w1 = W + (j0 + 1 < out ? j0 + 1 : out - 1) * in;               \
+        const T *w2 = W + (j0 + 2 < out ? j0 + 2 : out - 1) * in;                                  \
+        const T *w3 = W + (j0 + 3 < out ? j0 + 3 : out - 1) * in;                                  \
+        for (long b0 = 0; b0 < B; b0 += 4) {                                                       \
+            const float *x0 = x + b0 * in, *x1 = x + (b0 + 1 < B ? b0 + 1 : B - 1) * in;           \
+            const float *x2 = x + (b0 + 2 < B ? b0 + 2 : B - 1) * in;                              \
+            const float *x3 = x + (b0 + 3 < B ? b0 + 3 : B - 1) * in;                              \
+            float a[16] = {0};                                                                     \
+            float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;          \
+            float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;          \
+            if (B == 1) {  /* batch 1: one x row, the other three sums unused */                   \
+                _Pragma("omp simd reduction(+:a00, a10, a20, a30)")                                \
                 for (long i = 0; i < in; i++) {                                                    \
-                    float xi = xb[i];                                                              \
-                    a0 += LD_##S(w0, i) * xi; a1 += LD_##S(w1, i) * xi;                            \
-                    a2 += LD_##S(w2, i) * xi; a3 += LD_##S(w3, i) * xi;                            \
+                    float v = x0[i];                                                               \
+                    a00 += LD_##S(w0, i) * v; a10 += LD_##S(w1, i) * v;                            \
+                    a20 += LD_##S(w2, i) * v; a30 += LD_##S(w3, i) * v;                            \
                 }                                                                                  \
-                if (add) { yb[j] += a0; yb[j + 1] += a1; yb[j + 2] += a2; yb[j + 3] += a3; }       \
-                else { yb[j] = a0; yb[j + 1] = a1; yb[j + 2] = a2; yb[j + 3] = a3; }               \
             } else {                                                                               \
-                for (long jj = j; jj < out; jj++) {                                                \
-                    const T *w = W + jj * in;                                                      \
-                    float acc = 0.f;                                                               \
-                    _Pragma("omp simd reduction(+:acc)")                                           \
-                    for (long i = 0; i < in; i++) acc += LD_##S(w, i) * xb[i];                     \
-                    yb[jj] = add ? yb[jj] + acc : acc;                                             \
+                _Pragma("omp simd reduction(+:a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)") \
+                for (long i = 0; i < in; i++) {                                                    \
+                    float u0 = LD_##S(w0, i), u1 = LD_##S(w1, i), u2 = LD_##S(w2, i), u3 = LD_##S(w3, i); \
+                    float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];                          \
+                    a00 += u0 * v0; a01 += u0 * v1; a02 += u0 * v2; a03 += u0 * v3;                \
+                    a10 += u1 * v0; a11 += u1 * v1; a12 += u1 * v2; a13 += u1 * v3;                \
+                    a20 += u2 * v0; a21 += u2 * v1; a22 += u2 * v2; a23 += u2 * v3;                \
+                    a30 += u3 * v0; a31 += u3 * v1; a32 += u3 * v2; a33 += u3 * v3;                \
                 }                                                                                  \
             }                                                                                      \
+            a[0] = a00; a[1] = a01; a[2] = a02; a[3] = a03; a[4] = a10; a[5] = a11; a[6] = a12;    \
+            a[7] = a13; a[8] = a20; a[9] = a21; a[10] = a22; a[11] = a23; a[12] = a30; a[13] = a31; \
+            a[14] = a32; a[15] = a33;                                                              \
+            for (int r = 0; r < 4 && j0 + r < out; r++)                                            \
+                for (int c = 0; c < 4 && b0 + c < B; c++) {                                        \
+                    float *dst = y + (b0 + c) * out + j0 + r;                                      \
+                    *dst = add ? *dst + a[r * 4 + c] : a[r * 4 + c];                               \
+                }                                                                                  \
         }                                                                                          \
     }                                                                                              \
     barrier(nt);                                                                                   \
@@ -284,13 +317,25 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
                 const float *qh = q + (b * H + h) * D;                                             \
                 const T *kb = kc + (b * KV + kvh) * M * D, *vb = vc + (b * KV + kvh) * M * D;      \
                 float *p = probs + bh * M, m = -INFINITY, sum = 0.f;                               \
-                for (long t = first; t <= pos; t++) {                                              \
+                long t = first;                                                                    \
+                for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */                \
+                    const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;            \
+                    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;                                  \
+                    _Pragma("omp simd reduction(+:d0, d1, d2, d3)")                                \
+                    for (long i = 0; i < D; i++) {                                                 \
+                        float qi = qh[i];                                                          \
+                        d0 += qi * LD_##S(k0, i); d1 += qi * LD_##S(k1, i);                        \
+                        d2 += qi * LD_##S(k2, i); d3 += qi * LD_##S(k3, i);                        \
+                    }                                                                              \
+                    p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale; \
+                }                                                                                  \
+                for (; t <= pos; t++) {                                                            \
                     float dot = 0.f;                                                               \
                     _Pragma("omp simd reduction(+:dot)")                                           \
                     for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);             \
                     p[t] = dot * scale;                                                            \
-                    m = p[t] > m ? p[t] : m;                                                       \
                 }                                                                                  \
+                for (t = first; t <= pos; t++) m = p[t] > m ? p[t] : m;                            \
                 for (long t = first; t <= pos; t++) { p[t] = expf(p[t] - m); sum += p[t]; }        \
                 float *o = att + (b * H + h) * D;                                                  \
                 for (long i = 0; i < D; i++) o[i] = 0.f;                                           \
