@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../model/cpu_common.h"
+
 static inline void cpu_relax(void) {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
@@ -117,12 +119,6 @@ static void run(job_fn fn, void *arg, int nt) {
 /* This thread's share [lo, hi) of n iterations (static schedule). */
 #define SHARE(n, lo, hi) long lo = (n) * tid / nt, hi = (n) * (tid + 1) / nt
 
-static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f2bf(float f) {  /* round to nearest even, as c10::BFloat16 */
-    uint32_t u; memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
-}
 /* With AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4 and later), a bf16 matvec rounds x to bf16
  * (as PyTorch's bf16 path holds its activations) and multiplies pairs of bf16 with vdpbf16ps,
  * accumulating in fp32: twice the multiply-adds per instruction and no conversion of the weights. */
@@ -177,10 +173,6 @@ static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, l
 #endif
 #define MATVEC_FAST_f32(W, x, y, B, in, out, add) 0
 
-#define LD_f32(p, i) ((p)[i])
-#define ST_f32(p, i, v) ((p)[i] = (v))
-#define LD_bf16(p, i) bf2f((p)[i])
-#define ST_bf16(p, i, v) ((p)[i] = f2bf(v))
 
 /* Model layout: the pointer table and sizes cpu_decode.py passes. */
 enum { P_EMBED, P_NORM, P_HEAD, P_LAYERS };
@@ -336,7 +328,7 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
                     p[t] = dot * scale;                                                            \
                 }                                                                                  \
                 for (t = first; t <= pos; t++) m = p[t] > m ? p[t] : m;                            \
-                for (long t = first; t <= pos; t++) { p[t] = expf(p[t] - m); sum += p[t]; }        \
+                for (long t = first; t <= pos; t++) { p[t] = exp_f(p[t] - m); sum += p[t]; }        \
                 float *o = att + (b * H + h) * D;                                                  \
                 for (long i = 0; i < D; i++) o[i] = 0.f;                                           \
                 for (long t = first; t <= pos; t++) {                                              \
@@ -353,7 +345,7 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
         matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, tid, nt);                             \
         {                                                                                          \
             SHARE(B * I, lo, hi);                                                                  \
-            for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];     \
+            for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + exp_f(-gate[i])) * up[i];     \
             barrier(nt);                                                                           \
         }                                                                                          \
         matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, tid, nt);  /* residual add */      \

@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,9 @@ def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     """Compile a C file of lmforge (once per source, flags and CPU; cached) and load it."""
     cpu = Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0] if Path("/proc/cpuinfo").exists() else b""
     flags = [*flags, *os.environ.get("LMFORGE_CFLAGS", "").split()]  # e.g. -mno-avx512bf16 to test a fallback
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cpu).hexdigest()[:16]
+    text = source.read_bytes()
+    headers = [(source.parent / h.decode()).read_bytes() for h in re.findall(rb'#include "([^"]+)"', text)]
+    key = hashlib.sha256(b"".join([text, *headers]) + " ".join(flags).encode() + cpu).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
