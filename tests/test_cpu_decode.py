@@ -96,3 +96,29 @@ def test_portable_path_without_avx512_bf16(monkeypatch, tmp_path):
     monkeypatch.setenv("LMFORGE_CFLAGS", "-mno-avx512bf16")
     test_decode_steps_match_pytorch("variant", torch.bfloat16)
     assert len(list((tmp_path / "kernels").glob("cpu_decode-*.so"))) == 1
+
+
+def test_steps_from_several_threads_at_once():
+    """The decoder's thread pool runs one step at a time: steps called together from different threads
+    (two engines in one process) give the same logits as steps run one after another."""
+    import threading
+
+    model = build_model(preset("tiny"), seed=0).eval()
+    decoder = CPUDecoder.create(model)
+    tokens = [torch.tensor([3, 40]), torch.tensor([900, 7])]
+
+    def run(i, out):
+        cache = KVCache(model.config, 2, 64)
+        out[i] = torch.stack([decoder(tokens[i], torch.tensor([p, p]), cache) for p in range(30)])
+
+    alone = [None, None]
+    for i in range(2):
+        run(i, alone)
+    together = [None, None]
+    threads = [threading.Thread(target=run, args=(i, together)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
