@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import preset
+from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.model import build_model, cpu_kernels
 from lmforge.model.attention import CausalAttentionCPU
 from lmforge.model.rope import apply_rope
@@ -138,8 +139,7 @@ def test_model_step_with_and_without_kernels(dtype, monkeypatch):
 
 
 def test_no_compiler_falls_back_to_pytorch(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
-    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(UserWarning, match="CPU kernels unavailable"):
@@ -149,12 +149,13 @@ def test_no_compiler_falls_back_to_pytorch(monkeypatch, tmp_path):
     model = build_model(preset("tiny"), seed=0)
     out = model(torch.randint(0, 100, (1, 8)))
     assert torch.isfinite(out.logits).all()
+    with pytest.warns(UserWarning, match="C decode unavailable"):
+        assert CPUDecoder.create(model) is None  # the engine then decodes with PyTorch
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
 
 
 def test_kernels_compile_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
-    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     assert cpu_kernels.available()
     built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))

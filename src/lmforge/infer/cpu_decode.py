@@ -3,19 +3,18 @@
 A decode step feeds each running sequence one token. Through PyTorch that is ~60 matrix-vector
 products and ~150 small ops per token for the `small` preset, each a dispatch of microseconds;
 `CPUDecoder` runs the whole step — embedding, every layer with its KV-cache writes and attention,
-final norm, output projection — as one C call with one OpenMP parallel region (BENCHMARKS.md has
-the speed-up). Prefill (many tokens per row) stays in PyTorch, where matmuls are efficient.
+final norm, output projection — as one C call, one job for the C file's own thread pool
+(BENCHMARKS.md has the speed-up). Prefill (many tokens per row) stays in PyTorch, where matmuls
+are efficient.
 
 `CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
 or the machine does not fit: not on the CPU, weights not all fp32 or all bf16, MoE or MLA layers,
-biases, QK-norm, LoRA-wrapped projections, no C compiler, or
-LMFORGE_CPU_KERNELS=0.
+biases, QK-norm, LoRA-wrapped projections, no C compiler, or LMFORGE_CPU_KERNELS=0.
 """
 
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,29 +26,20 @@ from lmforge.model.moe import MLP
 from lmforge.model.rope import rope_cos_sin
 from lmforge.model.transformer import Transformer
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_SOURCE = Path(__file__).with_name("cpu_decode.c")
+# Contracting a*b + c into one FMA is welcome here (dot products, no bit-exactness goal); its own
+# thread pool (pthreads), OpenMP only for `omp simd`.
+_FLAGS = [f for f in cpu_kernels.FLAGS if f not in ("-ffp-contract=off", "-fopenmp")] + [
+    "-ffp-contract=fast", "-mprefer-vector-width=512", "-fopenmp-simd", "-pthread"]
+_p, _L, _f, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        if cpu_kernels.enabled():
-            try:
-                # Contracting a*b + c into one FMA is welcome here: dot products, no bit-exactness goal.
-                # Its own thread pool (pthreads); OpenMP only for `omp simd`.
-                flags = [f for f in cpu_kernels.FLAGS if f not in ("-ffp-contract=off", "-fopenmp")]
-                flags += ["-ffp-contract=fast", "-mprefer-vector-width=512", "-fopenmp-simd", "-pthread"]
-                _lib = cpu_kernels.build(Path(__file__).with_name("cpu_decode.c"), flags)
-                p, L, f, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-                for s in _SUFFIX.values():
-                    getattr(_lib, f"decode_step_{s}").argtypes = [p, p, f, f, p, p, L, p, p, p, p, i]
-                _lib.scratch_floats.argtypes, _lib.scratch_floats.restype = [p, L], L
-            except Exception as e:  # no compiler...: PyTorch's forward instead
-                warnings.warn(f"lmforge: C decode unavailable, using PyTorch ({e})", stacklevel=2)
-    return _lib
+    lib = cpu_kernels.load(_SOURCE, _FLAGS, {"decode_step": [_p, _p, _f, _f, _p, _p, _L, _p, _p, _p, _p, _i]},
+                           "C decode")
+    if lib is not None:
+        lib.scratch_floats.argtypes, lib.scratch_floats.restype = [_p, _L], _L
+    return lib
 
 
 def unsupported(model: Transformer) -> str | None:
@@ -58,7 +48,7 @@ def unsupported(model: Transformer) -> str | None:
     params = list(model.parameters())
     if any(p.device.type != "cpu" for p in params):
         return "not on the CPU"
-    if params[0].dtype not in _SUFFIX or any(p.dtype != params[0].dtype for p in params):
+    if params[0].dtype not in cpu_kernels.SUFFIX or any(p.dtype != params[0].dtype for p in params):
         return "weights are not all fp32 or all bf16"
     if cfg.is_mla or any(layer.is_moe for layer in model.model.layers):
         return "MLA or MoE layers"
@@ -95,11 +85,11 @@ class CPUDecoder:
         cfg = model.config
         self.model, self.lib = model, lib
         self.dtype = next(model.parameters()).dtype
-        self.step = getattr(lib, f"decode_step_{_SUFFIX[self.dtype]}")
+        self.step = getattr(lib, f"decode_step_{cpu_kernels.SUFFIX[self.dtype]}")
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
         self.window = cfg.sliding_window or 0
-        self._scratch: dict[int, torch.Tensor] = {}
+        self._scratch: dict[tuple[int, int], torch.Tensor] = {}  # per (batch, cache max_len)
         self._weights = [model.model.embed_tokens.weight, model.model.norm.weight, model.output_weight]
         self._layer_weights = [_layer_weights(layer) for layer in model.model.layers]
         self._tables: dict[tuple, ctypes.Array] = {}

@@ -151,11 +151,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cpu_kernels.usable(q, k, cos, sin):  # RoPE on the [B, T, heads, dim] layout, in one pass
+        rope_kernel = cpu_kernels.usable(q, k, cos, sin)
+        if rope_kernel:  # RoPE on the [B, T, heads, dim] layout, in one pass
             q, k = cpu_kernels.rope(q, cos, sin), cpu_kernels.rope(k, cos, sin)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if not rope_kernel:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

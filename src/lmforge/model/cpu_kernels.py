@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_lib: ctypes.CDLL | None = None
-_tried = False
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # each C function exists once per dtype
+_loaded: dict[Path, ctypes.CDLL | None] = {}  # per source: the library, or None if it could not be built
 
 
 def _cache_dir() -> Path:
@@ -72,45 +71,58 @@ def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
-def _compile() -> ctypes.CDLL:
-    lib = build(_SOURCE)
-    p, L, f, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-    for s in _SUFFIX.values():
-        getattr(lib, f"rmsnorm_fwd_{s}").argtypes = [p, p, p, p, L, L, f, i]
-        getattr(lib, f"rmsnorm_bwd_{s}").argtypes = [p, p, p, p, p, p, L, L, i]
-        getattr(lib, f"rope_{s}").argtypes = [p, L, p, p, p, L, L, L, f, i]
-        getattr(lib, f"swiglu_fwd_{s}").argtypes = [p, p, p, L, L, L, i]
-        getattr(lib, f"swiglu_bwd_{s}").argtypes = [p, p, p, p, p, L, L, L, i]
-        getattr(lib, f"cross_entropy_{s}").argtypes = [p, p, p, L, L, L, i]
-        getattr(lib, f"causal_softmax_fwd_{s}").argtypes = [p, p, L, L, f, i]
-        getattr(lib, f"causal_softmax_bwd_{s}").argtypes = [p, p, L, L, f, i]
-    return lib
-
-
 def enabled() -> bool:
     """Whether compiled CPU code may be used at all: Linux on x86-64/aarch64, LMFORGE_CPU_KERNELS != 0."""
     return (os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0" and sys.platform == "linux"
             and platform.machine() in ("x86_64", "aarch64"))
 
 
-def available() -> bool:
-    """Whether the kernels are compiled and loaded (compiling them on the first call)."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
+def load(source: Path, flags: list[str], signatures: dict[str, list], what: str) -> ctypes.CDLL | None:
+    """`build` once per process and declare the argument types of each function (`name` -> argtypes,
+    for both dtypes' `name_f32` and `name_bf16`). None, after one warning naming `what`, when it cannot
+    be built (no compiler, no OpenMP, a read-only cache...): the callers then use PyTorch."""
+    if source not in _loaded:
+        lib = None
         if enabled():
             try:
-                _lib = _compile()
-            except Exception as e:  # no compiler, no OpenMP, read-only cache...: PyTorch ops instead
-                warnings.warn(f"lmforge: CPU kernels unavailable, using PyTorch ops ({e})", stacklevel=2)
-    return _lib is not None
+                lib = build(source, flags)
+                for name, argtypes in signatures.items():
+                    for s in SUFFIX.values():
+                        getattr(lib, f"{name}_{s}").argtypes = argtypes
+            except Exception as e:
+                warnings.warn(f"lmforge: {what} unavailable, using PyTorch ops ({e})", stacklevel=3)
+                lib = None
+        _loaded[source] = lib
+    return _loaded[source]
+
+
+_p, _L, _f, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "rmsnorm_fwd": [_p, _p, _p, _p, _L, _L, _f, _i],
+    "rmsnorm_bwd": [_p, _p, _p, _p, _p, _p, _L, _L, _i],
+    "rope": [_p, _L, _p, _p, _p, _L, _L, _L, _f, _i],
+    "swiglu_fwd": [_p, _p, _p, _L, _L, _L, _i],
+    "swiglu_bwd": [_p, _p, _p, _p, _p, _L, _L, _L, _i],
+    "cross_entropy": [_p, _p, _p, _L, _L, _L, _i],
+    "causal_softmax_fwd": [_p, _p, _L, _L, _f, _i],
+    "causal_softmax_bwd": [_p, _p, _L, _L, _f, _i],
+}
+
+
+def _library() -> ctypes.CDLL | None:
+    return load(_SOURCE, FLAGS, _SIGNATURES, "CPU kernels")
+
+
+def available() -> bool:
+    """Whether the kernels are compiled and loaded (compiling them on the first call)."""
+    return _library() is not None
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the kernels can run on these tensors: on the CPU, all fp32 or all bf16, not being
     traced by torch.compile (which fuses these ops itself), and the kernels available."""
     dtype = tensors[0].dtype
-    return (dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    return (dtype in SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
             and not torch.compiler.is_compiling() and available())
 
 
@@ -125,9 +137,10 @@ def fusable(*linears: torch.nn.Module) -> bool:
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:
-    if not available():
+    lib = _library()
+    if lib is None:
         raise RuntimeError("lmforge's CPU kernels are not available (see the warning above)")
-    fn = getattr(_lib, f"{name}_{_SUFFIX[dtype]}")
+    fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
     fn(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args], torch.get_num_threads())
 
 

@@ -41,7 +41,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-
 class Router(nn.Module):
     """Scores every expert for every token and picks the top k (the `gate` of HF's MoE blocks)."""
 
