@@ -88,10 +88,9 @@ def test_models_it_does_not_handle_stay_on_pytorch():
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 flag")
 def test_portable_path_without_avx512_bf16(monkeypatch, tmp_path):
     """The plain C matvec that CPUs without AVX512-BF16 use (built here with the instructions off)."""
-    import lmforge.infer.cpu_decode as cpu_decode
+    from lmforge.model import cpu_kernels
 
-    monkeypatch.setattr(cpu_decode, "_lib", None)
-    monkeypatch.setattr(cpu_decode, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})  # build again, with the flags below
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     monkeypatch.setenv("LMFORGE_CFLAGS", "-mno-avx512bf16")
     test_decode_steps_match_pytorch("variant", torch.bfloat16)
@@ -122,3 +121,19 @@ def test_steps_from_several_threads_at_once():
         t.join()
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_one_decoder_for_caches_of_different_lengths():
+    """The scratch space depends on the cache's length: a longer cache after a shorter one still matches."""
+    model = build_model(preset("tiny"), seed=0).eval()
+    decoder = CPUDecoder.create(model)
+    decoder(torch.tensor([1]), torch.tensor([0]), KVCache(model.config, 1, 8))
+    ref_cache, c_cache = KVCache(model.config, 1, 600), KVCache(model.config, 1, 600)
+    ids = torch.randint(0, model.config.vocab_size, (1, 500), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for cache in (ref_cache, c_cache):
+            model(ids, cache=cache, return_hidden=True)
+        hidden = model(torch.tensor([[9]]), position_ids=torch.tensor([[500]]), cache=ref_cache,
+                       return_hidden=True).hidden
+        ref = model.logits(hidden[:, -1]).float()
+    torch.testing.assert_close(decoder(torch.tensor([9]), torch.tensor([500]), c_cache), ref, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@
  *
  * Why: at batch 1 a 25M-parameter model's step is ~60 small matrix-vector products and ~150 other
  * ops; through PyTorch each is a dispatch of several microseconds and the matvecs stream weights at
- * a fraction of the memory bandwidth. Here the whole step is one OpenMP parallel region: each matvec
+ * a fraction of the memory bandwidth. Here the whole step is one parallel job for a small thread pool: each matvec
  * streams its weight rows once for all batch rows (nn.Linear's [out, in] layout, a dot product per
  * output), and the threads meet only at the barriers between dependent stages.
  *
@@ -123,7 +123,6 @@ static void run(job_fn fn, void *arg, int nt) {
  * (as PyTorch's bf16 path holds its activations) and multiplies pairs of bf16 with vdpbf16ps,
  * accumulating in fp32: twice the multiply-adds per instruction and no conversion of the weights. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <stdlib.h>
 #include <immintrin.h>
 static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4], const uint16_t *xb[4], const int NB,
                                                            long in, __m512 acc[4][4]) {
@@ -139,11 +138,16 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4],
     }
 }
 
+/* xh: x in bf16, shared by the threads; `convert` fills it (a split job, then a barrier), the
+ * matvecs that follow on the same x (k and v after q, up after gate) reuse it. */
 static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add,
-                          int tid, int nt) {
+                          uint16_t *xh, int convert, int tid, int nt) {
     if (in % 32) return 0;
-    uint16_t *xh = malloc(sizeof(uint16_t) * B * in);  /* this thread's copy of x in bf16 */
-    for (long i = 0; i < B * in; i++) xh[i] = f2bf(x[i]);
+    if (convert) {
+        SHARE(B * in, lo, hi);
+        for (long i = lo; i < hi; i++) xh[i] = f2bf(x[i]);
+        barrier(nt);
+    }
     /* Blocks of 4 weight rows x 4 batch rows: 16 accumulators, each weight vector loaded once per
      * 4 batch rows. A short last block repeats its last row (computed, not stored). */
     SHARE((out + 3) / 4, lo, hi);
@@ -164,14 +168,13 @@ static int matvec_dp_bf16(const uint16_t *W, const float *x, float *y, long B, l
                 }
         }
     }
-    free(xh);
     return 1;
 }
-#define MATVEC_FAST_bf16(W, x, y, B, in, out, add) matvec_dp_bf16(W, x, y, B, in, out, add, tid, nt)
+#define MATVEC_FAST_bf16 matvec_dp_bf16
 #else
-#define MATVEC_FAST_bf16(W, x, y, B, in, out, add) 0
+#define MATVEC_FAST_bf16(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
 #endif
-#define MATVEC_FAST_f32(W, x, y, B, in, out, add) 0
+#define MATVEC_FAST_f32(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
 
 
 /* Model layout: the pointer table and sizes cpu_decode.py passes. */
@@ -184,8 +187,8 @@ enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV, D_HEAD_DIM, D_INTER, D_VOCAB, D_MAX_LE
  * barrier. Blocks of 4 weight rows x 4 batch rows: 16 sums per pass, each weight element loaded    \
  * once per 4 batch rows; a short last block repeats its last row (computed, not stored). */       \
 static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add,    \
-                       int tid, int nt) {                                                          \
-    if (MATVEC_FAST_##S(W, x, y, B, in, out, add)) { barrier(nt); return; }                        \
+                       uint16_t *xh, int convert, int tid, int nt) {                               \
+    if (MATVEC_FAST_##S(W, x, y, B, in, out, add, xh, convert, tid, nt)) { barrier(nt); return; }  \
     SHARE((out + 3) / 4, lo, hi);                                                                  \
     for (long jb = lo; jb < hi; jb++) {                                                            \
         long j0 = jb * 4;                                                                          \
@@ -273,6 +276,7 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
     float *x = a->scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                 \
     float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;  \
     float *probs = up + B * I;  /* [B * H, M] */                                                   \
+    uint16_t *xh = (uint16_t *)(probs + B * H * M);  /* a matvec's input in bf16 (bf16 weights) */ \
     const T *embed = (const T *)ptrs[P_EMBED];                                                     \
     {                                                                                              \
         SHARE(B, lo, hi);                                                                          \
@@ -284,9 +288,9 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
         void **lp = ptrs + P_LAYERS + l * L_N;                                                     \
         T *kc = (T *)lp[L_KCACHE], *vc = (T *)lp[L_VCACHE];                                        \
         rmsnorm_rows_##S(x, (const T *)lp[L_IN_NORM], xn, B, Hd, eps, tid, nt);                    \
-        matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0, tid, nt);                           \
-        matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0, tid, nt);                          \
-        matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0, tid, nt);                          \
+        matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0, xh, 1, tid, nt);                           \
+        matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0, xh, 0, tid, nt);                          \
+        matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0, xh, 0, tid, nt);                          \
         {   /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */     \
             SHARE(B * (H + KV), lo, hi);                                                           \
             for (long bh = lo; bh < hi; bh++) {                                                    \
@@ -339,19 +343,19 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
             }                                                                                      \
             barrier(nt);                                                                           \
         }                                                                                          \
-        matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1, tid, nt);  /* residual add */      \
+        matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1, xh, 1, tid, nt);  /* residual add */ \
         rmsnorm_rows_##S(x, (const T *)lp[L_POST_NORM], xn, B, Hd, eps, tid, nt);                  \
-        matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0, tid, nt);                         \
-        matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, tid, nt);                             \
+        matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0, xh, 1, tid, nt);                  \
+        matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, xh, 0, tid, nt);                      \
         {                                                                                          \
             SHARE(B * I, lo, hi);                                                                  \
             for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + exp_f(-gate[i])) * up[i];     \
             barrier(nt);                                                                           \
         }                                                                                          \
-        matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, tid, nt);  /* residual add */      \
+        matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, xh, 1, tid, nt);  /* residual add */ \
     }                                                                                              \
     rmsnorm_rows_##S(x, (const T *)ptrs[P_NORM], xn, B, Hd, eps, tid, nt);                         \
-    matvec_##S((const T *)ptrs[P_HEAD], xn, logits, B, Hd, V, 0, tid, nt);                         \
+    matvec_##S((const T *)ptrs[P_HEAD], xn, logits, B, Hd, V, 0, xh, 1, tid, nt);                  \
 }                                                                                                  \
                                                                                                    \
 void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens, \
@@ -366,6 +370,8 @@ DECODE(bf16, uint16_t)
 
 /* Floats of scratch decode_step needs for a batch of B. */
 long scratch_floats(const long *dims, long B) {
-    long Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV], D = dims[D_HEAD_DIM];
-    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * dims[D_INTER] + H * dims[D_MAX_LEN]);
+    long Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV], D = dims[D_HEAD_DIM], I = dims[D_INTER];
+    long widest = Hd > H * D ? Hd : H * D;  /* the longest matvec input, for xh */
+    widest = widest > I ? widest : I;
+    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I + H * dims[D_MAX_LEN]) + (B * widest + 1) / 2;
 }

@@ -131,9 +131,10 @@ class CPUDecoder:
         table = self._table(cache)
         cos, sin = rope_cos_sin(model.inv_freq, model.rope_scale, positions[:, None], self.dtype)
         cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
-        if B not in self._scratch:
-            self._scratch[B] = torch.empty(self.lib.scratch_floats(dims, B), dtype=torch.float32)
+        scratch_key = (B, cache.max_len)
+        if scratch_key not in self._scratch:
+            self._scratch[scratch_key] = torch.empty(self.lib.scratch_floats(dims, B), dtype=torch.float32)
         logits = torch.empty(B, cfg.vocab_size, dtype=torch.float32)
         self.step(table, dims, self.eps, self.scale, tokens.data_ptr(), positions.data_ptr(), B, cos.data_ptr(),
-                  sin.data_ptr(), logits.data_ptr(), self._scratch[B].data_ptr(), torch.get_num_threads())
+                  sin.data_ptr(), logits.data_ptr(), self._scratch[scratch_key].data_ptr(), torch.get_num_threads())
         return logits
