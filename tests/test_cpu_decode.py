@@ -60,6 +60,47 @@ def test_decode_steps_match_pytorch(config, dtype):
             torch.testing.assert_close(c_buf.float(), ref_buf.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_prefill_of_packed_prompts_matches_pytorch(config, dtype):
+    """Prompts of different lengths packed into one call, each into its own cache row (not in order):
+    the logits of each prompt's last token, and every key and value written, equal PyTorch's forward."""
+    model = build_model(preset("tiny", **CONFIGS[config]), seed=0).to(dtype).eval()
+    decoder = CPUDecoder.create(model)
+    lengths, rows = [5, 11, 1], [2, 0, 1]  # the 11-token prompt runs past the sliding window
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
+               for n in lengths]
+    ref_cache, c_cache = KVCache(model.config, 3, 16, dtype=dtype), KVCache(model.config, 3, 16, dtype=dtype)
+    ref = torch.empty(3, model.config.vocab_size)
+    with torch.no_grad():
+        for prompt, row in zip(prompts, rows):
+            one = KVCache(model.config, 1, 16, dtype=dtype)
+            hidden = model(prompt[None], cache=one, return_hidden=True).hidden
+            ref[rows.index(row)] = model.logits(hidden[0, -1]).float()
+            for ref_layer, one_layer in zip(ref_cache.layers, one.layers):
+                for ref_buf, one_buf in zip(ref_layer, one_layer):
+                    ref_buf[row] = one_buf[0]
+    got = decoder(torch.cat(prompts), torch.cat([torch.arange(n) for n in lengths]), c_cache,
+                  rows=torch.cat([torch.full((n,), r) for n, r in zip(lengths, rows)]),
+                  out=torch.tensor(lengths).cumsum(0) - 1)
+    assert got.shape == (3, model.config.vocab_size)
+    tol = 1e-4 if dtype == torch.float32 else 0.03 * ref.abs().max()
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    for ref_layer, c_layer in zip(ref_cache.layers, c_cache.layers):
+        for ref_buf, c_buf in zip(ref_layer, c_layer):
+            tol = 1e-5 if dtype == torch.float32 else 0.05
+            torch.testing.assert_close(c_buf.float(), ref_buf.float(), rtol=tol, atol=tol)
+    # a prompt longer than the cache, rows or outputs out of range are refused before any write
+    with pytest.raises(ValueError, match="max_len"):
+        decoder(torch.ones(17, dtype=torch.long), torch.arange(17), c_cache, rows=torch.zeros(17),
+                out=torch.tensor([16]))
+    with pytest.raises(ValueError, match="cache row"):
+        decoder(torch.ones(2, dtype=torch.long), torch.arange(2), c_cache, rows=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="increasing"):
+        decoder(torch.ones(3, dtype=torch.long), torch.arange(3), c_cache, rows=torch.zeros(3),
+                out=torch.tensor([2, 1]))
+
+
 def test_bad_steps_are_refused():
     model = build_model(preset("tiny"), seed=0).eval()
     decoder = CPUDecoder.create(model)
@@ -86,15 +127,20 @@ def test_models_it_does_not_handle_stay_on_pytorch():
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 flag")
-def test_portable_path_without_avx512_bf16(monkeypatch, tmp_path):
-    """The plain C matvec that CPUs without AVX512-BF16 use (built here with the instructions off)."""
+@pytest.mark.parametrize("flag, dtype", [("-mno-avx512bf16", torch.bfloat16), ("-mno-avx512f", torch.float32)])
+def test_portable_paths(monkeypatch, tmp_path, flag, dtype):
+    """The plain C matvecs that CPUs without AVX512-BF16 (bf16) or AVX-512 (fp32) use, built here
+    with those instructions off."""
     from lmforge.model import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "_loaded", {})  # build again, with the flags below
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    monkeypatch.setenv("LMFORGE_CFLAGS", "-mno-avx512bf16")
-    test_decode_steps_match_pytorch("variant", torch.bfloat16)
+    monkeypatch.setenv("LMFORGE_CFLAGS", flag)
+    test_decode_steps_match_pytorch("variant", dtype)
+    test_prefill_of_packed_prompts_matches_pytorch("variant", dtype)
     assert len(list((tmp_path / "kernels").glob("cpu_decode-*.so"))) == 1
+    # the Engine prefills fp32 in C only with the AVX-512 matvecs
+    assert CPUDecoder.create(build_model(preset("tiny"), seed=0)).prefills == (flag != "-mno-avx512f")
 
 
 def test_steps_from_several_threads_at_once():

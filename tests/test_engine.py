@@ -107,6 +107,7 @@ def test_batched_equals_one_by_one(engine, tokenizer, params):
 def test_n_samples_share_one_prefill(tokenizer):
     model = make_model(tokenizer)
     engine = Engine(model, tokenizer, max_batch_size=4, max_len=64)
+    engine._cpu_decoder = None  # every forward through the model, so the hook sees them
     prefills = []
     hook = model.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1]))
     prompt = tokenizer.encode("The lazy dog")
@@ -137,6 +138,7 @@ def run_until_done(engine, requests):
 def test_waiting_requests_are_prefilled_in_one_forward(tokenizer, kind):
     model = make_model(tokenizer, kind)
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=64)
+    engine._cpu_decoder = None  # every forward through the model, so the hook sees them
     texts = ["The", "Café, naïve, façade. The quick brown", "日本語", "Numbers 12345.", "🚀 dog"]
     prompts = [tokenizer.encode(t) for t in texts]
     assert len({len(p) for p in prompts}) == len(prompts)  # all of different lengths
@@ -402,6 +404,7 @@ def test_engine_survives_a_failing_step(engine, tokenizer, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(engine.model, "forward", broken)
+        m.setattr(engine, "_cpu_decoder", None)  # its C steps would not call forward
         with pytest.raises(RuntimeError, match="boom"):
             engine.generate([tokenizer.encode("The")], GREEDY)
     assert calls.is_set() and engine._running == []
@@ -428,8 +431,9 @@ def test_a_closed_event_loop_cancels_its_request(tokenizer):
 
 
 def test_engine_decodes_in_c_when_it_can_and_agrees_with_pytorch(tokenizer):
-    """The dense model decodes through cpu_decode.c; the same requests through PyTorch's forward
-    give the same tokens (greedy and seeded sampling) and log-probs (MoE stays on PyTorch)."""
+    """The dense fp32 model prefills and decodes through cpu_decode.c; the same requests (prompts of
+    different lengths, n=2) through PyTorch's forward give the same tokens (greedy and seeded
+    sampling) and log-probs (MoE stays on PyTorch)."""
     model = make_model(tokenizer)
     fast, slow = Engine(model, tokenizer, max_batch_size=4), Engine(model, tokenizer, max_batch_size=4)
     slow._cpu_decoder = None

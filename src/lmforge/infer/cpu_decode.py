@@ -4,8 +4,10 @@ A decode step feeds each running sequence one token. Through PyTorch that is ~60
 products and ~150 small ops per token for the `small` preset, each a dispatch of microseconds;
 `CPUDecoder` runs the whole step — embedding, every layer with its KV-cache writes and attention,
 final norm, output projection — as one C call, one job for the C file's own thread pool
-(BENCHMARKS.md has the speed-up). Prefill (many tokens per row) stays in PyTorch, where matmuls
-are efficient.
+(BENCHMARKS.md has the speed-up). The same call prefills: many tokens, each with its own cache
+row and position, logits only for the tokens asked for. The Engine uses that where it is as fast
+as PyTorch's matmuls (fp32 on a CPU with AVX-512: `CPUDecoder.prefills`), which also leaves no
+OpenMP threads spinning on the cores the next decode step needs.
 
 `CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
 or the machine does not fit: not on the CPU, weights not all fp32 or all bf16, MoE or MLA layers,
@@ -35,10 +37,11 @@ _p, _L, _f, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 
 
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_kernels.load(_SOURCE, _FLAGS, {"decode_step": [_p, _p, _f, _f, _p, _p, _L, _p, _p, _p, _p, _i]},
-                           "C decode")
+    lib = cpu_kernels.load(_SOURCE, _FLAGS,
+                           {"decode_step": [_p, _p, _f, _f, _p, _p, _p, _L, _p, _p, _p, _L, _p, _p, _i]}, "C decode")
     if lib is not None:
-        lib.scratch_floats.argtypes, lib.scratch_floats.restype = [_p, _L], _L
+        lib.scratch_floats.argtypes, lib.scratch_floats.restype = [_p, _L, _i], _L
+        lib.fast_matvec.argtypes, lib.fast_matvec.restype = [_i], _i
     return lib
 
 
@@ -77,8 +80,10 @@ def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
 class CPUDecoder:
     """`decoder(tokens [B], positions [B], cache) -> fp32 logits [B, vocab]`: one decode step in C.
 
-    Writes each row's key and value at its position in `cache` (rows 0..B-1 of the cache's
-    buffers), exactly where the PyTorch forward pass would, so the two paths can alternate.
+    Writes each token's key and value at its position in `cache` (token b in cache row b, or in
+    `rows[b]`), exactly where the PyTorch forward pass would, so the two paths can alternate.
+    With `rows` and `out`, the same call prefills: the tokens are whole prompts, packed (a prompt's
+    tokens in order, in its row), and only the tokens at indices `out` (increasing) get logits.
     """
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
@@ -86,10 +91,15 @@ class CPUDecoder:
         self.model, self.lib = model, lib
         self.dtype = next(model.parameters()).dtype
         self.step = getattr(lib, f"decode_step_{cpu_kernels.SUFFIX[self.dtype]}")
+        # Whether the Engine should prefill in C too: fp32 with the AVX-512 matvecs, which are as
+        # fast as PyTorch's matmuls for many rows (the portable loops take 2.5x as long; for bf16
+        # PyTorch's oneDNN matmuls, AMX where present, are faster).
+        self.prefills = self.dtype == torch.float32 and bool(lib.fast_matvec(0))
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
         self.window = cfg.sliding_window or 0
-        self._scratch: dict[tuple[int, int], torch.Tensor] = {}  # per (batch, cache max_len)
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per cache max_len
+        self._scratch = torch.empty(0)  # grown to the largest call so far
         self._weights = [model.model.embed_tokens.weight, model.model.norm.weight, model.output_weight]
         self._layer_weights = [_layer_weights(layer) for layer in model.model.layers]
         self._tables: dict[tuple, ctypes.Array] = {}
@@ -115,26 +125,48 @@ class CPUDecoder:
             self._tables[key] = (ctypes.c_void_p * len(key))(*key)
         return self._tables[key]
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        model, cfg = self.model, self.model.config
+    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [length, head_dim] of positions 0..length-1, computed once: the C step indexes
+        them by position (the same values rope_cos_sin gives for each position on its own)."""
+        if length not in self._rope:
+            cos, sin = rope_cos_sin(self.model.inv_freq, self.model.rope_scale, torch.arange(length)[None], self.dtype)
+            self._rope[length] = cos[0].contiguous(), sin[0].contiguous()
+        return self._rope[length]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.model.config
         B = len(tokens)
         tokens = tokens.reshape(B).to(torch.int64).contiguous()
         positions = positions.reshape(B).to(torch.int64).contiguous()
         if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"token id outside the vocabulary of {cfg.vocab_size}")
-        cache.begin(positions[:, None])  # checks the batch and max_len as the PyTorch path does
+        if rows is None:
+            cache.begin(positions[:, None])  # checks the batch and max_len as the PyTorch path does
+            rows = torch.arange(B)
+        rows = rows.reshape(B).to(torch.int64).contiguous()
+        if int(rows.min()) < 0 or int(rows.max()) >= cache.batch_size:
+            raise ValueError(f"cache row outside the cache's {cache.batch_size} rows")
+        if int(positions.min()) < 0 or int(positions.max()) >= cache.max_len:
+            raise ValueError(f"position {int(positions.max())} is past the cache's max_len {cache.max_len}")
+        if out is not None:
+            out = out.reshape(-1).to(torch.int64).contiguous()
+            if len(out) == 0 or int(out[0]) < 0 or int(out[-1]) >= B or bool((out.diff() <= 0).any()):
+                raise ValueError(f"out: increasing token indices in [0, {B}) expected")
         if any(buf.dtype != self.dtype or buf.stride() != cache.layers[0][0].stride() for buf in cache.layers[0]):
             raise ValueError(f"the KV cache must be {self.dtype} like the weights")
         dims = (ctypes.c_long * 9)(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                                    cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                                    cfg.vocab_size, cache.max_len, self.window)
         table = self._table(cache)
-        cos, sin = rope_cos_sin(model.inv_freq, model.rope_scale, positions[:, None], self.dtype)
-        cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
-        scratch_key = (B, cache.max_len)
-        if scratch_key not in self._scratch:
-            self._scratch[scratch_key] = torch.empty(self.lib.scratch_floats(dims, B), dtype=torch.float32)
-        logits = torch.empty(B, cfg.vocab_size, dtype=torch.float32)
-        self.step(table, dims, self.eps, self.scale, tokens.data_ptr(), positions.data_ptr(), B, cos.data_ptr(),
-                  sin.data_ptr(), logits.data_ptr(), self._scratch[scratch_key].data_ptr(), torch.get_num_threads())
+        cos, sin = self._rope_table(cache.max_len)
+        threads = torch.get_num_threads()
+        scratch = self._scratch  # a local reference: another thread may grow self._scratch meanwhile
+        if len(scratch) < (need := self.lib.scratch_floats(dims, B, threads)):
+            scratch = self._scratch = torch.empty(need, dtype=torch.float32)
+        n_out = B if out is None else len(out)
+        logits = torch.empty(n_out, cfg.vocab_size, dtype=torch.float32)
+        self.step(table, dims, self.eps, self.scale, tokens.data_ptr(), positions.data_ptr(), rows.data_ptr(), B,
+                  cos.data_ptr(), sin.data_ptr(), None if out is None else out.data_ptr(), n_out, logits.data_ptr(),
+                  scratch.data_ptr(), threads)
         return logits

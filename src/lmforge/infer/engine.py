@@ -350,10 +350,21 @@ class Engine:
         first, lengths = len(self._running), [len(r.prompt) for r in batch]
         width, device = max(lengths), self.cache_device
         try:
-            ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=device)
-            positions = torch.arange(width, device=device).expand(len(batch), width)
-            last = torch.tensor(lengths, device=device) - 1
-            logits = self._last_logits(ids, positions, self._rows(first, first + len(batch)), last)
+            cache = self._rows(first, first + len(batch))
+            if self._cpu_decoder is not None and self._cpu_decoder.prefills:
+                # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
+                # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
+                # cores the next decode steps need, as PyTorch's forward does.
+                ids = torch.tensor([t for r in batch for t in r.prompt])
+                positions = torch.cat([torch.arange(n) for n in lengths])
+                rows = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+                last = torch.tensor(lengths).cumsum(0) - 1
+                logits = self._cpu_decoder(ids, positions, cache, rows=rows, out=last)
+            else:
+                ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=device)
+                positions = torch.arange(width, device=device).expand(len(batch), width)
+                last = torch.tensor(lengths, device=device) - 1
+                logits = self._last_logits(ids, positions, cache, last)
         except Exception as error:
             for request in batch:
                 request._finish(error)

@@ -137,7 +137,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
 def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
     """One next token per row of logits [B, V] (fp32), row i sampled with states[i]."""
     if all(s.params.greedy and s.seen is None for s in states):
-        return logits.argmax(-1).tolist()  # the common case in one op: no per-row Python work
+        # The common case in one op, no per-row Python work; in NumPy on a CPU because PyTorch
+        # runs an argmax this large on its OpenMP threads, which then spin for ~10 ms waiting for
+        # more work, on the cores the next C decode step needs (engine.py: 30% slower steps).
+        if logits.device.type == "cpu":
+            return logits.numpy().argmax(-1).tolist()
+        return logits.argmax(-1).tolist()
     tokens = []
     for row, state in zip(logits, states):
         p = state.params
