@@ -18,7 +18,12 @@ CONFIGS = {
     # GQA with a head_dim that is not hidden / heads, an untied output matrix, a sliding window
     "variant": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
                     sliding_window=6),
+    # an MLP width that is not a multiple of 16 (the last block of weight rows is a short one) nor of 32
+    # (down_proj's input: the portable loops)
+    "odd": dict(intermediate_size=520),
 }
+# 3 rows: dot products; 7 rows: AMX tiles where the CPU has them (one block of 16, padded)
+LENGTHS = {"3 rows": [3, 9, 6], "7 rows": [3, 9, 6, 1, 12, 7, 4]}
 
 
 def _prefilled(model, dtype, lengths):
@@ -34,15 +39,16 @@ def _prefilled(model, dtype, lengths):
     return caches
 
 
+@pytest.mark.parametrize("rows", LENGTHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_decode_steps_match_pytorch(config, dtype):
+def test_decode_steps_match_pytorch(config, dtype, rows):
     model = build_model(preset("tiny", **CONFIGS[config]), seed=0).to(dtype).eval()
     decoder = CPUDecoder.create(model)
     assert decoder is not None
-    lengths = [3, 9, 6]
+    lengths = LENGTHS[rows]
     ref_cache, c_cache = _prefilled(model, dtype, lengths)
-    tokens, positions = torch.tensor([7, 300, 5000]), torch.tensor(lengths)
+    tokens, positions = torch.tensor([7, 300, 5000, 1, 2, 3, 4][:len(lengths)]), torch.tensor(lengths)
     for _ in range(12):  # past the sliding window
         with torch.no_grad():
             hidden = model(tokens[:, None], position_ids=positions[:, None], cache=ref_cache, return_hidden=True).hidden
@@ -127,20 +133,22 @@ def test_models_it_does_not_handle_stay_on_pytorch():
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 flag")
-@pytest.mark.parametrize("flag, dtype", [("-mno-avx512bf16", torch.bfloat16), ("-mno-avx512f", torch.float32)])
+@pytest.mark.parametrize("flag, dtype", [("-mno-avx512bf16", torch.bfloat16), ("-mno-avx512f", torch.float32),
+                                         ("-mno-amx-tile", torch.bfloat16)])
 def test_portable_paths(monkeypatch, tmp_path, flag, dtype):
-    """The plain C matvecs that CPUs without AVX512-BF16 (bf16) or AVX-512 (fp32) use, built here
-    with those instructions off."""
+    """The C matvecs of CPUs without AVX512-BF16 or AVX-512 (portable loops) or AMX (bf16 dot
+    products at any batch), built here with those instructions off."""
     from lmforge.model import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "_loaded", {})  # build again, with the flags below
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     monkeypatch.setenv("LMFORGE_CFLAGS", flag)
-    test_decode_steps_match_pytorch("variant", dtype)
+    test_decode_steps_match_pytorch("variant", dtype, "7 rows")
     test_prefill_of_packed_prompts_matches_pytorch("variant", dtype)
     assert len(list((tmp_path / "kernels").glob("cpu_decode-*.so"))) == 1
-    # the Engine prefills fp32 in C only with the AVX-512 matvecs
-    assert CPUDecoder.create(build_model(preset("tiny"), seed=0)).prefills == (flag != "-mno-avx512f")
+    # the Engine prefills in C only with the AVX-512 matvecs (fp32) or AMX (bf16)
+    decoder = CPUDecoder.create(build_model(preset("tiny"), seed=0).to(dtype))
+    assert decoder.prefills == (dtype == torch.float32 and flag != "-mno-avx512f")
 
 
 def test_steps_from_several_threads_at_once():

@@ -251,9 +251,109 @@ static void matvec_blocks(const void *W, int bf16, const void *X, float *y, long
 
 /* xh: x in bf16, shared by the threads; `convert` fills it (a split job, then a barrier), the
  * matvecs that follow on the same x (k and v after q, up after gate) reuse it. */
+/* With AMX (Intel Sapphire Rapids and later), bf16 matvecs over several batch rows run on the tile
+ * unit: 16 weight rows x 32 inputs (a tile loaded straight from W) times the same 32 inputs of 16
+ * batch rows (x converted to bf16 and packed in pairs, AMX's layout for the second operand) give a
+ * 16 x 16 block of y^T, 8192 multiply-adds per instruction, accumulated in fp32. At batch 16 that
+ * leaves the step bound by reading the weights, as batch 1 is (Intel's AMX programming reference,
+ * "Intel Architecture Instruction Set Extensions", ch. 3). */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && HAVE_DP_BF16
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_MIN_ROWS 5  /* the dot products take one pass per 4 rows: as fast up to 4 rows (measured) */
+static int amx_usable(void) {
+    static atomic_int ok = -1;  /* Linux hands out the tile state only on request, once per process */
+    if (atomic_load(&ok) < 0) atomic_store(&ok, syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                                        18 /* XFEATURE_XTILEDATA */) == 0);
+    return atomic_load(&ok);
+}
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+/* x [B, in] -> xp: per 16 batch rows (the last padded with zeros), in/2 rows of 16 x (2 bf16). */
+static void amx_pack(const float *x, uint16_t *xp, long B, long in, int tid, int nt) {
+    /* A thread's share is whole 1 KB blocks (16 rows x 32 inputs), built on the stack and copied
+     * out: rows split between threads would share every cache line (measured 3x slower). */
+    long chunks = in / 32;
+    SHARE((B + 15) / 16 * chunks, lo, hi);
+    for (long u = lo; u < hi; u++) {
+        long m0 = u / chunks * 16, i0 = u % chunks * 32;
+        uint32_t block[16][16];  /* [pair][row]: inputs i0 + 2j, i0 + 2j + 1 of row m0 + r */
+        for (long r = 0; r < 16; r++) {
+            const float *xb = x + (m0 + r < B ? m0 + r : 0) * in + i0;
+            int real = m0 + r < B;
+            _Pragma("omp simd")
+            for (int j = 0; j < 16; j++)
+                block[j][r] = real ? f2bf(xb[2 * j]) | (uint32_t)f2bf(xb[2 * j + 1]) << 16 : 0;
+        }
+        memcpy(xp + m0 * in + i0 * 16, block, sizeof block);
+    }
+}
+
+static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, long in, long out, int add,
+                       int tid, int nt) {
+    TileConfig cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < 5; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);  /* per call: PyTorch's oneDNN may have set its own on this thread */
+    float c[2][16][16];
+    uint16_t tail[16 * 32];  /* a last block of fewer than 16 weight rows, padded with zeros */
+    SHARE((out + 15) / 16, lo, hi);
+    long chunk = (chunk_rows(in * 2) + 15) / 16 * 16;  /* rows of xp that stay in L2 */
+    for (long c0 = 0; c0 < B; c0 += chunk)
+    for (long jb = lo; jb < hi; jb += 2) {
+        int blocks = jb + 1 < hi ? 2 : 1;
+        for (long m0 = c0; m0 < B && m0 < c0 + chunk; m0 += 16) {
+            const uint16_t *xm = xp + m0 * in;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (long k0 = 0; k0 < in; k0 += 32) {
+                _tile_loadd(4, xm + k0 * 16, 64);
+                for (int h = 0; h < blocks; h++) {
+                    long n0 = (jb + h) * 16;
+                    if (n0 + 16 <= out) {
+                        _tile_loadd(2, W + n0 * in + k0, in * 2);
+                    } else {
+                        for (long r = 0; r < 16; r++)
+                            for (int i = 0; i < 32; i++) tail[r * 32 + i] = n0 + r < out ? W[(n0 + r) * in + k0 + i] : 0;
+                        _tile_loadd(2, tail, 64);
+                    }
+                    if (h == 0) _tile_dpbf16ps(0, 2, 4); else _tile_dpbf16ps(1, 2, 4);
+                }
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            for (int h = 0; h < blocks; h++) {
+                long n0 = (jb + h) * 16;
+                for (long m = 0; m < 16 && m0 + m < B; m++)
+                    for (long n = 0; n < 16 && n0 + n < out; n++) {
+                        float *dst = y + (m0 + m) * out + n0 + n;
+                        *dst = add ? *dst + c[h][n][m] : c[h][n][m];
+                    }
+            }
+        }
+    }
+    _tile_release();
+}
+#define AMX_ROWS(B) ((B) >= AMX_MIN_ROWS && amx_usable())
+#else
+#define AMX_ROWS(B) 0
+#define AMX_MIN_ROWS 0
+#define amx_pack(x, xp, B, in, tid, nt) ((void)0)
+#define matvec_amx(W, xp, y, B, in, out, add, tid, nt) ((void)0)
+#endif
+
 static int matvec_avx512_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add,
                               uint16_t *xh, int convert, int tid, int nt) {
     if (!HAVE_DP_BF16 || in % 32) return 0;
+    if (AMX_ROWS(B)) {  /* xh holds x packed for AMX: which layout depends on B and `in` alone */
+        if (convert) {
+            amx_pack(x, xh, B, in, tid, nt);
+            barrier(nt);
+        }
+        matvec_amx(W, xh, y, B, in, out, add, tid, nt);
+        return 1;
+    }
     if (convert) {
         SHARE(B * in, lo, hi);
         for (long i = lo; i < hi; i++) xh[i] = f2bf(x[i]);
@@ -272,9 +372,65 @@ static int matvec_avx512_f32(const float *W, const float *x, float *y, long B, l
 }
 #define MATVEC_FAST_bf16 matvec_avx512_bf16
 #define MATVEC_FAST_f32 matvec_avx512_f32
+
+/* One head's attention in intrinsics: o = softmax(scale * K q) V over positions first..pos of a
+ * row's cache. Scores 16 keys at a time, their sums gathered by reduce_4x4 (the portable loop
+ * below, vectorised along head_dim, reduced each key's sum lane by lane: ~4x slower at batch 16). */
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#define ATTEND(S, T)                                                                               \
+static int attend_avx512_##S(const float *qh, const T *kb, const T *vb, long first, long pos, long D, \
+                             float scale, float *p, float *o) {                                    \
+    if (D % 16 || D > 256) return 0;                                                               \
+    long nd = D / 16, t = first;                                                                   \
+    __m512 qv[16];                                                                                 \
+    for (long c = 0; c < nd; c++) qv[c] = _mm512_loadu_ps(qh + 16 * c);                            \
+    for (; t + 16 <= pos + 1; t += 16) {                                                           \
+        __m512 acc[4][4];                                                                          \
+        for (int j = 0; j < 16; j++) {  /* key t + j: its sum lands in lane j */                  \
+            const T *kt = kb + (t + j) * D;                                                        \
+            __m512 a = _mm512_mul_ps(qv[0], load16_##S(kt));                                       \
+            for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], load16_##S(kt + 16 * c), a);  \
+            acc[j % 4][j / 4] = a;                                                                 \
+        }                                                                                          \
+        _mm512_storeu_ps(p + t, _mm512_mul_ps(reduce_4x4(acc), _mm512_set1_ps(scale)));            \
+    }                                                                                              \
+    for (; t <= pos; t++) {                                                                        \
+        __m512 a = _mm512_mul_ps(qv[0], load16_##S(kb + t * D));                                   \
+        for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], load16_##S(kb + t * D + 16 * c), a); \
+        p[t] = _mm512_reduce_add_ps(a) * scale;                                                    \
+    }                                                                                              \
+    float m = -INFINITY, sum = 0.f;                                                                \
+    _Pragma("omp simd reduction(max:m)")                                                           \
+    for (long u = first; u <= pos; u++) m = p[u] > m ? p[u] : m;                                   \
+    _Pragma("omp simd")                                                                            \
+    for (long u = first; u <= pos; u++) p[u] = exp_f(p[u] - m);                                   \
+    _Pragma("omp simd reduction(+:sum)")                                                           \
+    for (long u = first; u <= pos; u++) sum += p[u];                                               \
+    __m512 inv = _mm512_set1_ps(1.f / sum);                                                        \
+    for (long c = 0; c < nd; c++) {  /* two sums over alternate positions: FMA latency */          \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                 \
+        const T *vc = vb + 16 * c;                                                                 \
+        for (t = first; t + 2 <= pos + 1; t += 2) {                                                \
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16_##S(vc + t * D), a0);                \
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 1]), load16_##S(vc + (t + 1) * D), a1);      \
+        }                                                                                          \
+        if (t <= pos) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16_##S(vc + t * D), a0);      \
+        _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0, a1), inv));                   \
+    }                                                                                              \
+    return 1;                                                                                      \
+}
+ATTEND(f32, float)
+ATTEND(bf16, uint16_t)
+#define ATTEND_FAST_f32 attend_avx512_f32
+#define ATTEND_FAST_bf16 attend_avx512_bf16
 #else
 #define MATVEC_FAST_bf16(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
 #define MATVEC_FAST_f32(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
+#define ATTEND_FAST_f32(qh, kb, vb, first, pos, D, scale, p, o) 0
+#define ATTEND_FAST_bf16(qh, kb, vb, first, pos, D, scale, p, o) 0
 #endif
 
 
@@ -419,6 +575,7 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
                 const float *qh = q + (b * H + h) * D;                                             \
                 const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
                 float *p = probs, m = -INFINITY, sum = 0.f;                                        \
+                if (ATTEND_FAST_##S(qh, kb, vb, first, pos, D, scale, p, att + (b * H + h) * D)) continue; \
                 long t = first;                                                                    \
                 for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */                \
                     const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;            \
@@ -437,8 +594,13 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
                     for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);             \
                     p[t] = dot * scale;                                                            \
                 }                                                                                  \
-                for (t = first; t <= pos; t++) m = p[t] > m ? p[t] : m;                            \
-                for (long t = first; t <= pos; t++) { p[t] = exp_f(p[t] - m); sum += p[t]; }        \
+                /* three loops, each vectorised (one loop with exp and the sum was scalar) */        \
+                _Pragma("omp simd reduction(max:m)")                                               \
+                for (long t = first; t <= pos; t++) m = p[t] > m ? p[t] : m;                       \
+                _Pragma("omp simd")                                                                \
+                for (long t = first; t <= pos; t++) p[t] = exp_f(p[t] - m);                        \
+                _Pragma("omp simd reduction(+:sum)")                                               \
+                for (long t = first; t <= pos; t++) sum += p[t];                                   \
                 float *o = att + (b * H + h) * D;                                                  \
                 for (long i = 0; i < D; i++) o[i] = 0.f;                                           \
                 for (long t = first; t <= pos; t++) {                                              \
@@ -482,11 +644,11 @@ void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, cons
 DECODE(f32, float)
 DECODE(bf16, uint16_t)
 
-/* Whether the matvecs of fp32 (bf16 = 0) or bf16 weights are this file's intrinsics, rather than
- * the portable loops, which are slower than PyTorch's matmuls for a prefill's many rows. */
+/* Whether the matvecs of fp32 (bf16 = 0) or bf16 weights over many rows are as fast as PyTorch's
+ * matmuls: fp32 with AVX-512, bf16 with AMX. The portable loops, and the bf16 dot products, are not. */
 int fast_matvec(int bf16) {
 #if defined(__AVX512F__)
-    return bf16 ? HAVE_DP_BF16 : 1;
+    return bf16 ? AMX_ROWS(AMX_MIN_ROWS) : 1;
 #else
     (void)bf16;
     return 0;
@@ -498,5 +660,6 @@ long scratch_floats(const long *dims, long B, int nt) {
     long Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV], D = dims[D_HEAD_DIM], I = dims[D_INTER];
     long widest = Hd > H * D ? Hd : H * D;  /* the longest matvec input, for xh */
     widest = widest > I ? widest : I;
-    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * dims[D_MAX_LEN] + (B * widest + 1) / 2;
+    long padded = (B + 15) / 16 * 16;  /* xh packed for AMX: whole blocks of 16 rows */
+    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * dims[D_MAX_LEN] + (padded * widest + 1) / 2;
 }

@@ -6,8 +6,8 @@ products and ~150 small ops per token for the `small` preset, each a dispatch of
 final norm, output projection — as one C call, one job for the C file's own thread pool
 (BENCHMARKS.md has the speed-up). The same call prefills: many tokens, each with its own cache
 row and position, logits only for the tokens asked for. The Engine uses that where it is as fast
-as PyTorch's matmuls (fp32 on a CPU with AVX-512: `CPUDecoder.prefills`), which also leaves no
-OpenMP threads spinning on the cores the next decode step needs.
+as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AMX), which also leaves
+no OpenMP threads spinning on the cores the next decode step needs.
 
 `CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
 or the machine does not fit: not on the CPU, weights not all fp32 or all bf16, MoE or MLA layers,
@@ -78,6 +78,12 @@ def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
 
 
 class CPUDecoder:
+    # The longest prompt the Engine prefills in C: its attention goes one query token at a time
+    # (fine for decoding, O(T^2) vector work for a prompt), so PyTorch's matmul attention wins
+    # beyond a few hundred tokens (`small`, one prompt: 64 tokens C 20 / PyTorch 25 ms in fp32,
+    # 10 / 12.5 in bf16; 512 tokens 151 / 152 and 64 / 49; 2000 tokens 990 / 700 and 640 / 230).
+    PREFILL_MAX_LEN = 256
+
     """`decoder(tokens [B], positions [B], cache) -> fp32 logits [B, vocab]`: one decode step in C.
 
     Writes each token's key and value at its position in `cache` (token b in cache row b, or in
@@ -91,10 +97,10 @@ class CPUDecoder:
         self.model, self.lib = model, lib
         self.dtype = next(model.parameters()).dtype
         self.step = getattr(lib, f"decode_step_{cpu_kernels.SUFFIX[self.dtype]}")
-        # Whether the Engine should prefill in C too: fp32 with the AVX-512 matvecs, which are as
-        # fast as PyTorch's matmuls for many rows (the portable loops take 2.5x as long; for bf16
-        # PyTorch's oneDNN matmuls, AMX where present, are faster).
-        self.prefills = self.dtype == torch.float32 and bool(lib.fast_matvec(0))
+        # Whether the Engine should prefill in C too: where the C matvecs are as fast as PyTorch's
+        # matmuls for many rows - fp32 with AVX-512, bf16 with AMX (the portable loops took 2.5x as
+        # long as PyTorch for 1024 fp32 prompt tokens, the bf16 dot products 5x as long as oneDNN).
+        self.prefills = bool(lib.fast_matvec(int(self.dtype == torch.bfloat16)))
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
         self.window = cfg.sliding_window or 0

@@ -3,7 +3,9 @@
 How a request runs (one function per step, read top to bottom):
 1. `submit` checks it and queues it.
 2. `_admit` takes the waiting requests that fit in free rows (and in `max_prefill_tokens`) and
-   prefills their prompts together in one forward, right-padded, one row each; it copies a
+   prefills their prompts together in one forward, right-padded, one row each (on a CPU, for
+   dense Llama-family models and prompts up to a few hundred tokens, one C call over the packed
+   prompts instead: cpu_decode.py); it copies a
    request's row of the cache to its other samples' rows (n samples share one prefill) and
    samples each one's first token from the logits of its prompt's last real token.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
@@ -351,7 +353,8 @@ class Engine:
         width, device = max(lengths), self.cache_device
         try:
             cache = self._rows(first, first + len(batch))
-            if self._cpu_decoder is not None and self._cpu_decoder.prefills:
+            decoder = self._cpu_decoder
+            if decoder is not None and decoder.prefills and width <= decoder.PREFILL_MAX_LEN:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
                 # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
                 # cores the next decode steps need, as PyTorch's forward does.
@@ -359,7 +362,7 @@ class Engine:
                 positions = torch.cat([torch.arange(n) for n in lengths])
                 rows = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
                 last = torch.tensor(lengths).cumsum(0) - 1
-                logits = self._cpu_decoder(ids, positions, cache, rows=rows, out=last)
+                logits = decoder(ids, positions, cache, rows=rows, out=last)
             else:
                 ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=device)
                 positions = torch.arange(width, device=device).expand(len(batch), width)
