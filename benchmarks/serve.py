@@ -1,30 +1,30 @@
 """Serving throughput: total generated tokens/s of `lmforge serve` with 1, 4 and 16 concurrent streaming clients.
 
 The `small` preset with random weights (and a tokenizer trained on the built-in corpus) is served by the real
-command, `lmforge serve`, in a subprocess on 127.0.0.1. Each client is a thread that sends streaming
-/v1/completions requests one after another (a fixed prompt of random text, a fixed number of new tokens via
-vLLM's `ignore_eos`, greedy) and counts the tokens the final usage chunk reports. A round gives every client
-the same bounded number of requests; throughput = all tokens of the round / its wall time. Each level runs
-several rounds and reports the median: the machine is shared and noisy.
+command, `lmforge serve`, in a subprocess on 127.0.0.1. Each client is a coroutine (all in one thread, raw
+HTTP) that sends streaming /v1/completions requests one after another (a fixed prompt of random text, a fixed
+number of new tokens via vLLM's `ignore_eos`, greedy) and counts the tokens the final usage chunk reports. A
+round gives every client the same bounded number of requests; throughput = all tokens of the round / its wall
+time. Each level runs several rounds and reports the median: the machine is shared and noisy.
 
 For the record beside the HTTP figures, the engine alone (in this process, no server) decodes a batch of 1
 and of 16, which separates what continuous batching gives from what the HTTP layer costs.
 
 Last line: one JSON object; "ratio" = tokens/s with 16 clients / tokens/s with 1 client (target >= 6).
 
-    python benchmarks/serve.py [--quick]
+    python benchmarks/serve.py [--quick] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,45 +46,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stream_completion(client: httpx.Client, url: str, body: dict) -> int:
-    """Send one streaming request, read it to [DONE]; the number of tokens its usage chunk reports."""
-    tokens = 0
-    with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: {") and '"usage": {' in line:
-                tokens = json.loads(line[len("data: "):])["usage"]["completion_tokens"]
-    return tokens
+async def stream_completion(port: int, body: bytes) -> int:
+    """Send one streaming request over a raw HTTP/1.1 connection and read it to the end; the number of
+    tokens its usage chunk reports. Raw asyncio rather than an HTTP client library: the clients share
+    the server's 2 cores, and 16 httpx client threads took ~0.6 of them at ~2700 tok/s (measured),
+    which the server then lacked. The body is parsed once, after the stream ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    chunks = []
+    while data := await reader.read(1 << 16):
+        chunks.append(data)
+    writer.close()
+    head, _, rest = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace"))
+    payload = bytearray()  # undo the chunked transfer encoding
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        size = int(size, 16)
+        payload += rest[:size]
+        rest = rest[size + 2:]
+    events = [line[len(b"data: "):] for line in payload.split(b"\n") if line.startswith(b"data: {")]
+    usage = [json.loads(e)["usage"] for e in events if b'"usage": {' in e]
+    if payload.rstrip().split(b"\n")[-1] != b"data: [DONE]" or not usage:
+        raise RuntimeError("stream did not end with a usage chunk and [DONE]")
+    return usage[-1]["completion_tokens"]
 
 
-def run_round(url: str, clients: int, requests_per_client: int, body: dict) -> float:
+def run_round(port: int, clients: int, requests_per_client: int, body: dict) -> float:
     """Every client sends its requests in turn; returns total generated tokens / wall seconds."""
-    counts = [0] * clients
-    start_together = threading.Barrier(clients + 1)
+    raw = json.dumps(body).encode()
 
-    def client_thread(i: int) -> None:
-        with httpx.Client(timeout=600) as client:
-            start_together.wait()
-            for _ in range(requests_per_client):
-                counts[i] += stream_completion(client, url, body)
+    async def client() -> int:
+        return sum([await stream_completion(port, raw) for _ in range(requests_per_client)])
 
-    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    start_together.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
+    async def all_clients() -> tuple[int, float]:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(client() for _ in range(clients)))
+        return sum(counts), time.perf_counter() - start
+
+    tokens, elapsed = asyncio.run(all_clients())
     expected = clients * requests_per_client * body["max_tokens"]
-    assert sum(counts) == expected, f"{sum(counts)} tokens generated, {expected} asked for"
-    return sum(counts) / elapsed
+    assert tokens == expected, f"{tokens} tokens generated, {expected} asked for"
+    return tokens / elapsed
 
 
-def engine_alone(model_dir: Path, prompt: list[int], new_tokens: int, batch: int, repeats: int) -> float:
+def engine_alone(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int, batch: int, repeats: int) -> float:
     """Tokens/s of the engine itself generating for `batch` copies of the prompt at once (prefill included,
     no HTTP), stepped by its background thread as under the server."""
-    engine = Engine.from_pretrained(model_dir, max_batch_size=batch, max_len=len(prompt) + new_tokens + 1)
+    engine = Engine.from_pretrained(model_dir, dtype=dtype, max_batch_size=batch, max_len=len(prompt) + new_tokens + 1)
     engine.start()  # its own thread, as under the server
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     try:
@@ -104,12 +116,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter replies, fewer rounds")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the served weights")
     args = parser.parse_args()
     rounds = 2 if args.quick else 3
     new_tokens = 24 if args.quick else args.new_tokens
     requests_per_client = {1: 4, 4: 2, 16: 1} if args.quick else {1: 8, 4: 4, 16: 2}
     cfg = preset("small")
-    print(f"small preset, random weights, fp32 on the CPU, {torch.get_num_threads()} threads; prompt "
+    print(f"small preset, random weights, {args.dtype} on the CPU, {torch.get_num_threads()} threads; prompt "
           f"{args.prompt_tokens} tokens, {new_tokens} new tokens (greedy, ignore_eos), streaming /v1/completions; "
           f"median of {rounds} rounds (shared machine: noisy)", flush=True)
     results: dict[str, float] = {}
@@ -123,7 +136,7 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir),
-                                   "--port", str(port), "--max-batch-size", str(max(LEVELS)),
+                                   "--port", str(port), "--dtype", args.dtype, "--max-batch-size", str(max(LEVELS)),
                                    "--max-len", str(args.prompt_tokens + new_tokens + 16)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -137,9 +150,9 @@ def main() -> None:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("lmforge serve did not start")
                 time.sleep(0.2)
-            run_round(url, 4, 1, body)  # warm-up: first forwards, thread pools, connections
+            run_round(port, 4, 1, body)  # warm-up: first forwards, thread pools, connections
             for clients in LEVELS:
-                speeds = [run_round(url, clients, requests_per_client[clients], body) for _ in range(rounds)]
+                speeds = [run_round(port, clients, requests_per_client[clients], body) for _ in range(rounds)]
                 results[f"clients_{clients}_tok_s"] = round(statistics.median(speeds), 1)
                 print(f"{clients:2d} clients  {statistics.median(speeds):7.1f} tok/s  "
                       f"(rounds: {', '.join(f'{s:.1f}' for s in speeds)})", flush=True)
@@ -148,7 +161,7 @@ def main() -> None:
             server.wait(timeout=60)
 
         for batch in (1, 16):
-            speed = engine_alone(model_dir, prompt.tolist(), new_tokens, batch, rounds)
+            speed = engine_alone(model_dir, args.dtype, prompt.tolist(), new_tokens, batch, rounds)
             results[f"engine_batch_{batch}_tok_s"] = round(speed, 1)
             print(f"engine alone, batch {batch:2d}  {speed:7.1f} tok/s", flush=True)
     results["ratio"] = round(results["clients_16_tok_s"] / results["clients_1_tok_s"], 2)
