@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/serve.py --dtype bfloat16
 
 lint: setup
 	$(BIN)/ruff check .
