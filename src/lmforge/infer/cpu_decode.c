@@ -447,11 +447,15 @@ enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV, D_HEAD_DIM, D_INTER, D_VOCAB, D_MAX_LE
 
 #define DECODE(S, T)                                                                               \
 /* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in], this thread's share of the outputs, then a     \
- * barrier. Blocks of 4 weight rows x 4 batch rows: 16 sums per pass, each weight element loaded    \
- * once per 4 batch rows; a short last block repeats its last row (computed, not stored). */       \
+ * barrier if `sync` (matvecs of the same input, q/k/v and gate/up, need one after the last only). \
+ * Blocks of 4 weight rows x 4 batch rows: 16 sums per pass, each weight element loaded once per   \
+ * 4 batch rows; a short last block repeats its last row (computed, not stored). */                \
 static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add,    \
-                       uint16_t *xh, int convert, int tid, int nt) {                               \
-    if (MATVEC_FAST_##S(W, x, y, B, in, out, add, xh, convert, tid, nt)) { barrier(nt); return; }  \
+                       uint16_t *xh, int convert, int sync, int tid, int nt) {                     \
+    if (MATVEC_FAST_##S(W, x, y, B, in, out, add, xh, convert, tid, nt)) {                         \
+        if (sync) barrier(nt);                                                                     \
+        return;                                                                                    \
+    }                                                                                              \
     SHARE((out + 3) / 4, lo, hi);                                                                  \
     long chunk = chunk_rows(in * sizeof(float));                                                   \
     for (long c0 = 0; c0 < B; c0 += chunk)                                                         \
@@ -495,7 +499,7 @@ static void matvec_##S(const T *W, const float *x, float *y, long B, long in, lo
                 }                                                                                  \
         }                                                                                          \
     }                                                                                              \
-    barrier(nt);                                                                                   \
+    if (sync) barrier(nt);                                                                         \
 }                                                                                                  \
                                                                                                    \
 static void rmsnorm_rows_##S(const float *x, const T *w, float *y, long B, long n, float eps,       \
@@ -556,9 +560,9 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
         void **lp = ptrs + P_LAYERS + l * L_N;                                                     \
         T *kc = (T *)lp[L_KCACHE], *vc = (T *)lp[L_VCACHE];                                        \
         rmsnorm_rows_##S(x, (const T *)lp[L_IN_NORM], xn, B, Hd, eps, tid, nt);                    \
-        matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0, xh, 1, tid, nt);                           \
-        matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0, xh, 0, tid, nt);                          \
-        matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0, xh, 0, tid, nt);                          \
+        matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0, xh, 1, 0, tid, nt);                           \
+        matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0, xh, 0, 0, tid, nt);                          \
+        matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0, xh, 0, 1, tid, nt);                          \
         {   /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */     \
             SHARE(B * (H + KV), lo, hi);                                                           \
             for (long bh = lo; bh < hi; bh++) {                                                    \
@@ -611,16 +615,16 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
             }                                                                                      \
             barrier(nt);                                                                           \
         }                                                                                          \
-        matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1, xh, 1, tid, nt);  /* residual add */ \
+        matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1, xh, 1, 1, tid, nt);  /* residual add */ \
         rmsnorm_rows_##S(x, (const T *)lp[L_POST_NORM], xn, B, Hd, eps, tid, nt);                  \
-        matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0, xh, 1, tid, nt);                  \
-        matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, xh, 0, tid, nt);                      \
+        matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0, xh, 1, 0, tid, nt);                  \
+        matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, xh, 0, 1, tid, nt);                      \
         {                                                                                          \
             SHARE(B * I, lo, hi);                                                                  \
             for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + exp_f(-gate[i])) * up[i];     \
             barrier(nt);                                                                           \
         }                                                                                          \
-        matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, xh, 1, tid, nt);  /* residual add */ \
+        matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, xh, 1, 1, tid, nt);  /* residual add */ \
     }                                                                                              \
     long n_out = B;                                                                                \
     if (out) {  /* the output tokens' rows to the front of x, in place, in order (out[i] >= i) */  \
@@ -630,7 +634,7 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
         barrier(nt);                                                                               \
     }                                                                                              \
     rmsnorm_rows_##S(x, (const T *)ptrs[P_NORM], xn, n_out, Hd, eps, tid, nt);                     \
-    matvec_##S((const T *)ptrs[P_HEAD], xn, logits, n_out, Hd, V, 0, xh, 1, tid, nt);              \
+    matvec_##S((const T *)ptrs[P_HEAD], xn, logits, n_out, Hd, V, 0, xh, 1, 1, tid, nt);              \
 }                                                                                                  \
                                                                                                    \
 void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens, \
