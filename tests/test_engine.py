@@ -352,6 +352,48 @@ def test_cancel_frees_the_row(tokenizer):
     assert engine._running == []
 
 
+def test_a_step_wakes_an_event_loop_once(engine, tokenizer):
+    """Requests iterated on one event loop get a step's events in one wake-up of that loop, not one per
+    token (each wake-up is a system call on the engine's thread), and each still gets all its events."""
+    prompts = [tokenizer.encode(t) for t in ["The lazy", "dog", "Café"]]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = [out.token_ids for (out,) in engine.generate(prompts, params)]
+    steps, wakeups, events = [], [], []
+    step = engine.step
+
+    def counted_step():
+        steps.append(1)
+        step()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args):
+            wakeups.append(1)
+            return call_soon_threadsafe(*args)
+
+        loop.call_soon_threadsafe = counted
+        requests = [engine.submit(p, params) for p in prompts]
+        engine.start()
+
+        async def tokens(request):
+            deltas = [d async for d in request.aiter()]
+            events.append(len(deltas) + 1)  # and the end of the stream
+            return [t for d in deltas for t in d.token_ids]
+
+        return await asyncio.gather(*(tokens(r) for r in requests))
+
+    engine.step = counted_step
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+        engine.step = step
+    assert got == expected
+    assert 1 <= len(wakeups) <= len(steps) < sum(events)  # one by one, a wake-up per event
+
+
 def test_async_iteration(engine, tokenizer):
     prompt = tokenizer.encode("The lazy")
     params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
