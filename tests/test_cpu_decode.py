@@ -27,11 +27,13 @@ LENGTHS = {"3 rows": [3, 9, 6], "7 rows": [3, 9, 6, 1, 12, 7, 4]}
 
 
 def _prefilled(model, dtype, lengths):
-    """Two caches holding the same right-padded prompts of different lengths."""
+    """Two caches holding the same right-padded prompts of different lengths (the padding is written
+    past each prompt's end, once per position: repeated positions would make which write lands, and
+    so the two caches, depend on PyTorch's scheduling; the decode steps overwrite it)."""
     torch.manual_seed(1)
     B, T = len(lengths), max(lengths)
     ids = torch.randint(0, model.config.vocab_size, (B, T))
-    pos = torch.tensor([[min(t, n - 1) for t in range(T)] for n in lengths])
+    pos = torch.arange(T).expand(B, T)
     caches = [KVCache(model.config, B, 40, dtype=dtype) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
