@@ -404,45 +404,57 @@ static int matvec_avx512_f32(const float *W, const float *x, float *y, long B, l
 #define MATVEC_FAST_bf16 matvec_avx512_bf16
 #define MATVEC_FAST_f32 matvec_avx512_f32
 
-/* One head's attention in intrinsics: o = softmax(scale * K q) V over positions first..pos of a
- * row's cache. Scores 16 keys at a time, their sums gathered by reduce_4x4 (the portable loop
- * below, vectorised along head_dim, reduced each key's sum lane by lane: ~4x slower at batch 16). */
+/* Attention of the G query heads that share one key/value head, in intrinsics: for each head g,
+ * o_g = softmax(scale * K q_g) V over positions first..pos of a row's cache. Keys 16 at a time
+ * (bf16 converted to fp32 once for all G heads), their sums gathered by reduce_4x4; then each value
+ * row is loaded once for all G heads. (The portable per-head loops below reduced each key's sum
+ * lane by lane and converted the cache once per head: ~4x slower at batch 16.) p: G rows of
+ * `pstride` scores. */
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+static inline const float *keys16_f32(const float *k, long D, float *buf) { (void)D; (void)buf; return k; }
+static inline const float *keys16_bf16(const uint16_t *k, long D, float *buf) {
+    for (long i = 0; i < 16 * D; i += 16) _mm512_storeu_ps(buf + i, load16_bf16(k + i));
+    return buf;
+}
 #define ATTEND(S, T)                                                                               \
-static int attend_avx512_##S(const float *qh, const T *kb, const T *vb, long first, long pos, long D, \
-                             float scale, float *p, float *o) {                                    \
-    if (D % 16 || D > 256) return 0;                                                               \
+static int attend_avx512_##S(const float *qg, const T *kb, const T *vb, long first, long pos, long D, \
+                             long G, float scale, float *p, long pstride, float *og) {             \
+    if (D % 16 || D > 256 || G > 16) return 0;                                                     \
     long nd = D / 16, t = first;                                                                   \
-    __m512 qv[16];                                                                                 \
-    for (long c = 0; c < nd; c++) qv[c] = _mm512_loadu_ps(qh + 16 * c);                            \
+    float kbuf[16 * 256];                                                                          \
     for (; t + 16 <= pos + 1; t += 16) {                                                           \
-        __m512 acc[4][4];                                                                          \
-        for (int j = 0; j < 16; j++) {  /* key t + j: its sum lands in lane j */                  \
-            const T *kt = kb + (t + j) * D;                                                        \
-            __m512 a = _mm512_mul_ps(qv[0], load16_##S(kt));                                       \
-            for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], load16_##S(kt + 16 * c), a);  \
-            acc[j % 4][j / 4] = a;                                                                 \
+        const float *kf = keys16_##S(kb + t * D, D, kbuf);                                         \
+        for (long g = 0; g < G; g++) {                                                             \
+            __m512 qv[16], acc[4][4];                                                              \
+            for (long c = 0; c < nd; c++) qv[c] = _mm512_loadu_ps(qg + g * D + 16 * c);            \
+            for (int j = 0; j < 16; j++) {  /* key t + j: its sum lands in lane j */              \
+                __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kf + j * D));                      \
+                for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kf + j * D + 16 * c), a); \
+                acc[j % 4][j / 4] = a;                                                             \
+            }                                                                                      \
+            _mm512_storeu_ps(p + g * pstride + t, _mm512_mul_ps(reduce_4x4(acc), _mm512_set1_ps(scale))); \
         }                                                                                          \
-        _mm512_storeu_ps(p + t, _mm512_mul_ps(reduce_4x4(acc), _mm512_set1_ps(scale)));            \
     }                                                                                              \
-    for (; t <= pos; t++) {                                                                        \
-        __m512 a = _mm512_mul_ps(qv[0], load16_##S(kb + t * D));                                   \
-        for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], load16_##S(kb + t * D + 16 * c), a); \
-        p[t] = _mm512_reduce_add_ps(a) * scale;                                                    \
-    }                                                                                              \
-    __m512 inv = _mm512_set1_ps(1.f / softmax_exp(p, first, pos));                                 \
-    for (long c = 0; c < nd; c++) {  /* two sums over alternate positions: FMA latency */          \
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                 \
-        const T *vc = vb + 16 * c;                                                                 \
-        for (t = first; t + 2 <= pos + 1; t += 2) {                                                \
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16_##S(vc + t * D), a0);                \
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 1]), load16_##S(vc + (t + 1) * D), a1);      \
+    for (; t <= pos; t++)                                                                          \
+        for (long g = 0; g < G; g++) {                                                             \
+            __m512 a = _mm512_setzero_ps();                                                        \
+            for (long c = 0; c < nd; c++)                                                          \
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + 16 * c), load16_##S(kb + t * D + 16 * c), a); \
+            p[g * pstride + t] = _mm512_reduce_add_ps(a) * scale;                                  \
         }                                                                                          \
-        if (t <= pos) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16_##S(vc + t * D), a0);      \
-        _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0, a1), inv));                   \
+    float inv[16];                                                                                 \
+    for (long g = 0; g < G; g++) inv[g] = 1.f / softmax_exp(p + g * pstride, first, pos);          \
+    for (long c = 0; c < nd; c++) {                                                                \
+        __m512 acc[16];                                                                            \
+        for (long g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                                 \
+        for (t = first; t <= pos; t++) {                                                           \
+            __m512 v = load16_##S(vb + t * D + 16 * c);                                            \
+            for (long g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * pstride + t]), v, acc[g]); \
+        }                                                                                          \
+        for (long g = 0; g < G; g++) _mm512_storeu_ps(og + g * D + 16 * c, _mm512_mul_ps(acc[g], _mm512_set1_ps(inv[g]))); \
     }                                                                                              \
     return 1;                                                                                      \
 }
@@ -453,8 +465,8 @@ ATTEND(bf16, uint16_t)
 #else
 #define MATVEC_FAST_bf16(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
 #define MATVEC_FAST_f32(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
-#define ATTEND_FAST_f32(qh, kb, vb, first, pos, D, scale, p, o) 0
-#define ATTEND_FAST_bf16(qh, kb, vb, first, pos, D, scale, p, o) 0
+#define ATTEND_FAST_f32(qg, kb, vb, first, pos, D, G, scale, p, pstride, og) 0
+#define ATTEND_FAST_bf16(qg, kb, vb, first, pos, D, G, scale, p, pstride, og) 0
 #endif
 
 
@@ -565,8 +577,8 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
     long window = dims[D_WINDOW], G = H / KV;                                                      \
     float *x = a->scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                 \
     float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;  \
-    float *probs = up + B * I + tid * M;  /* [nt, M]: this thread's attention weights */            \
-    uint16_t *xh = (uint16_t *)(up + B * I + nt * M);  /* a matvec's input in bf16 (bf16 weights) */ \
+    float *probs = up + B * I + tid * G * M;  /* [nt, G, M]: this thread's attention weights */     \
+    uint16_t *xh = (uint16_t *)(up + B * I + nt * G * M);  /* a matvec's input in bf16 (bf16 weights) */ \
     const T *embed = (const T *)ptrs[P_EMBED];                                                     \
     {                                                                                              \
         SHARE(B, lo, hi);                                                                          \
@@ -595,15 +607,17 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
             }                                                                                      \
             barrier(nt);                                                                           \
         }                                                                                          \
-        {   /* Attention of each (token, head) over its row's cached positions; dealt out in turn  \
-             * (a prefill's later tokens attend to more positions). */                             \
-            for (long bh = tid; bh < B * H; bh += nt) {                                            \
-                long b = bh / H, h = bh % H, kvh = h / G, pos = positions[b];                      \
+        {   /* Attention of each (token, key/value head) - its G query heads - over its row's      \
+             * cached positions; dealt out in turn (a prefill's later tokens attend to more). */   \
+            for (long bk = tid; bk < B * KV; bk += nt) {                                           \
+                long b = bk / KV, kvh = bk % KV, pos = positions[b];                               \
                 long first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;            \
-                const float *qh = q + (b * H + h) * D;                                             \
                 const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
+                float *qg = q + (b * H + kvh * G) * D, *og = att + (b * H + kvh * G) * D;         \
+                if (ATTEND_FAST_##S(qg, kb, vb, first, pos, D, G, scale, probs, M, og)) continue;  \
+                for (long g = 0; g < G; g++) {                                                     \
+                const float *qh = qg + g * D;                                                      \
                 float *p = probs, sum;                                                             \
-                if (ATTEND_FAST_##S(qh, kb, vb, first, pos, D, scale, p, att + (b * H + h) * D)) continue; \
                 long t = first;                                                                    \
                 for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */                \
                     const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;            \
@@ -623,12 +637,13 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
                     p[t] = dot * scale;                                                            \
                 }                                                                                  \
                 sum = softmax_exp(p, first, pos);                                                  \
-                float *o = att + (b * H + h) * D;                                                  \
+                float *o = og + g * D;                                                             \
                 for (long i = 0; i < D; i++) o[i] = 0.f;                                           \
                 for (long t = first; t <= pos; t++) {                                              \
                     float w = p[t] / sum;                                                          \
                     _Pragma("omp simd")                                                            \
                     for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);                \
+                }                                                                                  \
                 }                                                                                  \
             }                                                                                      \
             barrier(nt);                                                                           \
@@ -683,5 +698,6 @@ long scratch_floats(const long *dims, long B, int nt) {
     long widest = Hd > H * D ? Hd : H * D;  /* the longest matvec input, for xh */
     widest = widest > I ? widest : I;
     long padded = (B + 15) / 16 * 16;  /* xh packed for AMX: whole blocks of 16 rows */
-    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * dims[D_MAX_LEN] + (padded * widest + 1) / 2;
+    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * (H / KV) * dims[D_MAX_LEN]
+           + (padded * widest + 1) / 2;
 }
