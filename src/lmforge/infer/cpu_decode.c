@@ -692,6 +692,18 @@ int fast_matvec(int bf16) {
 #endif
 }
 
+/* 0 if every token id is in [0, vocab), row in [0, rows) and position in [0, max_len); else which
+ * is not: 1 an id, 2 a row, 3 a position. */
+int bad_input(long B, const int64_t *tokens, long vocab, const int64_t *rows, long n_rows, const int64_t *positions,
+              long max_len) {
+    for (long b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= vocab) return 1;
+        if (rows[b] < 0 || rows[b] >= n_rows) return 2;
+        if (positions[b] < 0 || positions[b] >= max_len) return 3;
+    }
+    return 0;
+}
+
 /* Floats of scratch decode_step needs for B tokens and nt threads. */
 long scratch_floats(const long *dims, long B, int nt) {
     long Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV], D = dims[D_HEAD_DIM], I = dims[D_INTER];
