@@ -538,6 +538,7 @@ static void rmsnorm_rows_##S(const float *x, const T *w, float *y, long B, long 
     for (long b = lo; b < hi; b++) {                                                               \
         const float *xb = x + b * n; float *yb = y + b * n;                                        \
         float ss = 0.f;                                                                            \
+        _Pragma("omp simd reduction(+:ss)")  /* else a scalar loop: strict fp order */            \
         for (long i = 0; i < n; i++) ss += xb[i] * xb[i];                                          \
         float s = 1.f / sqrtf(ss / (float)n + eps);                                                \
         for (long i = 0; i < n; i++) yb[i] = xb[i] * s * LD_##S(w, i);                             \
