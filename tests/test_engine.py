@@ -352,28 +352,27 @@ def test_cancel_frees_the_row(tokenizer):
     assert engine._running == []
 
 
-def test_a_step_wakes_an_event_loop_once(engine, tokenizer):
-    """Requests iterated on one event loop get a step's events in one wake-up of that loop, not one per
-    token (each wake-up is a system call on the engine's thread), and each still gets all its events."""
+def test_a_step_wakes_an_event_loop_once(engine, tokenizer, monkeypatch):
+    """Requests iterated on one event loop get a step's events in one hand-off to that loop (one
+    call_soon_threadsafe, a system call on the engine's thread), not one per token, and each request
+    still gets all its events."""
+    import lmforge.infer.engine as engine_module
+
     prompts = [tokenizer.encode(t) for t in ["The lazy", "dog", "Café"]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     expected = [out.token_ids for (out,) in engine.generate(prompts, params)]
-    steps, wakeups, events = [], [], []
-    step = engine.step
+    steps, handoffs, events = [], [], []
+    step, send = engine.step, engine_module._send
 
     def counted_step():
         steps.append(1)
         step()
 
+    def counted_send(loop, items):
+        handoffs.append(len(items))
+        send(loop, items)
+
     async def main():
-        loop = asyncio.get_running_loop()
-        call_soon_threadsafe = loop.call_soon_threadsafe
-
-        def counted(*args):
-            wakeups.append(1)
-            return call_soon_threadsafe(*args)
-
-        loop.call_soon_threadsafe = counted
         requests = [engine.submit(p, params) for p in prompts]
         engine.start()
 
@@ -384,14 +383,15 @@ def test_a_step_wakes_an_event_loop_once(engine, tokenizer):
 
         return await asyncio.gather(*(tokens(r) for r in requests))
 
-    engine.step = counted_step
+    monkeypatch.setattr(engine, "step", counted_step)
+    monkeypatch.setattr(engine_module, "_send", counted_send)
     try:
         got = asyncio.run(main())
     finally:
         engine.stop()
-        engine.step = step
     assert got == expected
-    assert 1 <= len(wakeups) <= len(steps) < sum(events)  # one by one, a wake-up per event
+    # one by one there would be a hand-off per event (len(handoffs) == sum(events))
+    assert 1 <= len(handoffs) <= len(steps) < sum(events) and sum(handoffs) == sum(events)
 
 
 def test_async_iteration(engine, tokenizer):
