@@ -115,6 +115,10 @@ def test_bad_steps_are_refused():
     cache = KVCache(model.config, 2, 8)
     with pytest.raises(ValueError, match="vocabulary"):
         decoder(torch.tensor([1, model.config.vocab_size]), torch.tensor([0, 0]), cache)
+    with pytest.raises(ValueError, match="vocabulary"):  # lists, as the Engine passes them
+        decoder([1, -1], [0, 0], cache)
+    torch.testing.assert_close(decoder([5, 6], [0, 0], KVCache(model.config, 2, 8)),
+                               decoder(torch.tensor([5, 6]), torch.tensor([0, 0]), KVCache(model.config, 2, 8)))
     with pytest.raises(ValueError, match="max_len"):
         decoder(torch.tensor([1, 2]), torch.tensor([0, 8]), cache)
     with pytest.raises(ValueError, match="rows"):

@@ -422,13 +422,13 @@ class Engine:
 
     def _decode(self) -> None:
         k = len(self._running)
-        device = self.cache_device
-        tokens = torch.tensor([[s.last_token] for s in self._running], device=device)
-        positions = torch.tensor([[s.position] for s in self._running], device=device)
+        tokens, positions = [s.last_token for s in self._running], [s.position for s in self._running]
         if self._cpu_decoder is not None:
-            logits = self._cpu_decoder(tokens[:, 0], positions[:, 0], self._rows(0, k))
+            logits = self._cpu_decoder(tokens, positions, self._rows(0, k))
         else:
-            logits = self._last_logits(tokens, positions, self._rows(0, k))
+            device = self.cache_device
+            ids = torch.tensor(tokens, device=device)[:, None]
+            logits = self._last_logits(ids, torch.tensor(positions, device=device)[:, None], self._rows(0, k))
         for sample in self._running:
             sample.position += 1
         self._advance(list(self._running), logits)
