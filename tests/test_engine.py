@@ -472,6 +472,28 @@ def test_a_closed_event_loop_cancels_its_request(tokenizer):
         engine.stop()
 
 
+def test_prompts_past_the_c_prefill_limit_go_through_pytorch(tokenizer, monkeypatch):
+    """The dense fp32 model prefills in C up to CPUDecoder.PREFILL_MAX_LEN prompt tokens (where the C
+    matvecs are fast enough, CPUDecoder.prefills); a batch with a longer prompt goes through the
+    model's forward. Both give the tokens of a PyTorch-only engine."""
+    model = make_model(tokenizer)
+    fast, slow = Engine(model, tokenizer, max_batch_size=4), Engine(model, tokenizer, max_batch_size=4)
+    slow._cpu_decoder = None
+    monkeypatch.setattr(fast._cpu_decoder, "PREFILL_MAX_LEN", 6)
+    short, long = tokenizer.encode("dog")[:6], tokenizer.encode("Café, naïve, façade. The quick")
+    assert len(long) > 6
+    shapes, hook = prefill_recorder(model)
+    for prompt in (short, long):
+        (ours,), = fast.generate([prompt], GREEDY)
+        (theirs,), = slow.generate([prompt], GREEDY)
+        assert ours.token_ids == theirs.token_ids
+    hook.remove()
+    # the model's forward ran for both prompts of the slow engine, and for the fast one's long prompt
+    # (its short one too where this CPU's C matvecs are not used for prefill)
+    in_pytorch = [len(long)] if fast._cpu_decoder.prefills else [len(short), len(long)]
+    assert sorted(t for _, t in shapes if t > 1) == sorted([len(short), len(long), *in_pytorch])
+
+
 def test_engine_decodes_in_c_when_it_can_and_agrees_with_pytorch(tokenizer):
     """The dense fp32 model prefills and decodes through cpu_decode.c; the same requests (prompts of
     different lengths, n=2) through PyTorch's forward give the same tokens (greedy and seeded

@@ -5,9 +5,9 @@
  *
  * Why: at batch 1 a 25M-parameter model's step is ~60 small matrix-vector products and ~150 other
  * ops; through PyTorch each is a dispatch of several microseconds and the matvecs stream weights at
- * a fraction of the memory bandwidth. Here the whole step is one parallel job for a small thread pool: each matvec
- * streams its weight rows once for all batch rows (nn.Linear's [out, in] layout, a dot product per
- * output), and the threads meet only at the barriers between dependent stages. The same step
+ * a fraction of the memory bandwidth. Here the whole step is one parallel job for a small thread
+ * pool: each matvec streams its weight rows once for all batch rows (nn.Linear's [out, in] layout,
+ * a dot product per output), and the threads meet only at the barriers between dependent stages. The same step
  * prefills prompts: their tokens are rows too, each with its own cache row and position, in
  * chunks of rows that stay in L2 while the weights stream by.
  *
@@ -262,8 +262,6 @@ static void matvec_blocks(const void *W, int bf16, const void *X, float *y, long
     }
 }
 
-/* xh: x in bf16, shared by the threads; `convert` fills it (a split job, then a barrier), the
- * matvecs that follow on the same x (k and v after q, up after gate) reuse it. */
 /* With AMX (Intel Sapphire Rapids and later), bf16 matvecs over several batch rows run on the tile
  * unit: 16 weight rows x 32 inputs (a tile loaded straight from W) times the same 32 inputs of 16
  * batch rows (x converted to bf16 and packed in pairs, AMX's layout for the second operand) give a
@@ -374,6 +372,9 @@ static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, 
 #define matvec_amx(W, xp, y, B, in, out, add, tid, nt) ((void)0)
 #endif
 
+/* xh: x in bf16 (packed for AMX when the tiles take it), shared by the threads; `convert` fills it
+ * (a split job, then a barrier), the matvecs that follow on the same x (k and v after q, up after
+ * gate) reuse it. */
 static int matvec_avx512_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add,
                               uint16_t *xh, int convert, int tid, int nt) {
     if (!HAVE_DP_BF16 || in % 32) return 0;
@@ -557,8 +558,8 @@ static void rope_head_##S(float *x, const T *c, const T *s, long D) {           
 }                                                                                                  \
                                                                                                    \
 /* B tokens, token b at position positions[b] of cache row rows[b]; cos/sin [max_len, head_dim]   \
- * tables by position; logits                                                                       \
- * [n_out, vocab] out for the tokens out[0] < out[1] < ... (NULL: all B); scratch: scratch_floats. \
+ * tables by position; logits [n_out, vocab] out for the tokens out[0] < out[1] < ... (NULL: all  \
+ * B); scratch: scratch_floats.                                                                    \
  * Cache buffers are [B_cache, KV, max_len, head_dim]. A decode step is one token per row; a       \
  * prefill is a row's whole prompt (its keys and values are all written before any attention).    */ \
 typedef struct {                                                                                   \
@@ -617,34 +618,34 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
                 float *qg = q + (b * H + kvh * G) * D, *og = att + (b * H + kvh * G) * D;         \
                 if (ATTEND_FAST_##S(qg, kb, vb, first, pos, D, G, scale, probs, M, og)) continue;  \
                 for (long g = 0; g < G; g++) {                                                     \
-                const float *qh = qg + g * D;                                                      \
-                float *p = probs, sum;                                                             \
-                long t = first;                                                                    \
-                for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */                \
-                    const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;            \
-                    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;                                  \
-                    _Pragma("omp simd reduction(+:d0, d1, d2, d3)")                                \
-                    for (long i = 0; i < D; i++) {                                                 \
-                        float qi = qh[i];                                                          \
-                        d0 += qi * LD_##S(k0, i); d1 += qi * LD_##S(k1, i);                        \
-                        d2 += qi * LD_##S(k2, i); d3 += qi * LD_##S(k3, i);                        \
+                    const float *qh = qg + g * D;                                                  \
+                    float *p = probs;                                                              \
+                    long t = first;                                                                \
+                    for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */            \
+                        const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;        \
+                        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;                              \
+                        _Pragma("omp simd reduction(+:d0, d1, d2, d3)")                            \
+                        for (long i = 0; i < D; i++) {                                             \
+                            float qi = qh[i];                                                      \
+                            d0 += qi * LD_##S(k0, i); d1 += qi * LD_##S(k1, i);                    \
+                            d2 += qi * LD_##S(k2, i); d3 += qi * LD_##S(k3, i);                    \
+                        }                                                                          \
+                        p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale; \
                     }                                                                              \
-                    p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale; \
-                }                                                                                  \
-                for (; t <= pos; t++) {                                                            \
-                    float dot = 0.f;                                                               \
-                    _Pragma("omp simd reduction(+:dot)")                                           \
-                    for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);             \
-                    p[t] = dot * scale;                                                            \
-                }                                                                                  \
-                sum = softmax_exp(p, first, pos);                                                  \
-                float *o = og + g * D;                                                             \
-                for (long i = 0; i < D; i++) o[i] = 0.f;                                           \
-                for (long t = first; t <= pos; t++) {                                              \
-                    float w = p[t] / sum;                                                          \
-                    _Pragma("omp simd")                                                            \
-                    for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);                \
-                }                                                                                  \
+                    for (; t <= pos; t++) {                                                        \
+                        float dot = 0.f;                                                           \
+                        _Pragma("omp simd reduction(+:dot)")                                       \
+                        for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);         \
+                        p[t] = dot * scale;                                                        \
+                    }                                                                              \
+                    float sum = softmax_exp(p, first, pos);                                        \
+                    float *o = og + g * D;                                                         \
+                    for (long i = 0; i < D; i++) o[i] = 0.f;                                       \
+                    for (long t = first; t <= pos; t++) {                                          \
+                        float w = p[t] / sum;                                                      \
+                        _Pragma("omp simd")                                                        \
+                        for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);            \
+                    }                                                                              \
                 }                                                                                  \
             }                                                                                      \
             barrier(nt);                                                                           \

@@ -70,7 +70,7 @@ def unsupported(model: Transformer) -> str | None:
     return None
 
 
-def _int64s(values: torch.Tensor | list[int], n: int) -> torch.Tensor | ctypes.Array:
+def _int64s(values: torch.Tensor | list[int] | range, n: int) -> torch.Tensor | ctypes.Array:
     """n int64s for C: a contiguous tensor, or, for a list (the Engine's tokens and positions), a
     ctypes array - ~0.3 us where building a tensor takes ~5 (more with the caches cold after a step)."""
     if isinstance(values, torch.Tensor):
@@ -91,19 +91,20 @@ def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
 
 
 class CPUDecoder:
-    # The longest prompt the Engine prefills in C: its attention goes one query token at a time
-    # (fine for decoding, O(T^2) vector work for a prompt), so PyTorch's matmul attention wins
-    # beyond a few hundred tokens (`small`, one prompt: 64 tokens C 20 / PyTorch 25 ms in fp32,
-    # 10 / 12.5 in bf16; 512 tokens 151 / 152 and 64 / 49; 2000 tokens 990 / 700 and 640 / 230).
-    PREFILL_MAX_LEN = 256
-
     """`decoder(tokens [B], positions [B], cache) -> fp32 logits [B, vocab]`: one decode step in C.
 
     Writes each token's key and value at its position in `cache` (token b in cache row b, or in
     `rows[b]`), exactly where the PyTorch forward pass would, so the two paths can alternate.
     With `rows` and `out`, the same call prefills: the tokens are whole prompts, packed (a prompt's
     tokens in order, in its row), and only the tokens at indices `out` (increasing) get logits.
+    tokens, positions and rows may be tensors or lists of ints.
     """
+
+    # The longest prompt the Engine prefills in C: its attention goes one query token at a time
+    # (fine for decoding, O(T^2) vector work for a prompt), so PyTorch's matmul attention wins
+    # beyond a few hundred tokens (`small`, one prompt: 64 tokens C 20 / PyTorch 25 ms in fp32,
+    # 10 / 12.5 in bf16; 512 tokens 151 / 152 and 64 / 49; 2000 tokens 990 / 700 and 640 / 230).
+    PREFILL_MAX_LEN = 256
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
         cfg = model.config
@@ -119,7 +120,7 @@ class CPUDecoder:
         self.window = cfg.sliding_window or 0
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per cache max_len
         self._dims: dict[int, ctypes.Array] = {}  # per cache max_len
-        self._aranges: dict[int, torch.Tensor] = {}
+        self._aranges: dict[int, ctypes.Array] = {}  # rows 0..B-1, a decode step's
         self._scratch = torch.empty(0)  # grown to the largest call so far
         self._weights = [model.model.embed_tokens.weight, model.model.norm.weight, model.output_weight]
         self._layer_weights = [_layer_weights(layer) for layer in model.model.layers]
@@ -157,7 +158,7 @@ class CPUDecoder:
         return self._rope[length]
 
     def __call__(self, tokens: torch.Tensor | list[int], positions: torch.Tensor | list[int], cache: KVCache,
-                 rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 rows: torch.Tensor | list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.model.config
         B = len(tokens)
         tokens, positions = _int64s(tokens, B), _int64s(positions, B)
@@ -165,9 +166,10 @@ class CPUDecoder:
             if cache.batch_size != B:
                 raise ValueError(f"batch of {B} rows for a cache of {cache.batch_size}")
             if B not in self._aranges:
-                self._aranges[B] = torch.arange(B)
+                self._aranges[B] = _int64s(range(B), B)
             rows = self._aranges[B]
-        rows = _int64s(rows, B)
+        else:
+            rows = _int64s(rows, B)
         # the ids, rows and positions checked in C: a loop over B, where six PyTorch reductions
         # cost ~20 us a step
         bad = self.lib.bad_input(B, _address(tokens), cfg.vocab_size, _address(rows), cache.batch_size,

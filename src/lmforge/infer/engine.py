@@ -379,9 +379,9 @@ class Engine:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
                 # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
                 # cores the next decode steps need, as PyTorch's forward does.
-                ids = torch.tensor([t for r in batch for t in r.prompt])
-                positions = torch.cat([torch.arange(n) for n in lengths])
-                rows = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+                ids = [t for r in batch for t in r.prompt]
+                positions = [p for n in lengths for p in range(n)]
+                rows = [i for i, n in enumerate(lengths) for _ in range(n)]
                 last = torch.tensor(lengths).cumsum(0) - 1
                 logits = decoder(ids, positions, cache, rows=rows, out=last)
             else:
