@@ -1,6 +1,7 @@
 """Decode steps in C (infer/cpu_decode.c) against the PyTorch forward pass they replace."""
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,9 +153,11 @@ def test_portable_paths(monkeypatch, tmp_path, flag, dtype):
     test_decode_steps_match_pytorch("variant", dtype, "7 rows")
     test_prefill_of_packed_prompts_matches_pytorch("variant", dtype)
     assert len(list((tmp_path / "kernels").glob("cpu_decode-*.so"))) == 1
-    # the Engine prefills in C only with the AVX-512 matvecs (fp32) or AMX (bf16)
+    # the Engine prefills in C only with the AVX-512 matvecs (fp32) or AVX512-BF16 dot products (bf16)
     decoder = CPUDecoder.create(build_model(preset("tiny"), seed=0).to(dtype))
-    assert decoder.prefills == (dtype == torch.float32 and flag != "-mno-avx512f")
+    cpu_flags = Path("/proc/cpuinfo").read_text().split()
+    needed = "avx512f" if dtype == torch.float32 else "avx512_bf16"
+    assert decoder.prefills == (needed in cpu_flags and flag not in ("-mno-avx512f", "-mno-avx512bf16"))
 
 
 def test_steps_from_several_threads_at_once():

@@ -6,7 +6,7 @@ products and ~150 small ops per token for the `small` preset, each a dispatch of
 final norm, output projection — as one C call, one job for the C file's own thread pool
 (BENCHMARKS.md has the speed-up). The same call prefills: many tokens, each with its own cache
 row and position, logits only for the tokens asked for. The Engine uses that where it is as fast
-as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AMX), which also leaves
+as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AVX512-BF16), which also leaves
 no OpenMP threads spinning on the cores the next decode step needs.
 
 `CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
@@ -112,8 +112,8 @@ class CPUDecoder:
         self.dtype = next(model.parameters()).dtype
         self.step = getattr(lib, f"decode_step_{cpu_kernels.SUFFIX[self.dtype]}")
         # Whether the Engine should prefill in C too: where the C matvecs are as fast as PyTorch's
-        # matmuls for many rows - fp32 with AVX-512, bf16 with AMX (the portable loops took 2.5x as
-        # long as PyTorch for 1024 fp32 prompt tokens, the bf16 dot products 5x as long as oneDNN).
+        # matmuls for many rows: fp32 with AVX-512, bf16 with AVX512-BF16 (fast_matvec in the C file
+        # has the measurements).
         self.prefills = bool(lib.fast_matvec(int(self.dtype == torch.bfloat16)))
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
