@@ -5,10 +5,11 @@ command, `lmforge serve`, in a subprocess on 127.0.0.1. Each client is a corouti
 HTTP) that sends streaming /v1/completions requests one after another (a fixed prompt of random text, a fixed
 number of new tokens via vLLM's `ignore_eos`, greedy) and counts the tokens the final usage chunk reports. A
 round gives every client the same bounded number of requests; throughput = all tokens of the round / its wall
-time. Each level runs several rounds and reports the median: the machine is shared and noisy.
+time. The levels take turns (1, 4, 16 clients, then again), so that each sees the same share of the shared
+machine's swings in speed, and each reports the median of its rounds.
 
 For the record beside the HTTP figures, the engine alone (in this process, no server) decodes a batch of 1
-and of 16, which separates what continuous batching gives from what the HTTP layer costs.
+and of 16, in turns too, which separates what continuous batching gives from what the HTTP layer costs.
 
 Last line: one JSON object; "ratio" = tokens/s with 16 clients / tokens/s with 1 client (target >= 6).
 
@@ -93,22 +94,26 @@ def run_round(port: int, clients: int, requests_per_client: int, body: dict) -> 
     return tokens / elapsed
 
 
-def engine_alone(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int, batch: int, repeats: int) -> float:
+def engine_alone(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int, batches: tuple[int, ...],
+                 repeats: int) -> dict[int, float]:
     """Tokens/s of the engine itself generating for `batch` copies of the prompt at once (prefill included,
-    no HTTP), stepped by its background thread as under the server."""
-    engine = Engine.from_pretrained(model_dir, dtype=dtype, max_batch_size=batch, max_len=len(prompt) + new_tokens + 1)
+    no HTTP), stepped by its background thread as under the server; the batch sizes take turns, the median of
+    `repeats` each."""
+    engine = Engine.from_pretrained(model_dir, dtype=dtype, max_batch_size=max(batches),
+                                    max_len=len(prompt) + new_tokens + 1)
     engine.start()  # its own thread, as under the server
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    speeds: dict[int, list[float]] = {batch: [] for batch in batches}
     try:
         engine.generate([prompt], params)  # warm-up
-        speeds = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            engine.generate([prompt] * batch, params)
-            speeds.append(batch * new_tokens / (time.perf_counter() - start))
+            for batch in batches:
+                start = time.perf_counter()
+                engine.generate([prompt] * batch, params)
+                speeds[batch].append(batch * new_tokens / (time.perf_counter() - start))
     finally:
         engine.stop()
-    return statistics.median(speeds)
+    return {batch: statistics.median(s) for batch, s in speeds.items()}
 
 
 def main() -> None:
@@ -118,7 +123,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the served weights")
     args = parser.parse_args()
-    rounds = 2 if args.quick else 3
+    rounds = 2 if args.quick else 5
     new_tokens = 24 if args.quick else args.new_tokens
     requests_per_client = {1: 4, 4: 2, 16: 1} if args.quick else {1: 8, 4: 4, 16: 2}
     cfg = preset("small")
@@ -151,17 +156,19 @@ def main() -> None:
                     raise SystemExit("lmforge serve did not start")
                 time.sleep(0.2)
             run_round(port, 4, 1, body)  # warm-up: first forwards, thread pools, connections
-            for clients in LEVELS:
-                speeds = [run_round(port, clients, requests_per_client[clients], body) for _ in range(rounds)]
-                results[f"clients_{clients}_tok_s"] = round(statistics.median(speeds), 1)
-                print(f"{clients:2d} clients  {statistics.median(speeds):7.1f} tok/s  "
-                      f"(rounds: {', '.join(f'{s:.1f}' for s in speeds)})", flush=True)
+            speeds: dict[int, list[float]] = {clients: [] for clients in LEVELS}
+            for _ in range(rounds):
+                for clients in LEVELS:
+                    speeds[clients].append(run_round(port, clients, requests_per_client[clients], body))
+            for clients, runs in speeds.items():
+                results[f"clients_{clients}_tok_s"] = round(statistics.median(runs), 1)
+                print(f"{clients:2d} clients  {statistics.median(runs):7.1f} tok/s  "
+                      f"(rounds: {', '.join(f'{s:.1f}' for s in runs)})", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=60)
 
-        for batch in (1, 16):
-            speed = engine_alone(model_dir, args.dtype, prompt.tolist(), new_tokens, batch, rounds)
+        for batch, speed in engine_alone(model_dir, args.dtype, prompt.tolist(), new_tokens, (1, 16), rounds).items():
             results[f"engine_batch_{batch}_tok_s"] = round(speed, 1)
             print(f"engine alone, batch {batch:2d}  {speed:7.1f} tok/s", flush=True)
     results["ratio"] = round(results["clients_16_tok_s"] / results["clients_1_tok_s"], 2)
