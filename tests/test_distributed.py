@@ -31,7 +31,8 @@ def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume
                       save_every=2, eval_every=2, device="cpu", resume=resume, precision=precision,
                       activation_checkpointing=activation_checkpointing,
                       optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1))
-    data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world)
+    # masked prompts: the ranks' micro-batches train on unequal numbers of tokens, each token weighs the same
+    data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world, prompts=True)
     trainer = Trainer(cfg, tiny_model(seed=3), causal_lm_loss, data, val_data=data.validation())
     return trainer.fit()
 

@@ -124,8 +124,10 @@ def test_loss_decreases_and_outputs(tmp_path):
     assert (result.model_dir / "model.safetensors").is_file()
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
-    """k micro-batches of n rows = one batch of k*n rows (same rows): equal grad norms and weights."""
+@pytest.mark.parametrize("prompts", [False, True])
+def test_grad_accumulation_equals_one_big_batch(tmp_path, prompts):
+    """k micro-batches of n rows = one batch of k*n rows (same rows): equal grad norms and weights, also
+    when the micro-batches train on unequal numbers of tokens (masked prompts: each token weighs the same)."""
 
     class Halves(RandomBatches):  # micro-batch j of step s holds half j of the global batch s
         def __next__(self):
@@ -134,8 +136,9 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
             self.index += 1
             return {k: v[half] for k, v in full.items()}
 
-    big = Trainer(config(tmp_path / "big", steps=3), tiny_model(), causal_lm_loss, RandomBatches(4))
-    small = Trainer(config(tmp_path / "small", steps=3, grad_accum=2), tiny_model(), causal_lm_loss, Halves(4))
+    big = Trainer(config(tmp_path / "big", steps=3), tiny_model(), causal_lm_loss, RandomBatches(4, prompts=prompts))
+    small = Trainer(config(tmp_path / "small", steps=3, grad_accum=2), tiny_model(), causal_lm_loss,
+                    Halves(4, prompts=prompts))
     a, b = big.fit(), small.fit()
     torch.testing.assert_close([h["grad_norm"] for h in a.history], [h["grad_norm"] for h in b.history])
     torch.testing.assert_close([h["loss"] for h in a.history], [h["loss"] for h in b.history])

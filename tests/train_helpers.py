@@ -23,10 +23,14 @@ def tiny_model(seed: int = 0, **overrides):
 
 class RandomBatches:
     """Batch i of the global stream is `global_batch` rows of seeded tokens with a learnable pattern
-    (each row counts up from a random start, mod VOCAB); rank r of `world` takes rows r::world."""
+    (each row counts up from a random start, mod VOCAB); rank r of `world` takes rows r::world. `prompts`:
+    each row's first 0..seq_len-1 labels are -100 (a different number per row), as SFT masks prompts, so
+    rows, micro-batches and ranks train on unequal numbers of tokens."""
 
-    def __init__(self, global_batch: int = 4, seq_len: int = 16, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, global_batch: int = 4, seq_len: int = 16, seed: int = 0, rank: int = 0, world: int = 1,
+                 prompts: bool = False):
         self.global_batch, self.seq_len, self.seed, self.rank, self.world = global_batch, seq_len, seed, rank, world
+        self.prompts = prompts
         self.index = 0
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -34,8 +38,11 @@ class RandomBatches:
         start = torch.randint(0, VOCAB, (self.global_batch, 1), generator=g)
         noise = torch.randint(0, 3, (self.global_batch, self.seq_len + 1), generator=g)
         tokens = (start + torch.arange(self.seq_len + 1) + noise) % VOCAB
-        tokens = tokens[self.rank::self.world]
-        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+        labels = tokens[:, 1:].clone()
+        if self.prompts:
+            masked = (index * self.global_batch + torch.arange(self.global_batch)) * 7 % self.seq_len
+            labels[torch.arange(self.seq_len) < masked[:, None]] = -100
+        return {"input_ids": tokens[self.rank::self.world, :-1], "labels": labels[self.rank::self.world]}
 
     def __iter__(self):
         return self

@@ -3,14 +3,17 @@ all run through `Trainer`.
 
 A stage supplies only what differs between stages:
     model       the nn.Module to train (parameters with requires_grad=False stay frozen)
-    loss_fn     loss_fn(model, batch) -> (scalar loss, metrics dict); the mean over the batch
+    loss_fn     loss_fn(model, batch) -> (scalar loss, metrics dict); the mean over the batch: over its
+                trained tokens (labels != -100) when the batch has "labels", as causal_lm_loss
     train_data  an iterator of batches (dicts of tensors) with state_dict()/load_state_dict(), so that
                 resuming continues with the very next batch
     val_data    optional: a function returning a fresh, finite iterable of validation batches
 and the Trainer does the rest, step by step (`fit`):
     1. lr from the schedule (a function of the step)
     2. grad_accum micro-batches: forward + loss under the precision's autocast, backward; gradients
-       are all-reduced only on the last one (DDP no_sync / FSDP set_requires_gradient_sync)
+       are all-reduced only on the last one (DDP no_sync / FSDP set_requires_gradient_sync). Batches
+       with "labels" weigh by their trained tokens, so the step's loss is the mean over all trained
+       tokens of all micro-batches and processes, as one batch would give (`_micro_weights`)
     3. gradient norm (clipped when optim.grad_clip > 0); a non-finite loss or norm stops the run, or
        skips the step with skip_nonfinite
     4. AdamW step (fused where available), with fp32 master weights for "bf16-pure"
@@ -80,6 +83,7 @@ from torch import nn
 
 from lmforge.checkpoint import save_model
 from lmforge.settings import parse_args
+from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.schedule import lr_at
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -395,6 +399,22 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _micro_weights(self, batches: list[dict]) -> list[float]:
+        """Each micro-batch's share of the step's loss, over all micro-batches of all processes (they sum
+        to 1). With "labels": its trained tokens / all trained tokens, so that accumulation and data
+        parallelism give the mean over every trained token, as one big batch would. Micro-batches of
+        unequal token counts (SFT's masked prompts and padding) otherwise weigh each token unequally:
+        the accumulation bug transformers fixed with `num_items_in_batch` (v4.46). Other batches: equal
+        shares."""
+        env = self.env
+        if not all(torch.is_tensor(b.get("labels")) for b in batches):
+            return [1.0 / (len(batches) * env.world_size)] * len(batches)
+        counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).double()
+        total = counts.sum()
+        if env.distributed:
+            dist.all_reduce(total)
+        return (counts / total.clamp(min=1)).tolist()
+
     def train_step(self) -> dict[str, float]:
         cfg, env = self.cfg, self.env
         lr = lr_at(self.step, cfg.steps, cfg.optim.lr, cfg.optim.lr * cfg.optim.min_lr_ratio,
@@ -406,16 +426,18 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
         expert_load = [torch.zeros_like(m.expert_load) for m in self.moe_layers]
-        for micro in range(cfg.grad_accum):
-            batch = self._to_device(next(self.train_data))
+        batches = [self._to_device(next(self.train_data)) for _ in range(cfg.grad_accum)]
+        weights = self._micro_weights(batches)
+        for micro, (batch, weight) in enumerate(zip(batches, weights)):
             with self._sync_context(micro == cfg.grad_accum - 1), _autocast(env, cfg.precision):
                 loss, metrics = self.loss_fn(self.model, batch)
-            scaled = loss / cfg.grad_accum
+            # DDP and FSDP average the gradients over the processes: hence * world_size
+            scaled = loss * (weight * env.world_size)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float() * weight
             for k, v in metrics.items():
                 v = torch.as_tensor(v, dtype=torch.float32, device=env.device).detach()
-                metric_sums[k] = metric_sums.get(k, 0) + v
+                metric_sums[k] = metric_sums.get(k, 0) + (v if k == "tokens" else v * weight)
             tokens += batch["input_ids"].numel()
             for total, m in zip(expert_load, self.moe_layers):
                 total += m.expert_load
@@ -429,13 +451,13 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.optim_params, max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        # Loss and metrics averaged over ranks, tokens summed: every rank takes the same decision below.
+        # Loss and metrics: weighted sums over the ranks (the weights of all ranks sum to 1), tokens
+        # summed: every rank takes the same decision below.
         keys = sorted(k for k in metric_sums if k != "tokens")
-        stats = torch.stack([loss_sum, *(metric_sums[k] for k in keys)]) / cfg.grad_accum
+        stats = torch.stack([loss_sum, *(metric_sums[k] for k in keys)])
         stats = torch.cat([stats, torch.tensor([float(tokens)], device=env.device)])
         if env.distributed:
             dist.all_reduce(stats)
-            stats[:-1] /= env.world_size
         loss_value, *metric_values, step_tokens = stats.tolist()
         step_tokens, grad_norm_value = int(step_tokens), grad_norm.item()
         finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or self.scaler is not None)
