@@ -30,7 +30,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from lmforge.checkpoint import save_model  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.infer.engine import Engine, SamplingParams  # noqa: E402
-from lmforge.infer.server import create_app  # noqa: E402
+from lmforge.infer.server import create_app, served_name  # noqa: E402
 from lmforge.model import build_model  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
@@ -552,6 +552,10 @@ def test_cli_serve_with_api_key(model_dir):
             except httpx.TransportError:
                 assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
                 time.sleep(0.1)
+        if Path("/proc/net/tcp").exists():  # the listening socket itself: 127.0.0.1 only, not 0.0.0.0
+            listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                         if line.split()[3] == "0A" and line.split()[1].endswith(f":{port:04X}")]
+            assert listening == [f"0100007F:{port:04X}"]
         name = "served-tiny"
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         (model,) = good.models.list().data
@@ -568,3 +572,14 @@ def test_cli_serve_with_api_key(model_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_served_name_is_the_directory_as_given(tmp_path):
+    """A run's `final` link serves as "final", the name the README's client sends, not as the checkpoint
+    it links to."""
+    checkpoint = tmp_path / "run" / "checkpoint-000012"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "run" / "final").symlink_to(checkpoint.name)
+    assert served_name(str(tmp_path / "run" / "final")) == "final"
+    assert served_name(str(tmp_path / "run" / "final") + "/") == "final"
+    assert served_name(str(checkpoint / "..")) == "run"

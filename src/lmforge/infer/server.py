@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -587,6 +588,12 @@ class ServeConfig:
     max_len: int | None = field(default=None, metadata={"help": "context length of each slot (default: engine's)"})
 
 
+def served_name(model: str) -> str:
+    """The model id clients send by default: the directory's name as given, links not followed, so
+    `--model runs/pretrain/final` serves "final" (not the checkpoint-NNNNNN it links to)."""
+    return Path(os.path.abspath(model)).name
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(ServeConfig, argv, prog="lmforge serve",
                      description="Serve a model over OpenAI's HTTP API, with a web chat at /.")
@@ -595,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                     max_batch_size=cfg.max_batch_size, max_len=cfg.max_len)
-    name = cfg.name or Path(cfg.model).resolve().name
+    name = cfg.name or served_name(cfg.model)
     engine.start()
     try:
         print(f"serving '{name}' at http://{cfg.host}:{cfg.port}  (web chat: /, OpenAI API: /v1)", flush=True)
