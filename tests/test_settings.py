@@ -72,3 +72,21 @@ def test_cli_unknown_command(capsys):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert cli_main(["--help"]) == 0
     assert "quickstart" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_resume_alias(tmp_path, stage, capsys):
+    """`--resume auto` (and a top-level `resume:` in YAML) set train.resume, as the issue's commands write it."""
+    from lmforge.train.pretrain import PretrainConfig
+    from lmforge.train.sft import SFTConfig
+
+    cls = {"pretrain": PretrainConfig, "sft": SFTConfig}[stage]
+    assert parse_args_or_raise(cls, ["--resume", "auto"]).train.resume == "auto"
+    assert parse_args_or_raise(cls, ["--resume=runs/x/checkpoint-000002"]).train.resume == "runs/x/checkpoint-000002"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("resume: auto\ntrain:\n  steps: 7\n")
+    cfg = parse_args_or_raise(cls, ["--config", str(recipe)])
+    assert (cfg.train.resume, cfg.train.steps) == ("auto", 7)
+    assert "--resume  the same as --train.resume" in format_help(cls, "lmforge " + stage)
+    with pytest.raises(ConfigError, match="unknown option '--resumes'"):
+        parse_args_or_raise(cls, ["--resumes", "auto"])

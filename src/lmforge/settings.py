@@ -183,7 +183,15 @@ def format_help(cls, prog: str, description: str = "") -> str:
             lines.append(line + (f"  {help_text}" if help_text else ""))
 
     walk(cls(), "")
+    for alias, dotted in _aliases(cls).items():
+        lines.append(f"  --{alias.replace('_', '-')}  the same as --{dotted.replace('_', '-')}")
     return "\n".join(lines)
+
+
+def _aliases(cls) -> dict[str, str]:
+    """A config class's short names for nested options (`ALIASES = {"resume": "train.resume"}`), accepted
+    as flags and as top-level YAML keys."""
+    return getattr(cls, "ALIASES", {})
 
 
 def parse_args(cls, argv: list[str] | None = None, prog: str = "lmforge", description: str = "",
@@ -218,6 +226,10 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if isinstance(data, dict):
+            for alias, dotted in _aliases(cls).items():
+                if alias in data:
+                    set_path(cfg, dotted, data.pop(alias), source=str(path))
         apply_dict(cfg, data, source=str(path))
     i = 0
     while i < len(argv):
@@ -232,6 +244,7 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
         value: str | None = None
         if "=" in key:
             key, value = key.split("=", 1)
+        key = _aliases(cls).get(key.replace("-", "_"), key)
         values = []
         if value is not None:
             values = [value]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,8 @@ from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult
 
 @dataclass
 class PretrainConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto` (settings.py)
+
     model: str = field(default="tiny", metadata={"help": f"a preset ({', '.join(PRESETS)}) or an HF model dir"})
     data: str = field(default="runs/data", metadata={"help": "directory of shards from `lmforge prepare`"})
     tokenizer: str | None = field(default=None, metadata={

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -42,6 +42,8 @@ class FreezeSettings:
 
 @dataclass
 class SFTConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto` (settings.py)
+
     model: str = field(default="runs/pretrain/final", metadata={
         "help": "the HF model dir to fine-tune (a preset name starts from random weights)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir (default: the model dir)"})
