@@ -87,3 +87,28 @@ def test_chat_history_reset_system_exit(model_dir, engine, monkeypatch, capsys):
                        {"role": "user", "content": "How are you"}])
     third = expected([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
     assert replies == [first, second, third]
+
+
+def test_generate_stop_token_ids_ignore_eos_and_logprobs(model_dir, engine, capsys):
+    """--stop-token-ids, --ignore-eos and --logprobs/--top-logprobs give what the engine gives for the
+    same SamplingParams; the log-probs go to stderr as JSON lines, stdout keeps only the completion."""
+    import json
+
+    prompt = engine.tokenizer.encode("The quick brown", add_special_tokens=True)
+    (free,), = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    stop_id = free.token_ids[6]
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_id], ignore_eos=True,
+                            logprobs=True, top_logprobs=3)
+    (expected,), = engine.generate([prompt], params)
+    assert expected.finish_reason == "stop" and expected.token_ids[-1] == stop_id
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "The quick brown", "--max-new-tokens", "12",
+                "--temperature", "0", "--stop-token-ids", str(stop_id), "--ignore-eos", "--top-logprobs", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected.text + "\n"
+    lines = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]
+    assert [line["id"] for line in lines] == expected.token_ids
+    for line, lp in zip(lines, expected.logprobs):
+        assert line["logprob"] == pytest.approx(lp.logprob, abs=1e-6) and line["token"] == lp.text
+        assert [t["id"] for t in line["top_logprobs"]] == [i for i, _, _ in lp.top] and len(lp.top) == 3
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--top-logprobs", "99"]) == 2
+    assert "top_logprobs" in capsys.readouterr().err

@@ -2,11 +2,12 @@
 
 Stdout carries only the completion (streamed as it is produced), so the command composes in
 scripts: `answer=$(lmforge generate --model runs/sft --prompt "2+2=" --temperature 0)`.
-Everything else (load time, speed) goes to stderr.
+Everything else (load time, speed, and with --logprobs one JSON line per token) goes to stderr.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,12 +37,16 @@ class SamplingOptions:
     frequency_penalty: float = field(default=0.0, metadata={"help": "OpenAI-style frequency penalty"})
     seed: int | None = field(default=None, metadata={"help": "same seed -> same text"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings (not included in the output)"})
+    stop_token_ids: list[int] = field(default_factory=list, metadata={
+        "help": "token ids that end the output (not included), besides the end-of-text ones"})
+    ignore_eos: bool = field(default=False, metadata={"help": "keep going past end-of-text tokens"})
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, **extra) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=list(self.stop))
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, **extra)
 
     def engine(self) -> Engine:
         if not self.model:
@@ -57,6 +62,9 @@ class SamplingOptions:
 class GenerateConfig(SamplingOptions):
     prompt: str = field(default="", metadata={"help": "the text to continue"})
     chat: bool = field(default=False, metadata={"help": "send the prompt as a user message, in the chat template"})
+    logprobs: bool = field(default=False, metadata={
+        "help": "after the completion, each token's log-prob as a JSON line on stderr"})
+    top_logprobs: int = field(default=0, metadata={"help": "and its k most likely alternatives (implies --logprobs)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         tok = engine.tokenizer
         # An empty prompt means unconditional text: start from BOS, or from the end-of-text token as GPT-2 does.
         prompt = tok.encode(cfg.prompt, add_special_tokens=True) or [tok.eos_id if tok.bos_id is None else tok.bos_id]
-    params = cfg.sampling_params()
     try:
+        params = cfg.sampling_params(logprobs=cfg.logprobs or cfg.top_logprobs > 0, top_logprobs=cfg.top_logprobs)
         request = engine.submit(prompt, params)
     except ValueError as e:
         print(f"lmforge generate: error: {e}", file=sys.stderr)
@@ -87,4 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(f"{len(output.token_ids)} tokens in {seconds:.2f}s ({len(output.token_ids) / seconds:.1f} tok/s), "
           f"finish_reason={output.finish_reason}", file=sys.stderr)
+    for lp in output.logprobs or []:  # one line per generated token, OpenAI's field names
+        print(json.dumps({"token": lp.text, "id": lp.token_id, "logprob": lp.logprob,
+                          "top_logprobs": [{"token": text, "id": i, "logprob": v} for i, text, v in lp.top]},
+                         ensure_ascii=False), file=sys.stderr)
     return 0
