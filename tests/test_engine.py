@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import apply_penalties, draw, filter_logits
+from lmforge.infer.sampling import SamplerState, apply_penalties, choose_tokens, draw, filter_logits
 from lmforge.model import build_model
 from lmforge.tokenizer import train_tokenizer
 
@@ -195,6 +195,17 @@ def test_draw_follows_the_distribution():
     counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(4000)]), minlength=6)
     assert counts[[0, 2, 5]].sum() == 0  # never a token of probability 0
     torch.testing.assert_close(counts / 4000, probs, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_samples_softmax_of_logits_over_t(temperature):
+    """Tokens chosen with temperature T follow softmax(logits / T), the definition transformers' and
+    OpenAI's temperature share (T < 1 sharpens, T > 1 flattens)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    state = SamplerState(SamplingParams(temperature=temperature), [], 5, seed=0)
+    draws = torch.tensor([choose_tokens(logits, [state])[0] for _ in range(6000)])
+    expected = (logits[0] / temperature).softmax(-1)
+    torch.testing.assert_close(torch.bincount(draws, minlength=5) / 6000, expected, atol=0.02, rtol=0)
 
 
 def test_seeded_sampling_is_reproducible(engine, tokenizer):

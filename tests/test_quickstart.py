@@ -15,6 +15,9 @@ def test_quickstart_smoke(tmp_path, capsys):
     model_dir = out / "pretrain" / "checkpoint-000004"
     assert f"lmforge chat --model {model_dir}" in printed and f"lmforge serve --model {model_dir}" in printed
     assert (out / "pretrain" / "loss.png").stat().st_size > 0
+    assert f"loss curve: {out / 'pretrain' / 'loss.png'}" in printed
+    sample = printed.split("    sample:\n", 1)[1].split("\n\n", 1)[0]  # the prompt, then generated text
+    assert sample.startswith("      ROMEO:") and len(sample.strip()) > len("ROMEO:")
     model = load_model(model_dir)
     assert model.config.vocab_size == 400
     assert json.loads((out / "data" / "manifest.json").read_text())["vocab_size"] == 400

@@ -119,6 +119,11 @@ def test_loss_decreases_and_outputs(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
     assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows if "loss" in r)
+    for r in rows:  # MFU = achieved FLOP/s / peak, from the given flops_per_token and peak_flops
+        if "loss" in r:
+            assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 1e6 / 1e11, rel=1e-3)
+        if "val_loss" in r:
+            assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
     assert result.loss_curve.stat().st_size > 1000
     assert (tmp_path / "final").resolve() == result.model_dir.resolve()
     assert (result.model_dir / "model.safetensors").is_file()
@@ -210,6 +215,41 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     assert not all(torch.equal(seen[1][n], after[n]) for n in after)  # while step 2 did train
 
 
+def test_nonfinite_gradient_with_a_finite_loss_stops(tmp_path):
+    """The guard reads the gradient norm too: a finite loss whose gradient is NaN stops the run, untrained."""
+    seen = []
+
+    def poisoned(model, batch):
+        seen.append(params(model))
+        loss, metrics = causal_lm_loss(model, batch)
+        if len(seen) == 2:  # sqrt'(0) = inf, times 0: NaN gradients under a finite loss
+            loss = loss + torch.sqrt(sum(p.sum() for p in model.parameters()) * 0.0)
+        return loss, metrics
+
+    trainer = Trainer(config(tmp_path, steps=3), tiny_model(), poisoned, RandomBatches(4))
+    with pytest.raises(NonFiniteError, match="step 2"):
+        trainer.fit()
+    after = params(trainer.inner)
+    assert all(torch.equal(seen[1][n], after[n]) for n in after)
+
+
+def test_gradient_clipping(tmp_path):
+    """optim.grad_clip scales the gradients the optimizer sees to that norm; the log keeps the norm before."""
+    trainer = Trainer(config(tmp_path, steps=3, optim=OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=0.05)),
+                      tiny_model(), causal_lm_loss, RandomBatches(4))
+    seen = []
+    step = trainer.optimizer.step
+
+    def observed_step(*args, **kwargs):
+        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.optim_params])).item())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = observed_step
+    logged = [h["grad_norm"] for h in trainer.fit().history]
+    assert all(n > 0.5 for n in logged)  # well above the limit: clipping had work to do
+    assert seen == pytest.approx([0.05] * 3, rel=1e-4)
+
+
 def test_nonfinite_step_is_skipped_when_configured(tmp_path):
     calls = 0
 
@@ -228,12 +268,16 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path):
 
 
 def test_precisions_and_activation_checkpointing(tmp_path):
-    """Activation checkpointing changes nothing; bf16 (autocast) and bf16-pure train close to fp32."""
-    runs = {}
+    """Activation checkpointing changes nothing but recomputes each block in backward; bf16 (autocast) and
+    bf16-pure train close to fp32."""
+    runs, mlp_calls = {}, {}
     for name, kw in {"fp32": {}, "ckpt": dict(activation_checkpointing=True), "bf16": dict(precision="bf16"),
                      "bf16-pure": dict(precision="bf16-pure")}.items():
         trainer = Trainer(config(tmp_path / name, steps=4, **kw), tiny_model(), causal_lm_loss, RandomBatches(4))
+        calls = mlp_calls[name] = []  # a pre-hook: the recomputation stops once it has what backward needs
+        trainer.inner.model.layers[0].mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         runs[name] = (trainer.fit(), trainer)
+    assert (len(mlp_calls["fp32"]), len(mlp_calls["ckpt"])) == (4, 8)  # once per step; again in backward
     fp32 = [h["loss"] for h in runs["fp32"][0].history]
     assert [h["loss"] for h in runs["ckpt"][0].history] == pytest.approx(fp32, rel=1e-6)
     for name in ("bf16", "bf16-pure"):
@@ -247,9 +291,13 @@ def test_precisions_and_activation_checkpointing(tmp_path):
 
 
 def test_compile_matches_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
     eager = Trainer(config(tmp_path / "eager", steps=2), tiny_model(), causal_lm_loss, RandomBatches(4)).fit()
+    counters.clear()
     compiled = Trainer(config(tmp_path / "compiled", steps=2, compile=True), tiny_model(), causal_lm_loss,
                        RandomBatches(4)).fit()
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo did compile the blocks
     assert [h["loss"] for h in compiled.history] == pytest.approx([h["loss"] for h in eager.history], rel=1e-4)
 
 
