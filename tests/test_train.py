@@ -24,7 +24,7 @@ from lmforge.train.trainer import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomBatches, one_thread, tiny_config, tiny_model  # noqa: E402, F401
+from train_helpers import VOCAB, RandomBatches, one_thread, tiny_config, tiny_model  # noqa: E402, F401
 
 
 def config(run_dir, **kw) -> TrainConfig:
@@ -55,6 +55,33 @@ def test_chunked_cross_entropy_equals_full_logits(dtype):
     torch.testing.assert_close(loss, reference, **tol)
     torch.testing.assert_close(grads[0], hidden.grad, **tol)
     torch.testing.assert_close(grads[1], weight.grad, **tol)
+
+
+def test_causal_lm_loss_never_holds_more_than_a_chunk_of_logits():
+    """Forward and backward of the training loss create no vocabulary-wide tensor of more than chunk_size
+    rows (every op's output recorded below the autograd layer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == VOCAB
+                        and t.untyped_storage().data_ptr() not in inputs):  # views (w.T) hold no memory
+                    Largest.rows = max(Largest.rows, t.numel() // VOCAB)
+            return out
+
+    model, batch = tiny_model(), RandomBatches(4, 16).batch(0)  # 64 tokens
+    with Largest():
+        loss, _ = causal_lm_loss(model, batch, chunk_size=8)
+        loss.backward()
+    assert Largest.rows == 8
+    with Largest():  # the recording sees the full logits when they exist
+        causal_lm_loss(model, batch, chunk_size=64)
+    assert Largest.rows == 64
 
 
 def test_chunked_cross_entropy_all_ignored_is_zero_not_nan():
