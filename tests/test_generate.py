@@ -27,11 +27,12 @@ def engine(model_dir):
 def test_generate_prints_only_the_completion(model_dir, engine, capsys):
     prompt = "The quick brown"
     params = SamplingParams(max_tokens=15, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01,
-                            repetition_penalty=1.1, seed=3)
+                            repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.3, seed=3)
     (expected,), = engine.generate([engine.tokenizer.encode(prompt)], params)
     assert cli(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "15",
                 "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.01",
-                "--repetition-penalty", "1.1", "--seed", "3"]) == 0
+                "--repetition-penalty", "1.1", "--presence-penalty", "0.5", "--frequency-penalty", "0.3",
+                "--seed", "3"]) == 0
     captured = capsys.readouterr()
     assert captured.out == expected.text + "\n"
     assert "tok/s" in captured.err

@@ -205,6 +205,13 @@ def test_n_samples_and_seed(live):
     assert first.usage.completion_tokens == sum(len(o.token_ids) for o in expected)
     other = client.chat.completions.create(**{**kw, "seed": 99})
     assert [c.message.content for c in other.choices] != texts
+    # streamed: each chunk names its choice; every choice streams its own sample and ends with its reason
+    streamed, reasons = ["", "", ""], [None, None, None]
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert streamed == texts and reasons == [o.finish_reason for o in expected]
 
 
 def test_sampling_parameters_reach_the_engine(live):
