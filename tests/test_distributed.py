@@ -26,15 +26,34 @@ STEPS, GLOBAL_BATCH, ACCUM = 4, 4, 2
 
 
 def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume: str | None = None,
-        precision: str = "fp32", activation_checkpointing: bool = False):
-    cfg = TrainConfig(run_dir=str(run_dir), steps=STEPS, grad_accum=ACCUM, distributed=distributed, progress=False,
-                      save_every=2, eval_every=2, device="cpu", resume=resume, precision=precision,
+        precision: str = "fp32", activation_checkpointing: bool = False, steps: int = STEPS, grad_accum: int = ACCUM,
+        on_trainer=None):
+    cfg = TrainConfig(run_dir=str(run_dir), steps=steps, grad_accum=grad_accum, distributed=distributed,
+                      progress=False, save_every=2, eval_every=2, device="cpu", resume=resume, precision=precision,
                       activation_checkpointing=activation_checkpointing,
                       optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1))
     # masked prompts: the ranks' micro-batches train on unequal numbers of tokens, each token weighs the same
     data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world, prompts=True)
     trainer = Trainer(cfg, tiny_model(seed=3), causal_lm_loss, data, val_data=data.validation())
+    if on_trainer:
+        on_trainer(trainer)
     return trainer.fit()
+
+
+def allreduce_rounds(run_dir, rank: int, world: int, grad_accum: int) -> int:
+    """DDP's gradient all-reduces (bucket hand-offs) in a 2-step run: the same with 1 and with 2 micro-batches
+    a step when the first micro-batch's backward skips them (no_sync)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+
+    run(run_dir, rank, world, "ddp", steps=2, grad_accum=grad_accum,
+        on_trainer=lambda trainer: trainer.model.register_comm_hook(None, counting))
+    return len(calls)
 
 
 def worker(mode: str, out: str) -> None:
@@ -50,6 +69,8 @@ def worker(mode: str, out: str) -> None:
     # (there with activation checkpointing too, which recomputes each sharded block in backward)
     bf16 = run(out_dir / "bf16", rank, world, mode, precision="bf16-pure", activation_checkpointing=mode == "fsdp")
     report["bf16_losses"] = [h["loss"] for h in bf16.history]
+    if mode == "ddp":
+        report["allreduces"] = [allreduce_rounds(out_dir / f"sync{k}", rank, world, k) for k in (1, 2)]
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
@@ -85,6 +106,9 @@ def test_two_processes_match_one(mode, single, single_bf16, tmp_path):
     torch.testing.assert_close(report["bf16_losses"], [h["loss"] for h in single_bf16.history], rtol=2e-2, atol=0)
     if mode == "fsdp":
         torch.testing.assert_close(report["resumed_losses"], expected[2:], rtol=1e-5, atol=1e-5)
+    else:  # gradient accumulation all-reduces once a step, on the last micro-batch
+        one, two = report["allreduces"]
+        assert one > 0 and two == one, report["allreduces"]
 
 
 if __name__ == "__main__":
