@@ -40,9 +40,10 @@ def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume
     return trainer.fit()
 
 
-def allreduce_rounds(run_dir, rank: int, world: int, grad_accum: int) -> int:
-    """DDP's gradient all-reduces (bucket hand-offs) in a 2-step run: the same with 1 and with 2 micro-batches
-    a step when the first micro-batch's backward skips them (no_sync)."""
+def gradient_syncs(run_dir, rank: int, world: int, mode: str, grad_accum: int) -> int:
+    """The gradient collectives of a 2-step run: DDP's all-reduces (bucket hand-offs, counted by a comm
+    hook), FSDP's reduce-scatters. The same with 1 and with 2 micro-batches a step when only the last
+    micro-batch's backward communicates (DDP no_sync, FSDP set_requires_gradient_sync)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     calls = []
@@ -51,8 +52,23 @@ def allreduce_rounds(run_dir, rank: int, world: int, grad_accum: int) -> int:
         calls.append(1)
         return allreduce_hook(state, bucket)
 
-    run(run_dir, rank, world, "ddp", steps=2, grad_accum=grad_accum,
-        on_trainer=lambda trainer: trainer.model.register_comm_hook(None, counting))
+    if mode == "ddp":
+        run(run_dir, rank, world, mode, steps=2, grad_accum=grad_accum,
+            on_trainer=lambda trainer: trainer.model.register_comm_hook(None, counting))
+        return len(calls)
+    dist = torch.distributed
+    name = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    original = getattr(dist, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counted)
+    try:
+        run(run_dir, rank, world, mode, steps=2, grad_accum=grad_accum)
+    finally:
+        setattr(dist, name, original)
     return len(calls)
 
 
@@ -69,8 +85,7 @@ def worker(mode: str, out: str) -> None:
     # (there with activation checkpointing too, which recomputes each sharded block in backward)
     bf16 = run(out_dir / "bf16", rank, world, mode, precision="bf16-pure", activation_checkpointing=mode == "fsdp")
     report["bf16_losses"] = [h["loss"] for h in bf16.history]
-    if mode == "ddp":
-        report["allreduces"] = [allreduce_rounds(out_dir / f"sync{k}", rank, world, k) for k in (1, 2)]
+    report["gradient_syncs"] = [gradient_syncs(out_dir / f"sync{k}", rank, world, mode, k) for k in (1, 2)]
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
@@ -106,9 +121,9 @@ def test_two_processes_match_one(mode, single, single_bf16, tmp_path):
     torch.testing.assert_close(report["bf16_losses"], [h["loss"] for h in single_bf16.history], rtol=2e-2, atol=0)
     if mode == "fsdp":
         torch.testing.assert_close(report["resumed_losses"], expected[2:], rtol=1e-5, atol=1e-5)
-    else:  # gradient accumulation all-reduces once a step, on the last micro-batch
-        one, two = report["allreduces"]
-        assert one > 0 and two == one, report["allreduces"]
+    # gradient accumulation communicates gradients once a step, on the last micro-batch
+    one, two = report["gradient_syncs"]
+    assert one > 0 and two == one, report["gradient_syncs"]
 
 
 if __name__ == "__main__":
