@@ -22,6 +22,8 @@ CONFIGS = {
     # an MLP width that is not a multiple of 16 (the last block of weight rows is a short one) nor of 32
     # (down_proj's input: the portable loops)
     "odd": dict(intermediate_size=520),
+    # heads of 64 (a prefill's runs of tokens attend together, attend_run), 3 query heads per key/value head
+    "heads of 64": dict(num_attention_heads=6, num_key_value_heads=2, head_dim=64),
 }
 # 3 rows: dot products; 7 rows: AMX tiles where the CPU has them (one block of 16, padded)
 LENGTHS = {"3 rows": [3, 9, 6], "7 rows": [3, 9, 6, 1, 12, 7, 4]}
@@ -128,6 +130,34 @@ def test_bad_steps_are_refused():
         decoder(torch.tensor([1, 2]), torch.tensor([0, 0]), KVCache(model.config, 2, 8, dtype=torch.bfloat16))
 
 
+
+@pytest.mark.parametrize("window", [None, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_prefill_runs_match_pytorch(dtype, window):
+    """Prompts longer than a run (RUN_MAX = 16 tokens attend together), packed so that runs end at prompt
+    boundaries inside a window of 16 tokens, with and without a sliding window: each prompt's last logits
+    and its keys and values equal PyTorch's forward of that prompt alone."""
+    model = build_model(preset("tiny", **CONFIGS["heads of 64"], sliding_window=window), seed=0).to(dtype).eval()
+    decoder = CPUDecoder.create(model)
+    lengths, rows = [37, 5, 20, 2], [3, 0, 1, 2]
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
+               for n in lengths]
+    cache = KVCache(model.config, 4, 40, dtype=dtype)
+    got = decoder(torch.cat(prompts), torch.cat([torch.arange(n) for n in lengths]), cache,
+                  rows=torch.cat([torch.full((n,), r) for n, r in zip(lengths, rows)]),
+                  out=torch.tensor(lengths).cumsum(0) - 1)
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        one = KVCache(model.config, 1, 40, dtype=dtype)
+        with torch.no_grad():
+            ref = model.logits(model(prompt[None], cache=one, return_hidden=True).hidden[0, -1]).float()
+        tol = 1e-4 if dtype == torch.float32 else 0.03 * ref.abs().max()
+        torch.testing.assert_close(got[i], ref, rtol=tol, atol=tol)
+        for c_layer, one_layer in zip(cache.layers, one.layers):
+            for c_buf, one_buf in zip(c_layer, one_layer):
+                tol = 1e-5 if dtype == torch.float32 else 0.05
+                n = len(prompt)
+                torch.testing.assert_close(c_buf[row, :, :n].float(), one_buf[0, :, :n].float(), rtol=tol, atol=tol)
+
 def test_models_it_does_not_handle_stay_on_pytorch():
     assert unsupported(build_model(preset("tiny"), seed=0)) is None
     assert unsupported(build_model(preset("tiny-moe"), seed=0)) == "MLA or MoE layers"
@@ -158,6 +188,7 @@ def test_portable_paths(monkeypatch, tmp_path, flag, dtype):
     cpu_flags = Path("/proc/cpuinfo").read_text().split()
     needed = "avx512f" if dtype == torch.float32 else "avx512_bf16"
     assert decoder.prefills == (needed in cpu_flags and flag not in ("-mno-avx512f", "-mno-avx512bf16"))
+    assert decoder.prefill_max_len == 512  # 256 only for bf16 on AMX tiles, where PyTorch's attention wins sooner
 
 
 def test_steps_from_several_threads_at_once():

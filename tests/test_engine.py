@@ -484,13 +484,13 @@ def test_a_closed_event_loop_cancels_its_request(tokenizer):
 
 
 def test_prompts_past_the_c_prefill_limit_go_through_pytorch(tokenizer, monkeypatch):
-    """The dense fp32 model prefills in C up to CPUDecoder.PREFILL_MAX_LEN prompt tokens (where the C
+    """The dense fp32 model prefills in C up to CPUDecoder.prefill_max_len prompt tokens (where the C
     matvecs are fast enough, CPUDecoder.prefills); a batch with a longer prompt goes through the
     model's forward. Both give the tokens of a PyTorch-only engine."""
     model = make_model(tokenizer)
     fast, slow = Engine(model, tokenizer, max_batch_size=4), Engine(model, tokenizer, max_batch_size=4)
     slow._cpu_decoder = None
-    monkeypatch.setattr(fast._cpu_decoder, "PREFILL_MAX_LEN", 6)
+    monkeypatch.setattr(fast._cpu_decoder, "prefill_max_len", 6)
     short, long = tokenizer.encode("dog")[:6], tokenizer.encode("Café, naïve, façade. The quick")
     assert len(long) > 6
     shapes, hook = prefill_recorder(model)

@@ -463,12 +463,81 @@ ATTEND(f32, float)
 ATTEND(bf16, uint16_t)
 #define ATTEND_FAST_f32 attend_avx512_f32
 #define ATTEND_FAST_bf16 attend_avx512_bf16
+
+/* Attention of a run of R consecutive tokens of one cache row (part of a prompt, in a prefill) for
+ * one key/value head, as two matrix products instead of R * G vector ones: the scores of all R * G
+ * queries against the row's keys by matvec_blocks (the keys as its weight rows: each key loaded
+ * once per 4 queries, bf16 keys in vdpbf16ps dot products with the queries rounded to bf16, as
+ * PyTorch's bf16 attention holds them), a softmax per query over its own keys (causal: the run's
+ * later tokens see more; 0 for the others), then P V in 4 x 4 blocks of queries x 16 dimensions,
+ * each value row loaded once per 4 queries. Per token, the vector kernel above re-read every key
+ * and value for each query: a 1024-token bf16 prefill of `small` spent 48% of its time there.
+ * q, att: the run's first token's q and output rows ([token][H][D]); s: R * G * (max_len + D)
+ * floats of scratch. Keys from position kfirst (the sliding window's start for the first token). */
+#define ATTEND_RUN(S, T, BF)                                                                       \
+static int attend_run_##S(const float *q, long H, long kvh, const T *kb, const T *vb, long pos0,  \
+                          long R, long window, long D, long G, float scale, float *s, float *att) { \
+    if (D % 64 || (BF && !HAVE_DP_BF16)) return 0;                                                 \
+    long n = R * G, plast = pos0 + R - 1, nd = D / 16;                                            \
+    long kfirst = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0, nk = plast - kfirst + 1; \
+    float *qx = s + n * nk;                                                                        \
+    for (long i = 0; i < n; i++) {  /* the queries, contiguous: row i = token i / G, head i % G */  \
+        const float *src = q + ((i / G) * H + kvh * G + i % G) * D;                                \
+        if (BF) for (long d = 0; d < D; d++) ((uint16_t *)qx)[i * D + d] = f2bf(src[d]);           \
+        else memcpy(qx + i * D, src, D * sizeof(float));                                           \
+    }                                                                                              \
+    matvec_blocks(kb + kfirst * D, BF, qx, s, n, D, nk, 0, 0, 1);  /* s[i][j] = q_i . k_(kfirst+j) */ \
+    for (long i = 0; i < n; i++) {                                                                 \
+        long pos = pos0 + i / G, first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0; \
+        long lo = first - kfirst, hi = pos - kfirst;                                               \
+        float *p = s + i * nk;                                                                     \
+        for (long t = lo; t <= hi; t++) p[t] *= scale;                                             \
+        float inv = 1.f / softmax_exp(p, lo, hi);                                                  \
+        for (long t = 0; t < lo; t++) p[t] = 0.f;                                                  \
+        for (long t = lo; t <= hi; t++) p[t] *= inv;                                               \
+        for (long t = hi + 1; t < nk; t++) p[t] = 0.f;                                             \
+    }                                                                                              \
+    for (long i0 = 0; i0 < n; i0 += 4) {                                                           \
+        long last = i0 + 3 < n ? i0 + 3 : n - 1, tmax = pos0 + last / G - kfirst + 1;              \
+        const float *pq[4];  /* a short last block repeats its last query (computed, not stored) */ \
+        for (int j = 0; j < 4; j++) pq[j] = s + (i0 + j < n ? i0 + j : n - 1) * nk;                \
+        for (long c0 = 0; c0 < nd; c0 += 4) {                                                      \
+            __m512 acc[4][4];                                                                      \
+            for (int j = 0; j < 4; j++)                                                            \
+                for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();                       \
+            for (long t = 0; t < tmax; t++) {                                                      \
+                const T *vrow = vb + (kfirst + t) * D + 16 * c0;                                   \
+                __m512 v[4];                                                                       \
+                for (int c = 0; c < 4; c++) v[c] = load16_##S(vrow + 16 * c);                      \
+                for (int j = 0; j < 4; j++) {                                                      \
+                    __m512 w = _mm512_set1_ps(pq[j][t]);                                           \
+                    for (int c = 0; c < 4; c++) acc[j][c] = _mm512_fmadd_ps(w, v[c], acc[j][c]);   \
+                }                                                                                  \
+            }                                                                                      \
+            for (int j = 0; j < 4 && i0 + j < n; j++) {                                            \
+                long i = i0 + j;                                                                   \
+                float *o = att + ((i / G) * H + kvh * G + i % G) * D + 16 * c0;                    \
+                for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + 16 * c, acc[j][c]);               \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    return 1;                                                                                      \
+}
+ATTEND_RUN(f32, float, 0)
+ATTEND_RUN(bf16, uint16_t, 1)
+#define ATTEND_RUN_f32 attend_run_f32
+#define ATTEND_RUN_bf16 attend_run_bf16
 #else
 #define MATVEC_FAST_bf16(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
 #define MATVEC_FAST_f32(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
 #define ATTEND_FAST_f32(qg, kb, vb, first, pos, D, G, scale, p, pstride, og) 0
 #define ATTEND_FAST_bf16(qg, kb, vb, first, pos, D, G, scale, p, pstride, og) 0
+#define ATTEND_RUN_f32(q, H, kvh, kb, vb, pos0, R, window, D, G, scale, s, att) 0
+#define ATTEND_RUN_bf16(q, H, kvh, kb, vb, pos0, R, window, D, G, scale, s, att) 0
 #endif
+/* The most tokens of a prefill's run that attend together (attend_run): its scratch per thread is
+ * RUN_MAX * G * (max_len + head_dim) floats. */
+#define RUN_MAX 16
 
 
 /* Model layout: the pointer table and sizes cpu_decode.py passes. */
@@ -565,7 +634,51 @@ static void rope_head_##S(float *x, const T *c, const T *s, long D) {           
 typedef struct {                                                                                   \
     void **ptrs; const long *dims; float eps, scale; const int64_t *tokens, *positions, *rows;      \
     long B; const T *cos, *sin; const int64_t *out; long n_out; float *logits, *scratch;            \
+    int runs;  /* some token follows the one before it in its row (a prefill) */                   \
 } Step_##S;                                                                                        \
+                                                                                                   \
+/* Attention of token b's G query heads of key/value head kvh over its row's cached positions:   \
+ * the vector kernel, or portable loops. probs: G * max_len floats of scratch. */                  \
+static void attend_one_##S(const float *q, float *att, const T *kc, const T *vc, const int64_t *rows, \
+                           const int64_t *positions, long b, long kvh, long KV, long H, long G, long D, \
+                           long M, long window, float scale, float *probs) {                       \
+    long pos = positions[b];                                                                       \
+    long first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;                        \
+    const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D;      \
+    const float *qg = q + (b * H + kvh * G) * D;                                                   \
+    float *og = att + (b * H + kvh * G) * D;                                                       \
+    if (ATTEND_FAST_##S(qg, kb, vb, first, pos, D, G, scale, probs, M, og)) return;                \
+    for (long g = 0; g < G; g++) {                                                                 \
+        const float *qh = qg + g * D;                                                              \
+        float *p = probs;                                                                          \
+        long t = first;                                                                            \
+        for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */                        \
+            const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;                    \
+            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;                                          \
+            _Pragma("omp simd reduction(+:d0, d1, d2, d3)")                                        \
+            for (long i = 0; i < D; i++) {                                                         \
+                float qi = qh[i];                                                                  \
+                d0 += qi * LD_##S(k0, i); d1 += qi * LD_##S(k1, i);                                \
+                d2 += qi * LD_##S(k2, i); d3 += qi * LD_##S(k3, i);                                \
+            }                                                                                      \
+            p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale;\
+        }                                                                                          \
+        for (; t <= pos; t++) {                                                                    \
+            float dot = 0.f;                                                                       \
+            _Pragma("omp simd reduction(+:dot)")                                                   \
+            for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);                     \
+            p[t] = dot * scale;                                                                    \
+        }                                                                                          \
+        float sum = softmax_exp(p, first, pos);                                                    \
+        float *o = og + g * D;                                                                     \
+        for (long i = 0; i < D; i++) o[i] = 0.f;                                                   \
+        for (long t = first; t <= pos; t++) {                                                      \
+            float w = p[t] / sum;                                                                  \
+            _Pragma("omp simd")                                                                    \
+            for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);                        \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
                                                                                                    \
 static void step_body_##S(void *arg, int tid, int nt) {                                            \
     const Step_##S *a = arg;                                                                       \
@@ -579,8 +692,9 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
     long window = dims[D_WINDOW], G = H / KV;                                                      \
     float *x = a->scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                 \
     float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;  \
-    float *probs = up + B * I + tid * G * M;  /* [nt, G, M]: this thread's attention weights */     \
-    uint16_t *xh = (uint16_t *)(up + B * I + nt * G * M);  /* a matvec's input in bf16 (bf16 weights) */ \
+    long pn = RUN_MAX * G * (M + D);  /* per thread: attention weights (and a run's queries) */      \
+    float *probs = up + B * I + tid * pn;                                                          \
+    uint16_t *xh = (uint16_t *)(up + B * I + nt * pn);  /* a matvec's input in bf16 (bf16 weights) */ \
     const T *embed = (const T *)ptrs[P_EMBED];                                                     \
     {                                                                                              \
         SHARE(B, lo, hi);                                                                          \
@@ -609,44 +723,27 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
             }                                                                                      \
             barrier(nt);                                                                           \
         }                                                                                          \
-        {   /* Attention of each (token, key/value head) - its G query heads - over its row's      \
-             * cached positions; dealt out in turn (a prefill's later tokens attend to more). */   \
-            for (long bk = tid; bk < B * KV; bk += nt) {                                           \
-                long b = bk / KV, kvh = bk % KV, pos = positions[b];                               \
-                long first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;            \
-                const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
-                float *qg = q + (b * H + kvh * G) * D, *og = att + (b * H + kvh * G) * D;         \
-                if (ATTEND_FAST_##S(qg, kb, vb, first, pos, D, G, scale, probs, M, og)) continue;  \
-                for (long g = 0; g < G; g++) {                                                     \
-                    const float *qh = qg + g * D;                                                  \
-                    float *p = probs;                                                              \
-                    long t = first;                                                                \
-                    for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */            \
-                        const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;        \
-                        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;                              \
-                        _Pragma("omp simd reduction(+:d0, d1, d2, d3)")                            \
-                        for (long i = 0; i < D; i++) {                                             \
-                            float qi = qh[i];                                                      \
-                            d0 += qi * LD_##S(k0, i); d1 += qi * LD_##S(k1, i);                    \
-                            d2 += qi * LD_##S(k2, i); d3 += qi * LD_##S(k3, i);                    \
-                        }                                                                          \
-                        p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale; \
-                    }                                                                              \
-                    for (; t <= pos; t++) {                                                        \
-                        float dot = 0.f;                                                           \
-                        _Pragma("omp simd reduction(+:dot)")                                       \
-                        for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);         \
-                        p[t] = dot * scale;                                                        \
-                    }                                                                              \
-                    float sum = softmax_exp(p, first, pos);                                        \
-                    float *o = og + g * D;                                                         \
-                    for (long i = 0; i < D; i++) o[i] = 0.f;                                       \
-                    for (long t = first; t <= pos; t++) {                                          \
-                        float w = p[t] / sum;                                                      \
-                        _Pragma("omp simd")                                                        \
-                        for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);            \
+        {   /* Attention: in a prefill, runs of up to RUN_MAX consecutive tokens of a row (a       \
+             * prompt's) per key/value head at once; else each (token, key/value head) - its G      \
+             * query heads. Dealt out in turn (a prefill's later tokens attend to more). */         \
+            if (a->runs) {                                                                         \
+                long windows = (B + RUN_MAX - 1) / RUN_MAX;                                        \
+                for (long it = tid; it < windows * KV; it += nt) {                                 \
+                    long kvh = it % KV, b = it / KV * RUN_MAX, end = b + RUN_MAX < B ? b + RUN_MAX : B; \
+                    while (b < end) {                                                              \
+                        long R = 1;                                                                \
+                        while (b + R < end && rows[b + R] == rows[b] && positions[b + R] == positions[b] + R) R++; \
+                        const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
+                        if (R == 1 || !ATTEND_RUN_##S(q + b * H * D, H, kvh, kb, vb, positions[b], R, window, D, G, \
+                                                      scale, probs, att + b * H * D))              \
+                            for (long e = b; e < b + R; e++)                                       \
+                                attend_one_##S(q, att, kc, vc, rows, positions, e, kvh, KV, H, G, D, M, window, scale, probs); \
+                        b += R;                                                                    \
                     }                                                                              \
                 }                                                                                  \
+            } else {                                                                               \
+                for (long bk = tid; bk < B * KV; bk += nt)                                         \
+                    attend_one_##S(q, att, kc, vc, rows, positions, bk / KV, bk % KV, KV, H, G, D, M, window, scale, probs); \
             }                                                                                      \
             barrier(nt);                                                                           \
         }                                                                                          \
@@ -676,7 +773,9 @@ void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, cons
                      const int64_t *positions, const int64_t *rows, long B, const T *cos,          \
                      const T *sin, const int64_t *out, long n_out, float *logits, float *scratch,  \
                      int nt) {                                                                     \
-    Step_##S a = {ptrs, dims, eps, scale, tokens, positions, rows, B, cos, sin, out, n_out, logits, scratch}; \
+    int runs = 0;                                                                                  \
+    for (long b = 1; b < B && !runs; b++) runs = rows[b] == rows[b - 1] && positions[b] == positions[b - 1] + 1; \
+    Step_##S a = {ptrs, dims, eps, scale, tokens, positions, rows, B, cos, sin, out, n_out, logits, scratch, runs}; \
     run(step_body_##S, &a, nt);                                                                    \
 }
 
@@ -688,9 +787,9 @@ DECODE(bf16, uint16_t)
  * portable loops are not (2.5x PyTorch's time for 1024 fp32 prompt tokens). The bf16 dot products
  * without AMX beat oneDNN on AMD Zen 4 (`small`, 16 prompts of 64 tokens: 151 ms against 174); on
  * Intel, oneDNN's AMX was 5x faster than they, but there our own AMX path takes the prompts. */
-int fast_matvec(int bf16) {
+int fast_matvec(int bf16) {  /* 0 no, 1 yes, 2 yes on AMX tiles */
 #if defined(__AVX512F__)
-    return bf16 ? HAVE_DP_BF16 : 1;
+    return bf16 ? (AMX_ROWS(AMX_MIN_ROWS) ? 2 : HAVE_DP_BF16) : 1;
 #else
     (void)bf16;
     return 0;
@@ -715,6 +814,6 @@ long scratch_floats(const long *dims, long B, int nt) {
     long widest = Hd > H * D ? Hd : H * D;  /* the longest matvec input, for xh */
     widest = widest > I ? widest : I;
     long padded = (B + 15) / 16 * 16;  /* xh packed for AMX: whole blocks of 16 rows */
-    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * (H / KV) * dims[D_MAX_LEN]
+    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * RUN_MAX * (H / KV) * (dims[D_MAX_LEN] + D)
            + (padded * widest + 1) / 2;
 }

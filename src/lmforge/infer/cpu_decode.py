@@ -100,12 +100,6 @@ class CPUDecoder:
     tokens, positions and rows may be tensors or lists of ints.
     """
 
-    # The longest prompt the Engine prefills in C: its attention goes one query token at a time
-    # (fine for decoding, O(T^2) vector work for a prompt), so PyTorch's matmul attention wins
-    # beyond a few hundred tokens (`small`, one prompt: 64 tokens C 20 / PyTorch 25 ms in fp32,
-    # 10 / 12.5 in bf16; 512 tokens 151 / 152 and 64 / 49; 2000 tokens 990 / 700 and 640 / 230).
-    PREFILL_MAX_LEN = 256
-
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
         cfg = model.config
         self.model, self.lib = model, lib
@@ -114,7 +108,14 @@ class CPUDecoder:
         # Whether the Engine should prefill in C too: where the C matvecs are as fast as PyTorch's
         # matmuls for many rows: fp32 with AVX-512, bf16 with AVX512-BF16 (fast_matvec in the C file
         # has the measurements).
-        self.prefills = bool(lib.fast_matvec(int(self.dtype == torch.bfloat16)))
+        kind = lib.fast_matvec(int(self.dtype == torch.bfloat16))
+        self.prefills = kind > 0
+        # The longest prompt the Engine prefills in C; beyond it PyTorch's attention, on matrix
+        # units, wins over attend_run's vector products. `small`, one prompt, C / PyTorch ms: AMD
+        # Zen 4, bf16: 512 tokens 86 / 121, 2048 tokens 495 / 817; fp32: 178 / 208, 928 / 1134.
+        # Intel with AMX (kind 2), before attend_run: bf16 512 tokens 64 / 49, 2000 tokens 640 / 230;
+        # fp32 151 / 152 and 990 / 700.
+        self.prefill_max_len = 256 if kind == 2 else 512
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
         self.window = cfg.sliding_window or 0

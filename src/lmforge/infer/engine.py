@@ -375,7 +375,7 @@ class Engine:
         try:
             cache = self._rows(first, first + len(batch))
             decoder = self._cpu_decoder
-            if decoder is not None and decoder.prefills and width <= decoder.PREFILL_MAX_LEN:
+            if decoder is not None and decoder.prefills and width <= decoder.prefill_max_len:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
                 # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
                 # cores the next decode steps need, as PyTorch's forward does.
