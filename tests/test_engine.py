@@ -6,6 +6,7 @@ a few KB of text with accents, CJK and emojis, so that some characters are split
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -322,6 +323,13 @@ def test_continuous_batching_matches_running_alone(tokenizer):
             (tokenizer.encode("Numbers"), SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=4,
                                                         n=2, ignore_eos=True))]
     alone = [engine.generate([p], params)[0] for p, params in [long, *jobs]]
+    step = engine.step
+
+    def slow_step():  # a tiny model's step takes ~50 us: the long request could end before this thread,
+        time.sleep(0.001)  # waiting for the GIL, submits the others (it did once); now it lasts >= 120 ms
+        step()
+
+    engine.step = slow_step
     engine.start()
     try:
         first = engine.submit(*long)
