@@ -96,9 +96,9 @@ def run_round(port: int, clients: int, requests_per_client: int, body: dict) -> 
 
 def engine_alone(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int, batches: tuple[int, ...],
                  repeats: int) -> dict[int, float]:
-    """Tokens/s of the engine itself generating for `batch` copies of the prompt at once (prefill included,
-    no HTTP), stepped by its background thread as under the server; the batch sizes take turns, the median of
-    `repeats` each."""
+    """Tokens/s of the engine itself, per batch size b of `batches`, generating for b copies of the prompt at
+    once (prefill included, no HTTP), stepped by its background thread as under the server; the batch sizes
+    take turns, the median of `repeats` each."""
     engine = Engine.from_pretrained(model_dir, dtype=dtype, max_batch_size=max(batches),
                                     max_len=len(prompt) + new_tokens + 1)
     engine.start()  # its own thread, as under the server

@@ -123,6 +123,11 @@ static void run(job_fn fn, void *arg, int nt) {
 
 /* p[first..pos] = exp(p - max), returning their sum: three loops, each vectorised (one loop with
  * the exp and the sum was scalar). */
+/* The first cached position a token at `pos` attends to: the sliding window's start (0: no window). */
+static inline long window_start(long pos, long window) {
+    return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+}
+
 static inline float softmax_exp(float *p, long first, long pos) {
     float m = -INFINITY, sum = 0.f;
 #pragma omp simd reduction(max:m)
@@ -481,7 +486,7 @@ static int attend_run_##S(const float *q, long H, long kvh, const T *kb, const T
                           long R, long window, long D, long G, float scale, float *s, float *att) { \
     if (D % 64 || (BF && !HAVE_DP_BF16)) return 0;                                                 \
     long n = R * G, plast = pos0 + R - 1, nd = D / 16;                                            \
-    long kfirst = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0, nk = plast - kfirst + 1; \
+    long kfirst = window_start(pos0, window), nk = plast - kfirst + 1;                             \
     float *qx = s + n * nk;                                                                        \
     for (long i = 0; i < n; i++) {  /* the queries, contiguous: row i = token i / G, head i % G */  \
         const float *src = q + ((i / G) * H + kvh * G + i % G) * D;                                \
@@ -490,8 +495,7 @@ static int attend_run_##S(const float *q, long H, long kvh, const T *kb, const T
     }                                                                                              \
     matvec_blocks(kb + kfirst * D, BF, qx, s, n, D, nk, 0, 0, 1);  /* s[i][j] = q_i . k_(kfirst+j) */ \
     for (long i = 0; i < n; i++) {                                                                 \
-        long pos = pos0 + i / G, first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0; \
-        long lo = first - kfirst, hi = pos - kfirst;                                               \
+        long pos = pos0 + i / G, lo = window_start(pos, window) - kfirst, hi = pos - kfirst;     \
         float *p = s + i * nk;                                                                     \
         for (long t = lo; t <= hi; t++) p[t] *= scale;                                             \
         float inv = 1.f / softmax_exp(p, lo, hi);                                                  \
@@ -639,16 +643,12 @@ typedef struct {                                                                
     int runs;  /* some token follows the one before it in its row (a prefill) */                   \
 } Step_##S;                                                                                        \
                                                                                                    \
-/* Attention of token b's G query heads of key/value head kvh over its row's cached positions:   \
- * the vector kernel, or portable loops. probs: G * max_len floats of scratch. */                  \
-static void attend_one_##S(const float *q, float *att, const T *kc, const T *vc, const int64_t *rows, \
-                           const int64_t *positions, long b, long kvh, long KV, long H, long G, long D, \
-                           long M, long window, float scale, float *probs) {                       \
-    long pos = positions[b];                                                                       \
-    long first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;                        \
-    const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D;      \
-    const float *qg = q + (b * H + kvh * G) * D;                                                   \
-    float *og = att + (b * H + kvh * G) * D;                                                       \
+/* Attention of one token's G query heads qg (outputs og) over its row's keys kb and values vb up  \
+ * to `pos`, where attend_run does not apply: the vector kernel, or portable loops. probs: G *     \
+ * max_len floats of scratch. */                                                                   \
+static void attend_one_##S(const float *qg, float *og, const T *kb, const T *vb, long pos, long window, \
+                           long D, long G, long M, float scale, float *probs) {                    \
+    long first = window_start(pos, window);                                                        \
     if (ATTEND_FAST_##S(qg, kb, vb, first, pos, D, G, scale, probs, M, og)) return;                \
     for (long g = 0; g < G; g++) {                                                                 \
         const float *qh = qg + g * D;                                                              \
@@ -725,30 +725,22 @@ static void step_body_##S(void *arg, int tid, int nt) {                         
             }                                                                                      \
             barrier(nt);                                                                           \
         }                                                                                          \
-        {   /* Attention: in a prefill, runs of up to RUN_MAX consecutive tokens of a row (a       \
-             * prompt's) per key/value head at once; else each (token, key/value head) - its G      \
-             * query heads. Dealt out in turn (a prefill's later tokens attend to more). */         \
-            if (a->runs) {                                                                         \
-                long windows = (B + RUN_MAX - 1) / RUN_MAX;                                        \
-                for (long it = tid; it < windows * KV; it += nt) {                                 \
-                    long kvh = it % KV, b = it / KV * RUN_MAX, end = b + RUN_MAX < B ? b + RUN_MAX : B; \
-                    while (b < end) {                                                              \
-                        long R = 1;                                                                \
-                        while (b + R < end && rows[b + R] == rows[b] && positions[b + R] == positions[b] + R) R++; \
-                        const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
-                        if (!ATTEND_RUN_##S(q + b * H * D, H, kvh, kb, vb, positions[b], R, window, D, G,   \
-                                                      scale, probs, att + b * H * D))              \
-                            for (long e = b; e < b + R; e++)                                       \
-                                attend_one_##S(q, att, kc, vc, rows, positions, e, kvh, KV, H, G, D, M, window, scale, probs); \
-                        b += R;                                                                    \
-                    }                                                                              \
-                }                                                                                  \
-            } else {                                                                               \
-                for (long bk = tid; bk < B * KV; bk += nt) {                                       \
-                    long b = bk / KV, kvh = bk % KV;                                               \
+        {   /* Attention per key/value head of runs of consecutive tokens of a row - a prompt's, up \
+             * to RUN_MAX at a time, in a prefill; single tokens in a decode step - dealt out in     \
+             * turn (a prefill's later tokens attend to more). */                                   \
+            long span = a->runs ? RUN_MAX : 1;                                                     \
+            for (long it = tid; it < (B + span - 1) / span * KV; it += nt) {                       \
+                long kvh = it % KV, b = it / KV * span, end = b + span < B ? b + span : B;         \
+                while (b < end) {                                                                  \
+                    long R = 1;                                                                    \
+                    while (b + R < end && rows[b + R] == rows[b] && positions[b + R] == positions[b] + R) R++; \
                     const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
-                    if (!ATTEND_RUN_##S(q + b * H * D, H, kvh, kb, vb, positions[b], 1, window, D, G, scale, probs, att + b * H * D)) \
-                        attend_one_##S(q, att, kc, vc, rows, positions, b, kvh, KV, H, G, D, M, window, scale, probs); \
+                    if (!ATTEND_RUN_##S(q + b * H * D, H, kvh, kb, vb, positions[b], R, window, D, G, scale, \
+                                        probs, att + b * H * D))                                   \
+                        for (long e = b; e < b + R; e++)                                           \
+                            attend_one_##S(q + (e * H + kvh * G) * D, att + (e * H + kvh * G) * D, kb, vb, \
+                                           positions[e], window, D, G, M, scale, probs);           \
+                    b += R;                                                                        \
                 }                                                                                  \
             }                                                                                      \
             barrier(nt);                                                                           \
