@@ -11,6 +11,12 @@ machine's swings in speed, and each reports the median of its rounds.
 For the record beside the HTTP figures, the engine alone (in this process, no server) decodes a batch of 1
 and of 16, in turns too, which separates what continuous batching gives from what the HTTP layer costs.
 
+And the compute ceiling of the batched level, as decode.py reports the bandwidth floor of batch 1: with many
+streams a token costs the multiply-adds of its share of the prefill and of its own decode step, so tokens/s
+can not exceed the CPU's matmul rate (measured here, as in train_step.py: large square matmuls in the
+served dtype) / FLOPs per generated token. One stream is bound by reading the weights instead, so the
+ratio a machine allows is about ceiling / one client's tokens/s ("ratio_ceiling").
+
 Last line: one JSON object; "ratio" = tokens/s with 16 clients / tokens/s with 1 client (target >= 6).
 
     python benchmarks/serve.py [--quick] [--dtype float32|bfloat16]
@@ -31,14 +37,23 @@ from pathlib import Path
 
 import httpx
 import torch
+from train_step import matmul_peak  # benchmarks/, the script's own folder
 
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams
-from lmforge.model import build_model
+from lmforge.model import build_model, matmul_params_per_token
 from lmforge.tokenizer import train_tokenizer
 
 LEVELS = (1, 4, 16)
+
+
+def flops_per_generated_token(cfg, prompt_tokens: int, new_tokens: int) -> float:
+    """Matmul FLOPs of one request / its new tokens: the prompt's forward (the output projection for its last
+    token only, as the engine computes it), then a decode step for each new token after the first. Attention's
+    own products (~2% here) are left out."""
+    per_token, head = matmul_params_per_token(cfg), cfg.vocab_size * cfg.hidden_size
+    return 2 * (prompt_tokens * (per_token - head) + head + (new_tokens - 1) * per_token) / new_tokens
 
 
 def free_port() -> int:
@@ -131,6 +146,8 @@ def main() -> None:
           f"{args.prompt_tokens} tokens, {new_tokens} new tokens (greedy, ignore_eos), streaming /v1/completions; "
           f"median of {rounds} rounds (shared machine: noisy)", flush=True)
     results: dict[str, float] = {}
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_peak(dtype, [1024, 2048], 3)
     with tempfile.TemporaryDirectory() as tmp:
         train_tokenizer(["builtin:shakespeare"], cfg.vocab_size, Path(tmp) / "tok", show_progress=False)
         model_dir = save_model(build_model(cfg, seed=0), Path(tmp) / "small", tokenizer_dir=Path(tmp) / "tok")
@@ -171,6 +188,16 @@ def main() -> None:
         for batch, speed in engine_alone(model_dir, args.dtype, prompt.tolist(), new_tokens, (1, 16), rounds).items():
             results[f"engine_batch_{batch}_tok_s"] = round(speed, 1)
             print(f"engine alone, batch {batch:2d}  {speed:7.1f} tok/s", flush=True)
+    peak = max(peak, matmul_peak(dtype, [1024, 2048], 3))  # the best of two: the less disturbed
+    flops = flops_per_generated_token(cfg, args.prompt_tokens, new_tokens)
+    ceiling = peak / flops
+    results["matmul_peak_gflops"] = round(peak / 1e9, 1)
+    results["ceiling_tok_s"] = round(ceiling, 1)
+    results["clients_16_of_ceiling"] = round(results["clients_16_tok_s"] / ceiling, 3)
+    results["ratio_ceiling"] = round(ceiling / results["clients_1_tok_s"], 2)
+    print(f"compute ceiling: {peak / 1e9:.0f} GFLOP/s ({args.dtype} matmuls) / {flops / 1e6:.1f} MFLOP per generated "
+          f"token = {ceiling:.0f} tok/s; 16 clients reach {results['clients_16_of_ceiling']:.0%} of it; the ceiling "
+          f"/ 1 client allows {results['ratio_ceiling']:.2f}x")
     results["ratio"] = round(results["clients_16_tok_s"] / results["clients_1_tok_s"], 2)
     results["engine_ratio"] = round(results["engine_batch_16_tok_s"] / results["engine_batch_1_tok_s"], 2)
     print(f"16 clients / 1 client: {results['ratio']:.2f}x (target 6x); engine alone, batch 16 / batch 1: "
