@@ -13,6 +13,7 @@ import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -250,6 +251,32 @@ def test_filters_and_repetition_penalty_match_transformers():
     assert got[3] == logits[0, 3]
 
 
+def test_logit_bias_matches_transformers_and_comes_before_the_penalties():
+    """OpenAI's logit_bias adds to the raw logits (transformers' sequence bias with one-token sequences);
+    greedy picks the argmax of the biased logits, sampling follows their softmax, and the penalties see
+    the biased logits (vLLM's order)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 200) * 3
+    top = int(logits.argmax())
+    bias = {top: -100.0, 3: 5.0, 150: 2.5}
+    expected = SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()})(
+        torch.zeros(1, 1, dtype=torch.long), logits.clone())
+    greedy = SamplerState(SamplingParams(temperature=0.0, logit_bias=bias), [], 200, seed=None)
+    assert choose_tokens(logits, [greedy]) == [int(expected.argmax())] != [top]
+    assert choose_tokens(logits, [SamplerState(SamplingParams(temperature=0.0, logit_bias={7: 100.0}), [], 200,
+                                               seed=None)]) == [7]
+    small = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    state = SamplerState(SamplingParams(logit_bias={0: -3.0, 3: 2.0}), [], 5, seed=0)
+    draws = torch.tensor([choose_tokens(small, [state])[0] for _ in range(6000)])
+    wanted = (small[0] + torch.tensor([-3.0, 0, 0, 2.0, 0])).softmax(-1)
+    torch.testing.assert_close(torch.bincount(draws, minlength=5) / 6000, wanted, atol=0.02, rtol=0)
+    # token 0 is in the prompt: bias first, 1 - 2 = -1, then x1.5 -> -1.5 < -1.4; the penalty first would
+    # give 1 / 1.5 - 2 = -1.33 > -1.4
+    both = SamplerState(SamplingParams(temperature=0.0, repetition_penalty=1.5, logit_bias={0: -2.0}), [0], 2,
+                        seed=None)
+    assert choose_tokens(torch.tensor([[1.0, -1.4]]), [both]) == [1]
+
+
 def test_stop_strings_across_tokens(engine, tokenizer):
     prompt = tokenizer.encode("The quick brown")
     full = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True))[0][0]
@@ -450,7 +477,8 @@ def test_submit_rejects_bad_requests(engine, tokenizer):
     with pytest.raises(ValueError, match=r"token ids must be"):
         engine.submit([tokenizer.vocab_size])
     for bad in [dict(temperature=-1), dict(top_p=0.0), dict(max_tokens=0), dict(n=5), dict(top_logprobs=50),
-                dict(stop=[""]), dict(stop_token_ids=[10**6])]:
+                dict(stop=[""]), dict(stop_token_ids=[10**6]), dict(logit_bias={10**6: 1.0}),
+                dict(logit_bias={1: 101.0})]:
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             engine.submit([1, 2], SamplingParams(**bad))

@@ -224,6 +224,31 @@ def test_sampling_parameters_reach_the_engine(live):
     assert expected.text != plain.text  # the penalties and top_p changed something, so the check above means it
 
 
+def test_logit_bias_and_vllm_sampling_extensions_reach_the_engine(live):
+    """OpenAI's logit_bias (string token ids) and vLLM's top_k, min_p, repetition_penalty and stop_token_ids
+    (sent by the openai client in extra_body) give what the engine gives with the same values."""
+    client, prompt = live.client(), chat_prompt(live.engine, HELLO)
+    extra = {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.3, "ignore_eos": True}
+    response = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0.9, seed=3,
+                                              extra_body=extra)
+    expected = engine_outputs(live.engine, prompt, max_tokens=12, temperature=0.9, seed=3, top_k=5, min_p=0.05,
+                              repetition_penalty=1.3, ignore_eos=True)[0]
+    plain = engine_outputs(live.engine, prompt, max_tokens=12, temperature=0.9, seed=3, ignore_eos=True)[0]
+    assert response.choices[0].message.content == expected.text != plain.text
+    greedy = engine_outputs(live.engine, prompt, max_tokens=12, temperature=0.0, ignore_eos=True)[0]
+    favoured = next(t for t in range(100, 200) if t not in greedy.token_ids[:1])
+    response = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0,
+                                              logit_bias={str(favoured): 100}, extra_body={"ignore_eos": True})
+    assert response.choices[0].message.content == live.engine.tokenizer.decode([favoured] * 6)
+    # a stop token id ends the reply before it, finish_reason "stop"
+    stop_id = greedy.token_ids[3]
+    cut = greedy.token_ids.index(stop_id)
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                         extra_body={"stop_token_ids": [stop_id], "ignore_eos": True})
+    assert response.choices[0].text == live.engine.tokenizer.decode(greedy.token_ids[:cut])
+    assert response.choices[0].finish_reason == "stop" and response.usage.completion_tokens == cut + 1
+
+
 def test_stop_strings(live):
     client = live.client()
     prompt = "To be, or not"
@@ -410,6 +435,15 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", "chat", {**GOOD_CHAT, "top_logprobs": 2}, 400, "logprobs"),
     ("top_logprobs too many", "chat", {**GOOD_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("logprobs too many", "completion", {**GOOD_COMPLETION, "logprobs": 50}, 400, "logprobs"),
+    ("logit_bias key not a token id", "chat", {**GOOD_CHAT, "logit_bias": {"hello": 1}}, 400, "logit_bias"),
+    ("logit_bias token out of vocabulary", "completion", {**GOOD_COMPLETION, "logit_bias": {"100000": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias value out of range", "chat", {**GOOD_CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
+    ("top_k below -1", "chat", {**GOOD_CHAT, "top_k": -2}, 400, "top_k"),
+    ("min_p above 1", "completion", {**GOOD_COMPLETION, "min_p": 1.5}, 400, "min_p"),
+    ("repetition_penalty zero", "chat", {**GOOD_CHAT, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("stop_token_ids out of vocabulary", "chat", {**GOOD_CHAT, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ("stop_token_ids not a list", "completion", {**GOOD_COMPLETION, "stop_token_ids": 5}, 400, "stop_token_ids"),
     ("unknown field", "chat", {**GOOD_CHAT, "frobnicate": 1}, 400, "frobnicate"),
     ("known unused field of wrong type", "chat", {**GOOD_CHAT, "user": 5}, 400, "user"),
     ("prompt of wrong type", "completion", {**GOOD_COMPLETION, "prompt": {"text": "hi"}}, 400, "prompt"),

@@ -1,12 +1,13 @@
-"""Choosing the next token: penalties, temperature, top-k / top-p / min-p, seeded draws, log-probs.
+"""Choosing the next token: logit bias, penalties, temperature, top-k / top-p / min-p, seeded draws, log-probs.
 
 Every sample in a batch has its own `SamplingParams` and its own `torch.Generator`, and draws
 exactly one number from it per token, so a seeded request produces the same text whatever else
 shares the batch. The order of the logits transforms is transformers' (`generate` builds its
 processors in this order): repetition penalty, presence/frequency penalties, temperature, top-k,
-top-p, min-p.
+top-p, min-p. OpenAI's logit bias, which transformers lacks, comes first, as in vLLM's sampler
+(bias, then penalties).
 
-Log-probs are the log-softmax of the *unmodified* logits (before penalties, temperature and
+Log-probs are the log-softmax of the *unmodified* logits (before bias, penalties, temperature and
 filtering), as vLLM and the OpenAI API report them: they say what the model thinks of a token,
 not how the sampler was configured.
 """
@@ -36,6 +37,7 @@ class SamplingParams:
     n: int = 1  # samples per prompt, sharing one prefill; sample i uses seed + i
     logprobs: bool = False
     top_logprobs: int = 0  # k alternatives per position
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first bad field."""
@@ -54,6 +56,9 @@ class SamplingParams:
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("logit_bias", all(isinstance(t, int) and 0 <= t < vocab_size and -100.0 <= b <= 100.0
+                               for t, b in self.logit_bias.items()),
+             f"must map token ids in [0, {vocab_size}) to biases in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -69,8 +74,9 @@ class SamplingParams:
 
 
 class SamplerState:
-    """What one sample needs to pick its tokens: its params, its generator, and the token counts
-    the penalties read (kept as [vocab] tensors, only when a penalty is on)."""
+    """What one sample needs to pick its tokens: its params, its generator, the token counts the
+    penalties read (kept as [vocab] tensors, only when a penalty is on) and its logit bias (token ids
+    and biases as tensors, None without one)."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, seed: int | None,
                  device: torch.device | str = "cpu"):
@@ -84,6 +90,11 @@ class SamplerState:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # in prompt or output
             self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
             self.counts = torch.zeros(vocab_size, device=device)  # times in the output
+        self.bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias.items())
+            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                         torch.tensor(values, dtype=torch.float32, device=device))
 
     def observe(self, token: int) -> None:
         if self.counts is not None:
@@ -136,7 +147,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
 
 def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
     """One next token per row of logits [B, V] (fp32), row i sampled with states[i]."""
-    if all(s.params.greedy and s.seen is None for s in states):
+    if all(s.params.greedy and s.seen is None and s.bias is None for s in states):
         # The common case in one op, no per-row Python work; in NumPy on a CPU because PyTorch
         # runs an argmax this large on its OpenMP threads, which then spin for ~10 ms waiting for
         # more work, on the cores the next C decode step needs (engine.py: 30% slower steps).
@@ -146,6 +157,8 @@ def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]
     tokens = []
     for row, state in zip(logits, states):
         p = state.params
+        if state.bias is not None:
+            row = row.index_add(0, *state.bias)
         if state.seen is not None:
             row = apply_penalties(row, p, state.seen, state.counts)
         if p.greedy:

@@ -10,9 +10,10 @@ Endpoints (the request and response schemas are OpenAI's, so the official `opena
     GET  /                       the web chat (web/index.html, plain HTML/JS, no build step)
 
 Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / max_completion_tokens,
-temperature, top_p, seed, presence_penalty, frequency_penalty, logprobs / top_logprobs, user (ignored), and
-vLLM's `ignore_eos` extension. Others of OpenAI's (tools, response_format, logit_bias, echo, best_of, ...)
-are refused by name rather than silently ignored.
+temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logprobs / top_logprobs, user
+(ignored), and vLLM's extensions of the sampling parameters (the `openai` client sends them in `extra_body`):
+top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools, response_format,
+echo, best_of, ...) are refused by name rather than silently ignored.
 
 Every request becomes one engine Request (`n` samples share one prefill); the engine's background thread
 steps all running requests together, so concurrent clients share each decode step (continuous batching).
@@ -40,7 +41,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 try:
     import uvicorn
@@ -100,8 +101,14 @@ class _Sampling(_Schema):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string) -> bias
     user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
-    ignore_eos: bool | None = None  # vLLM's extension: run to max_tokens (benchmarks want fixed lengths)
+    # vLLM's extensions (its names and meanings): top_k -1 or 0 is off; stop_token_ids end the reply like eos
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None  # run to max_tokens (benchmarks want fixed lengths)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -356,11 +363,23 @@ class Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if "" in stop:
             raise APIError(400, "Invalid value for 'stop': a stop sequence cannot be empty.", "stop", "invalid_value")
+        vocab = self.engine.vocab_size
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and int(key) < vocab):
+                raise APIError(400, f"Invalid value for 'logit_bias': {key!r} is not a token id in [0, {vocab}).",
+                               "logit_bias", "invalid_value")
+            bias[int(key)] = value
+        if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
+            raise APIError(400, f"Invalid value for 'stop_token_ids': token ids must be in [0, {vocab}).",
+                           "stop_token_ids", "invalid_value")
         return SamplingParams(
             max_tokens=max_tokens, stop=stop, n=req.n or 1, seed=req.seed,
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=bias, stop_token_ids=list(req.stop_token_ids or []),
             logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=bool(req.ignore_eos),
         )
 
