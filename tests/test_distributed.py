@@ -72,6 +72,12 @@ def gradient_syncs(run_dir, rank: int, world: int, mode: str, grad_accum: int) -
     return len(calls)
 
 
+def overflowing_scaler(trainer) -> None:
+    """fp16 (autocast + torch.amp's grad scaler) from a loss scale at which steps 1 and 2 overflow: every rank
+    must skip them (under FSDP each holds a shard of the gradients, and of the infs)."""
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**21)
+
+
 def worker(mode: str, out: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out_dir = Path(out)
@@ -85,6 +91,9 @@ def worker(mode: str, out: str) -> None:
     # (there with activation checkpointing too, which recomputes each sharded block in backward)
     bf16 = run(out_dir / "bf16", rank, world, mode, precision="bf16-pure", activation_checkpointing=mode == "fsdp")
     report["bf16_losses"] = [h["loss"] for h in bf16.history]
+    fp16 = run(out_dir / "fp16", rank, world, mode, precision="fp16", on_trainer=overflowing_scaler)
+    report["fp16_losses"] = [h["loss"] for h in fp16.history]
+    report["fp16_scales"] = [h["loss_scale"] for h in fp16.history]
     report["gradient_syncs"] = [gradient_syncs(out_dir / f"sync{k}", rank, world, mode, k) for k in (1, 2)]
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report))
@@ -101,8 +110,13 @@ def single_bf16(tmp_path_factory):
     return run(tmp_path_factory.mktemp("single") / "bf16", precision="bf16-pure")
 
 
+@pytest.fixture(scope="module")
+def single_fp16(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("single") / "fp16", precision="fp16", on_trainer=overflowing_scaler)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, single, single_bf16, tmp_path):
+def test_two_processes_match_one(mode, single, single_bf16, single_fp16, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            __file__, mode, str(tmp_path)]
@@ -119,6 +133,9 @@ def test_two_processes_match_one(mode, single, single_bf16, tmp_path):
     for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(report["bf16_losses"], [h["loss"] for h in single_bf16.history], rtol=2e-2, atol=0)
+    torch.testing.assert_close(report["fp16_losses"], [h["loss"] for h in single_fp16.history], rtol=5e-3, atol=0)
+    assert report["fp16_scales"] == [h["loss_scale"] for h in single_fp16.history] == [2.0**20, 2.0**19, 2.0**19,
+                                                                                       2.0**19]
     if mode == "fsdp":
         torch.testing.assert_close(report["resumed_losses"], expected[2:], rtol=1e-5, atol=1e-5)
     # gradient accumulation communicates gradients once a step, on the last micro-batch

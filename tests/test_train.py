@@ -295,11 +295,11 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path):
 
 
 def test_precisions_and_activation_checkpointing(tmp_path):
-    """Activation checkpointing changes nothing but recomputes each block in backward; bf16 (autocast) and
-    bf16-pure train close to fp32."""
+    """Activation checkpointing changes nothing but recomputes each block in backward; bf16 (autocast),
+    bf16-pure and fp16 (autocast + grad scaler, on the CPU here) train close to fp32."""
     runs, mlp_calls = {}, {}
     for name, kw in {"fp32": {}, "ckpt": dict(activation_checkpointing=True), "bf16": dict(precision="bf16"),
-                     "bf16-pure": dict(precision="bf16-pure")}.items():
+                     "bf16-pure": dict(precision="bf16-pure"), "fp16": dict(precision="fp16")}.items():
         trainer = Trainer(config(tmp_path / name, steps=4, **kw), tiny_model(), causal_lm_loss, RandomBatches(4))
         calls = mlp_calls[name] = []  # a pre-hook: the recomputation stops once it has what backward needs
         trainer.inner.model.layers[0].mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
@@ -309,12 +309,55 @@ def test_precisions_and_activation_checkpointing(tmp_path):
     assert [h["loss"] for h in runs["ckpt"][0].history] == pytest.approx(fp32, rel=1e-6)
     for name in ("bf16", "bf16-pure"):
         assert [h["loss"] for h in runs[name][0].history] == pytest.approx(fp32, rel=2e-2)
+    assert [h["loss"] for h in runs["fp16"][0].history] == pytest.approx(fp32, rel=5e-3)  # 3 more mantissa bits
+    assert [h["loss_scale"] for h in runs["fp16"][0].history] == [2.0**16] * 4  # torch.amp's initial scale
     pure = runs["bf16-pure"][1]
     assert pure.inner.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert all(m.dtype == torch.float32 for _, m in pure.masters)
     assert all(s["exp_avg"].dtype == torch.float32 for s in pure.optimizer.state.values())
-    with pytest.raises(ValueError, match="fp16"):
-        Trainer(config(tmp_path / "fp16", steps=1, precision="fp16"), tiny_model(), causal_lm_loss, RandomBatches())
+
+
+def fp16_trainer(run_dir, init_scale: float = 2.0**24, loss=None, **kw) -> Trainer:
+    """fp16 with a loss scale so large that the first steps' gradients overflow in fp16."""
+    trainer = Trainer(config(run_dir, precision="fp16", **kw), tiny_model(), loss or noisy_loss, RandomBatches(4))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return trainer
+
+
+def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path):
+    """A step whose scaled gradients overflow fp16 leaves the weights alone and halves the scale, without
+    stopping the run (the NaN guard is for real non-finite losses); once the scale fits, steps train."""
+    initial = params(tiny_model())
+    skipped = fp16_trainer(tmp_path / "a", steps=5)
+    rows = skipped.fit().history
+    assert all(not math.isfinite(r["grad_norm"]) for r in rows)
+    assert [r["loss_scale"] for r in rows] == [2.0**k for k in (23, 22, 21, 20, 19)]
+    assert all(torch.equal(a, b) for a, b in zip(params(skipped.inner).values(), initial.values()))
+    trained = fp16_trainer(tmp_path / "b", steps=6)
+    last = trained.fit().history[-1]
+    assert math.isfinite(last["grad_norm"]) and last["loss_scale"] == 2.0**19
+    assert not all(torch.equal(a, b) for a, b in zip(params(trained.inner).values(), initial.values()))
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path):
+    """Steps 1-5 overflow (scale 2^24 -> 2^19); resumed from step 6, the scale must be 2^19 again, or step 7
+    would overflow and be skipped, and step 8's loss would differ from the uninterrupted run's."""
+    full = fp16_trainer(tmp_path / "full", steps=8, save_every=6).fit()
+    calls = 0
+
+    def crashing_loss(model, batch):  # in step 7, after step 6's checkpoint
+        nonlocal calls
+        calls += 1
+        if calls == 7:
+            raise Interrupt
+        return noisy_loss(model, batch)
+
+    with pytest.raises(Interrupt):
+        fp16_trainer(tmp_path / "cut", steps=8, save_every=6, loss=crashing_loss).fit()
+    resumed = fp16_trainer(tmp_path / "cut", steps=8, save_every=6, resume="auto").fit()
+    assert [h["step"] for h in resumed.history] == [7, 8]
+    assert [(h["loss"], h["loss_scale"]) for h in resumed.history] == [
+        (h["loss"], h["loss_scale"]) for h in full.history[6:]]
 
 
 def test_compile_matches_eager(tmp_path):

@@ -22,8 +22,8 @@ and the Trainer does the rest, step by step (`fit`):
 
 Checkpoints: RUN_DIR/checkpoint-NNNNNN/ is a Hugging Face model directory (or, for LoRA, a PEFT
 adapter directory) with the training state beside the weights, never inside them:
-    trainer_state.json        step, tokens seen, world size
-    training_state.pt         trainable weights + buffers (fp32 masters), optimizer, grad scaler  (1 process, DDP)
+    trainer_state.json        step, tokens seen, world size, the fp16 grad scaler's state
+    training_state.pt         trainable weights + buffers (fp32 masters), optimizer              (1 process, DDP)
     training_state/           the same as a torch.distributed.checkpoint, one shard per rank     (FSDP)
     rng_rank{r}.pt            python, numpy, torch (and CUDA) RNG states of rank r
     data_rank{r}.pt           the position of rank r's data iterator
@@ -113,7 +113,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda"})
     precision: Literal["fp32", "bf16", "bf16-pure", "fp16"] = field(
         default="fp32", metadata={"help": "fp32 | bf16 (autocast) | bf16-pure (bf16 weights, fp32 master "
-                                          "weights and optimizer) | fp16 (autocast + grad scaler, GPU only)"})
+                                          "weights and optimizer) | fp16 (autocast + grad scaler; for GPUs, "
+                                          "slow on CPUs)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
     distributed: Literal["ddp", "fsdp"] = field(
@@ -321,8 +322,10 @@ class Trainer:
         self.log_config = log_config or {}
         self.env = setup_env(cfg.device)
         self.run_dir = Path(cfg.run_dir)
-        if cfg.precision == "fp16" and self.env.device.type != "cuda":
-            raise ValueError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        if cfg.precision == "fp16" and self.env.device.type == "cpu" and self.env.is_main:
+            # It works (that is how the tests check the grad scaler), but CPUs multiply fp16 slowly.
+            print("warning: precision fp16 on a CPU is slow (fp16 matmuls); bf16 is the CPU's half precision",
+                  file=sys.stderr)
         if cfg.grad_accum < 1 or cfg.steps < 1:
             raise ValueError(f"{'grad_accum' if cfg.grad_accum < 1 else 'steps'}: must be at least 1")
         self.fsdp = self.env.distributed and cfg.distributed == "fsdp"
@@ -342,7 +345,9 @@ class Trainer:
                     params[i] = (name, master)
         self.optim_params = [p for _, p in params]
         self.optimizer = build_optimizer(params, cfg.optim, foreach_only=self.fsdp)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        # fp16's narrow range: the loss is scaled up so small gradients do not flush to zero; a step whose
+        # gradients overflowed is skipped and the scale halved (Micikevicius et al. 2018; torch.amp).
+        self.scaler = torch.amp.GradScaler(self.env.device.type) if cfg.precision == "fp16" else None
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.moe_layers = [m for m in self.inner.modules() if hasattr(m, "update_score_bias")
                            and hasattr(getattr(m, "gate", None), "e_score_correction_bias")]
@@ -471,8 +476,9 @@ class Trainer:
             row["skipped"] = 1
         else:
             if self.scaler:
-                self.scaler.step(self.optimizer)
+                self.scaler.step(self.optimizer)  # skipped if the gradients overflowed
                 self.scaler.update()
+                row["loss_scale"] = self.scaler.get_scale()
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -570,8 +576,8 @@ class Trainer:
                 shutil.rmtree(tmp)
             self.save_weights(full_model, tmp)  # creates tmp
             if not self.fsdp:
-                torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                            "scaler": self.scaler.state_dict() if self.scaler else None}, tmp / "training_state.pt")
+                torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict()},
+                           tmp / "training_state.pt")
         if env.distributed:
             dist.barrier()
         if self.fsdp:
@@ -583,8 +589,10 @@ class Trainer:
         if env.distributed:
             dist.barrier()
         if env.is_main:
+            # the grad scaler's state is the same on every rank (torch.amp agrees on overflows across them)
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
-                     "world_size": env.world_size, "precision": self.cfg.precision}
+                     "world_size": env.world_size, "precision": self.cfg.precision,
+                     "grad_scaler": self.scaler.state_dict() if self.scaler else None}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             _fsync_dir(tmp)
             if final.exists():  # saving a step again after resuming from an older checkpoint
@@ -639,8 +647,8 @@ class Trainer:
                 self.inner.load_state_dict({k: v for k, v in saved["model"].items()
                                             if not (k in params and id(params[k]) in masters)}, strict=False)
             self.optimizer.load_state_dict(saved["optimizer"])
-            if self.scaler and saved["scaler"]:
-                self.scaler.load_state_dict(saved["scaler"])
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         _set_rng_state(torch.load(path / f"rng_rank{env.rank}.pt", weights_only=False))
         self.train_data.load_state_dict(torch.load(path / f"data_rank{env.rank}.pt", weights_only=False))
         self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped"]
