@@ -101,7 +101,9 @@ def main() -> None:
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
         prompt = prompt.tolist()
         for dtype_name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
-            engine = Engine(load_model(Path(tmp) / "small", dtype=dtype), tokenizer, max_batch_size=1, max_len=512)
+            # no prefix cache: every run prefills the whole prompt, as transformers' generate does
+            engine = Engine(load_model(Path(tmp) / "small", dtype=dtype), tokenizer, max_batch_size=1, max_len=512,
+                            prefix_cache=False)
             hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "small", dtype=dtype).eval()
             (ours,), = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, temperature=0.0,
                                                                 ignore_eos=True))

@@ -2,8 +2,9 @@
 
 The `small` preset with random weights (and a tokenizer trained on the built-in corpus) is served by the real
 command, `lmforge serve`, in a subprocess on 127.0.0.1. Each client is a coroutine (all in one thread, raw
-HTTP) that sends streaming /v1/completions requests one after another (a fixed prompt of random text, a fixed
-number of new tokens via vLLM's `ignore_eos`, greedy) and counts the tokens the final usage chunk reports. A
+HTTP) that sends streaming /v1/completions requests one after another (each a prompt of its own, random tokens,
+so that the server's prefix cache finds nothing to reuse; a fixed number of new tokens via vLLM's `ignore_eos`,
+greedy) and counts the tokens the final usage chunk reports. A
 round gives every client the same bounded number of requests; throughput = all tokens of the round / its wall
 time. The levels take turns (1, 4, 16 clients, then again), so that each sees the same share of the shared
 machine's swings in speed, and each reports the median of its rounds.
@@ -91,16 +92,25 @@ async def stream_completion(port: int, body: bytes) -> int:
     return usage[-1]["completion_tokens"]
 
 
-def run_round(port: int, clients: int, requests_per_client: int, body: dict) -> float:
-    """Every client sends its requests in turn; returns total generated tokens / wall seconds."""
-    raw = json.dumps(body).encode()
+def prompts(cfg, length: int):
+    """Distinct prompts of random tokens, an endless supply (seeded: every run sends the same ones)."""
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randint(0, cfg.vocab_size, (length,), generator=generator).tolist()
 
-    async def client() -> int:
-        return sum([await stream_completion(port, raw) for _ in range(requests_per_client)])
+
+def run_round(port: int, clients: int, requests_per_client: int, body: dict, next_prompt) -> float:
+    """Every client sends its requests in turn, each with the next prompt; returns total generated tokens /
+    wall seconds."""
+    bodies = [json.dumps({**body, "prompt": next(next_prompt)}).encode() for _ in range(clients * requests_per_client)]
+
+    async def client(c: int) -> int:
+        mine = bodies[c * requests_per_client:(c + 1) * requests_per_client]
+        return sum([await stream_completion(port, raw) for raw in mine])
 
     async def all_clients() -> tuple[int, float]:
         start = time.perf_counter()
-        counts = await asyncio.gather(*(client() for _ in range(clients)))
+        counts = await asyncio.gather(*(client(c) for c in range(clients)))
         return sum(counts), time.perf_counter() - start
 
     tokens, elapsed = asyncio.run(all_clients())
@@ -109,11 +119,12 @@ def run_round(port: int, clients: int, requests_per_client: int, body: dict) -> 
     return tokens / elapsed
 
 
-def engine_alone(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int, batches: tuple[int, ...],
+def engine_alone(model_dir: Path, dtype: str, next_prompt, new_tokens: int, batches: tuple[int, ...],
                  repeats: int) -> dict[int, float]:
-    """Tokens/s of the engine itself, per batch size b of `batches`, generating for b copies of the prompt at
-    once (prefill included, no HTTP), stepped by its background thread as under the server; the batch sizes
+    """Tokens/s of the engine itself, per batch size b of `batches`, generating for b new prompts at once
+    (prefill included, no HTTP), stepped by its background thread as under the server; the batch sizes
     take turns, the median of `repeats` each."""
+    prompt = next(next_prompt)
     engine = Engine.from_pretrained(model_dir, dtype=dtype, max_batch_size=max(batches),
                                     max_len=len(prompt) + new_tokens + 1)
     engine.start()  # its own thread, as under the server
@@ -124,7 +135,7 @@ def engine_alone(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int
         for _ in range(repeats):
             for batch in batches:
                 start = time.perf_counter()
-                engine.generate([prompt] * batch, params)
+                engine.generate([next(next_prompt) for _ in range(batch)], params)
                 speeds[batch].append(batch * new_tokens / (time.perf_counter() - start))
     finally:
         engine.stop()
@@ -151,8 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_tokenizer(["builtin:shakespeare"], cfg.vocab_size, Path(tmp) / "tok", show_progress=False)
         model_dir = save_model(build_model(cfg, seed=0), Path(tmp) / "small", tokenizer_dir=Path(tmp) / "tok")
-        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
-        body = {"model": "small", "prompt": prompt.tolist(), "max_tokens": new_tokens, "temperature": 0,
+        next_prompt = prompts(cfg, args.prompt_tokens)
+        body = {"model": "small", "max_tokens": new_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
         port = free_port()
@@ -172,11 +183,11 @@ def main() -> None:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("lmforge serve did not start")
                 time.sleep(0.2)
-            run_round(port, 4, 1, body)  # warm-up: first forwards, thread pools, connections
+            run_round(port, 4, 1, body, next_prompt)  # warm-up: first forwards, thread pools, connections
             speeds: dict[int, list[float]] = {clients: [] for clients in LEVELS}
             for _ in range(rounds):
                 for clients in LEVELS:
-                    speeds[clients].append(run_round(port, clients, requests_per_client[clients], body))
+                    speeds[clients].append(run_round(port, clients, requests_per_client[clients], body, next_prompt))
             for clients, runs in speeds.items():
                 results[f"clients_{clients}_tok_s"] = round(statistics.median(runs), 1)
                 print(f"{clients:2d} clients  {statistics.median(runs):7.1f} tok/s  "
@@ -185,7 +196,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
 
-        for batch, speed in engine_alone(model_dir, args.dtype, prompt.tolist(), new_tokens, (1, 16), rounds).items():
+        for batch, speed in engine_alone(model_dir, args.dtype, next_prompt, new_tokens, (1, 16), rounds).items():
             results[f"engine_batch_{batch}_tok_s"] = round(speed, 1)
             print(f"engine alone, batch {batch:2d}  {speed:7.1f} tok/s", flush=True)
     peak = max(peak, matmul_peak(dtype, [1024, 2048], 3))  # the best of two: the less disturbed

@@ -106,6 +106,71 @@ def test_batched_equals_one_by_one(engine, tokenizer, params):
         assert len(out.token_ids) == 12
 
 
+def run_to_end(engine, *requests):
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])  # the C prefill (where it compiles) and PyTorch's, MLA's latent
+def test_prefix_cache_reuses_an_earlier_requests_tokens(tokenizer, kind):
+    """A prompt that extends a finished request's prompt and reply (a chat's next turn) prefills only what
+    is new, and gives the tokens and log-probs a full prefill gives; the finished request's row had been
+    swapped out from under a request still running."""
+    model = make_model(tokenizer, kind)
+    engine = Engine(model, tokenizer, max_batch_size=3, max_len=128)
+    fresh = Engine(model, tokenizer, max_batch_size=3, max_len=128, prefix_cache=False)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    first_prompt = tokenizer.encode("The quick brown fox jumps")
+    first = engine.submit(first_prompt, params)  # row 0
+    long = engine.submit(tokenizer.encode("Numbers 12345."), SamplingParams(max_tokens=30, temperature=0.0,
+                                                                            ignore_eos=True))  # row 1
+    run_to_end(engine, first)  # first leaves row 0; long moves there, first's cache to row 1
+    assert not long.done.is_set()
+    reply = first.outputs[0].token_ids
+    turns = {"next turn": first_prompt + reply + tokenizer.encode(" over the lazy dog"),
+             "same prompt": first_prompt, "unrelated": tokenizer.encode("日本語のテキスト")}
+    expect_cached = {"next turn": len(first_prompt) + len(reply) - 1,  # the last reply token was never fed back
+                     "same prompt": len(first_prompt) - 1, "unrelated": 0}  # the last prompt token runs again
+    for name, prompt in turns.items():
+        request = engine.submit(prompt, params)
+        run_to_end(engine, request)
+        assert request.cached_tokens == expect_cached[name], name
+        (alone,), = fresh.generate([prompt], params)
+        out = request.outputs[0]
+        assert out.token_ids == alone.token_ids, name
+        torch.testing.assert_close(torch.tensor([[v for _, _, v in lp.top] for lp in out.logprobs]),
+                                   torch.tensor([[v for _, _, v in lp.top] for lp in alone.logprobs]),
+                                   atol=1e-4, rtol=0)
+    run_to_end(engine, long)
+    (alone,), = fresh.generate([long.prompt], long.params)
+    assert long.outputs[0].token_ids == alone.token_ids  # the swaps did not disturb the running row
+
+
+def test_prefix_cache_forgets_when_weights_change(tokenizer):
+    model = make_model(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=2, max_len=64)
+    prompt = tokenizer.encode("The quick brown fox jumps")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert engine.submit(prompt, params).cached_tokens == 0
+    engine.generate([prompt], params)
+    again = engine.submit(prompt, params)
+    run_to_end(engine, again)
+    assert again.cached_tokens == len(prompt) - 1
+    with torch.no_grad():  # an in-place update (an optimizer step, a weight sync in RL)
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    changed = engine.submit(prompt, params)
+    run_to_end(engine, changed)
+    assert changed.cached_tokens == 0
+    (alone,), = Engine(model, tokenizer, max_batch_size=2, max_len=64, prefix_cache=False).generate([prompt], params)
+    assert changed.outputs[0].token_ids == alone.token_ids
+    engine.reset_prefix_cache()
+    assert engine.generate([prompt], params) and engine._cached != {}
+    engine.reset_prefix_cache()
+    after = engine.submit(prompt, params)
+    run_to_end(engine, after)
+    assert after.cached_tokens == 0
+
+
 def test_n_samples_share_one_prefill(tokenizer):
     model = make_model(tokenizer)
     engine = Engine(model, tokenizer, max_batch_size=4, max_len=64)

@@ -249,6 +249,29 @@ def test_logit_bias_and_vllm_sampling_extensions_reach_the_engine(live):
     assert response.choices[0].finish_reason == "stop" and response.usage.completion_tokens == cut + 1
 
 
+def test_next_chat_turn_reuses_the_cached_prefix(live, model_dir):
+    """The second turn of a chat (history, reply, a new message) finds its history in the prefix cache and
+    says so in usage.prompt_tokens_details.cached_tokens; its answer is what a full prefill gives."""
+    client = live.client()
+    kw = dict(model=MODEL, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(messages=HELLO, **kw)
+    history = HELLO + [{"role": "assistant", "content": first.choices[0].message.content},
+                       {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(messages=history, **kw)
+    prompt = chat_prompt(live.engine, history)
+    fed = chat_prompt(live.engine, HELLO) + engine_outputs(live.engine, chat_prompt(live.engine, HELLO),
+                                                           max_tokens=10, temperature=0, ignore_eos=True)[0].token_ids
+    shared = next((i for i, (a, b) in enumerate(zip(fed, prompt)) if a != b), min(len(fed), len(prompt)))
+    assert min(shared, len(fed) - 1) <= second.usage.prompt_tokens_details.cached_tokens < len(prompt)
+    assert second.usage.prompt_tokens_details.cached_tokens > len(chat_prompt(live.engine, HELLO))
+    fresh = Engine.from_pretrained(model_dir, max_batch_size=2, prefix_cache=False)
+    assert second.choices[0].message.content == engine_outputs(fresh, prompt, max_tokens=10, temperature=0,
+                                                               ignore_eos=True)[0].text
+    again = list(client.chat.completions.create(messages=history, stream=True,
+                                                stream_options={"include_usage": True}, **kw))
+    assert again[-1].usage.prompt_tokens_details.cached_tokens == len(prompt) - 1  # all but the last token
+
+
 def test_stop_strings(live):
     client = live.client()
     prompt = "To be, or not"

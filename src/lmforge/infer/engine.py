@@ -8,13 +8,18 @@ How a request runs (one function per step, read top to bottom):
    prompts instead: cpu_decode.py); it copies a
    request's row of the cache to its other samples' rows (n samples share one prefill) and
    samples each one's first token from the logits of its prompt's last real token.
+   Prefix caching: a free row keeps the keys and values of the request that last used it, and a
+   new prompt that begins with the same tokens (the next turn of a chat: the history, then one
+   more message) takes that row and prefills only the rest, as llama.cpp's server reuses a slot's
+   cache and vLLM its cached blocks. Replacing or updating the weights empties this cache.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
    position (the cache rows are independent, so prompts of different lengths and requests that
    joined at different times share a batch), then picks each row's next token. On a CPU, for
    dense Llama-family models, that forward is one C call (cpu_decode.py).
 4. `_advance` detokenises the token, checks stop ids / stop strings / lengths, and sends a Delta.
-   A finished or cancelled sample leaves, and the last row moves into its place, so the running
-   rows are always rows 0..k-1 of the cache and a decode step is one forward over a [k, 1] batch.
+   A finished or cancelled sample leaves, and the last row moves into its place (the two swap,
+   so the leaving sample's cache stays, in a free row), so the running rows are always rows
+   0..k-1 of the cache and a decode step is one forward over a [k, 1] batch.
 
 `start()` runs steps 2-4 in a background thread (continuous batching: requests join and leave
 between decode steps, so a short request never waits for a long one); without it, `generate` and
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 import logging
 import queue
@@ -35,6 +41,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmforge.checkpoint import load_model
@@ -89,6 +96,7 @@ class Request:
         self.id = f"req-{uuid.uuid4().hex[:16]}"
         self.prompt = prompt
         self.prompt_tokens = len(prompt)
+        self.cached_tokens = 0  # of the prompt, found in the prefix cache (not prefilled again)
         self.params = params
         self.outputs = [Output(i, "", [], None, [] if params.logprobs else None) for i in range(params.n)]
         self.cancelled = False
@@ -181,13 +189,15 @@ class _Sample:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16,
-                 max_len: int | None = None, eos_ids: set[int] | None = None, max_prefill_tokens: int = 2048):
+                 max_len: int | None = None, eos_ids: set[int] | None = None, max_prefill_tokens: int = 2048,
+                 prefix_cache: bool = True):
         """`max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
         that end any output unless `ignore_eos`; by default the tokenizer's and config's eos, and every
         special token (they mark an end of text or of a turn, never content). `max_prefill_tokens`: the
         most tokens (rows x longest prompt, padding included) one prefill forward takes, so a burst of
         long prompts holds the running streams up for one such forward per step at most; a prompt
-        longer than that is prefilled alone."""
+        longer than that is prefilled alone. `prefix_cache`: reuse the cached keys and values of an
+        earlier request whose tokens a new prompt begins with (see the module's docstring)."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
         self.model = model.eval()
@@ -202,6 +212,13 @@ class Engine:
         self._cpu_decoder = CPUDecoder.create(model)
         self._views: dict[tuple[int, int], KVCache] = {}
         self._running: list[_Sample] = []  # row i of the cache belongs to _running[i]
+        self.prefix_cache = prefix_cache
+        # Free rows (index >= len(_running)) -> (the tokens whose keys and values they hold at positions
+        # 0, 1, ..., when the row was freed: a count); valid for the weights whose (data pointer, version)
+        # pairs are _weights_key.
+        self._cached: dict[int, tuple[list[int], int]] = {}
+        self._freed = itertools.count()
+        self._weights_key: tuple = ()
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()  # guards _waiting; wakes the background thread
         self._step_lock = threading.Lock()  # one thread steps the engine at a time
@@ -342,6 +359,7 @@ class Engine:
                 for request in {s.request for s in self._running}:
                     request._finish(error)
                 self._running.clear()
+                self._cached.clear()  # a forward that failed midway may have written any row
                 raise
             finally:
                 outbox, self._outbox = self._outbox, None
@@ -371,23 +389,31 @@ class Engine:
         if not batch:
             return
         first, lengths = len(self._running), [len(r.prompt) for r in batch]
-        width, device = max(lengths), self.cache_device
+        device = self.cache_device
         try:
+            # Request i goes to row first + i, its prompt's first `start[i]` tokens found in the cache.
+            start = self._claim_cached(batch, first)
+            new = [n - s for n, s in zip(lengths, start)]
+            width = max(new)
             cache = self._rows(first, first + len(batch))
             decoder = self._cpu_decoder
             if decoder is not None and decoder.prefills and width <= decoder.prefill_max_len:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
                 # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
                 # cores the next decode steps need, as PyTorch's forward does.
-                ids = [t for r in batch for t in r.prompt]
-                positions = [p for n in lengths for p in range(n)]
-                rows = [i for i, n in enumerate(lengths) for _ in range(n)]
-                last = torch.tensor(lengths).cumsum(0) - 1
+                ids = [t for r, s in zip(batch, start) for t in r.prompt[s:]]
+                positions = [p for n, s in zip(lengths, start) for p in range(s, n)]
+                rows = [i for i, k in enumerate(new) for _ in range(k)]
+                last = torch.tensor(new).cumsum(0) - 1
                 logits = decoder(ids, positions, cache, rows=rows, out=last)
             else:
-                ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=device)
-                positions = torch.arange(width, device=device).expand(len(batch), width)
-                last = torch.tensor(lengths, device=device) - 1
+                ids = torch.tensor([r.prompt[s:] + [0] * (width - k) for r, s, k in zip(batch, start, new)],
+                                   device=device)
+                # padding past a prompt's end writes entries its own later tokens overwrite; capped at
+                # the cache's end, where a row that started late could otherwise run past it
+                positions = (torch.tensor(start, device=device)[:, None] + torch.arange(width, device=device)
+                             ).clamp_(max=self.max_len - 1)
+                last = torch.tensor(new, device=device) - 1
                 logits = self._last_logits(ids, positions, cache, last)
         except Exception as error:
             for request in batch:
@@ -403,7 +429,48 @@ class Engine:
                 samples.append(_Sample(request, index, self))
                 logit_rows.append(i)
         self._running.extend(samples)
+        for row in range(first, len(self._running)):  # running now: no longer a cached prefix
+            self._cached.pop(row, None)
         self._advance(samples, logits[logit_rows])
+
+    def _claim_cached(self, batch: list[Request], first: int) -> list[int]:
+        """For each request of `batch` (it will run in row first + i): the free row whose cached tokens
+        share the longest prefix with its prompt is swapped into row first + i, or, if it holds more
+        than the prompt shares, the shared part is copied there and the row kept for a later request;
+        returns how many prompt tokens each found (0: none). The last prompt token always runs again,
+        for its logits. Among equals, and for the row a request overwrites, an empty row comes first,
+        then the one freed longest ago (least recently used, as vLLM evicts its cached blocks)."""
+        start = [0] * len(batch)
+        if not self.prefix_cache:
+            return start
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if key != self._weights_key:  # new or updated weights: what the rows hold is stale
+            self._cached.clear()
+            self._weights_key = key
+        for i, request in enumerate(batch):
+            target, limit = first + i, len(request.prompt) - 1
+            ranked = sorted(((_common_prefix(tokens, request.prompt, limit), -freed, row)
+                             for row in range(target, self.max_batch_size)
+                             for tokens, freed in [self._cached.get(row, ((), -1))]), reverse=True)
+            found, _, best = ranked[0]
+            victim = min(ranked[1:], key=lambda r: -r[1], default=(0, 0, best))[2]  # empty, else oldest
+            if found < self._row_length(best) and victim != best:
+                # The row holds more than this prompt shares (an earlier, longer turn of the chat): keep it
+                # for later, and copy the shared prefix into the least valuable row instead.
+                if victim != target:
+                    self._swap_rows(victim, target)
+                    best = victim if best == target else best
+                self._copy_row(best, target, found)
+            elif best != target:
+                self._swap_rows(best, target)
+            self._cached.pop(target, None)  # its cache is being overwritten from `found` on
+            start[i] = request.cached_tokens = found
+        return start
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes (they are dropped anyway when the weights' tensors change)."""
+        with self._step_lock:
+            self._cached.clear()
 
     def _take_waiting(self) -> list[Request]:
         """Pop the waiting requests to prefill now, oldest first: while their samples fit in free rows
@@ -521,14 +588,50 @@ class Engine:
             for buf in layer:
                 buf[dst, :, :length] = buf[src, :, :length]
 
+    def _swap_rows(self, a: int, b: int) -> None:
+        """Exchange two rows' cache entries (as far as either holds anything) and what _cached says of them."""
+        length = max(self._row_length(a), self._row_length(b))
+        if length == 0:
+            return
+        for layer in self.cache.layers:
+            for buf in layer:
+                buf[[a, b], :, :length] = buf[[b, a], :, :length]
+        tokens_a, tokens_b = self._cached.pop(a, None), self._cached.pop(b, None)
+        if tokens_a is not None:
+            self._cached[b] = tokens_a
+        if tokens_b is not None:
+            self._cached[a] = tokens_b
+
+    def _row_length(self, row: int) -> int:
+        if row < len(self._running):
+            return self._running[row].position
+        return len(self._cached.get(row, ((), 0))[0])
+
     def _leave(self, row: int) -> None:
-        """Free a row: the last running row moves into it, so rows 0..k-1 stay the running ones."""
+        """Free a row: the last running row moves into it, so rows 0..k-1 stay the running ones. With the
+        prefix cache the two rows swap, and the leaving sample's tokens stay cached in the freed last row."""
         last = len(self._running) - 1
+        sample = self._running[row]
         if row != last:
             moved = self._running[last]
-            self._copy_row(last, row, moved.position)
+            if self.prefix_cache:
+                self._swap_rows(row, last)
+            else:
+                self._copy_row(last, row, moved.position)
             self._running[row] = moved
         self._running.pop()
+        if self.prefix_cache:  # the prompt and the tokens fed back so far (the newest one never was)
+            fed = sample.position - len(sample.request.prompt)
+            self._cached[last] = (sample.request.prompt + sample.output.token_ids[:fed], next(self._freed))
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    if n == 0 or a[0] != b[0]:  # the usual case for unrelated prompts, without building arrays
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
 
 
 def default_eos_ids(model: Transformer, tokenizer: Tokenizer) -> set[int]:

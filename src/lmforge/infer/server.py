@@ -13,7 +13,8 @@ Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / m
 temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logprobs / top_logprobs, user
 (ignored), and vLLM's extensions of the sampling parameters (the `openai` client sends them in `extra_body`):
 top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools, response_format,
-echo, best_of, ...) are refused by name rather than silently ignored.
+echo, best_of, ...) are refused by name rather than silently ignored. `usage` also gives
+prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
 
 Every request becomes one engine Request (`n` samples share one prefill); the engine's background thread
 steps all running requests together, so concurrent clients share each decode step (continuous batching).
@@ -430,12 +431,12 @@ class Server:
                                   "logprobs": logprobs_of(delta.logprobs or []) if delta.logprobs else None,
                                   "finish_reason": delta.finish_reason}])
                 if include_usage:
-                    yield chunk([], _usage(len(prompt), choices))
+                    yield chunk([], _usage(len(prompt), choices, [request]))
 
             return _sse(body(), [request])
 
         await self._collect([request], lambda number, delta: choices[delta.index], http_request)
-        return {**meta, "object": "chat.completion", "usage": _usage(len(prompt), choices), "choices": [
+        return {**meta, "object": "chat.completion", "usage": _usage(len(prompt), choices, [request]), "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
              "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason} for c in choices]}
 
@@ -478,12 +479,12 @@ class Server:
                                   "logprobs": logprobs_of(delta.logprobs or [], offsets),
                                   "finish_reason": delta.finish_reason}])
                 if include_usage:
-                    yield chunk([], _usage(prompt_tokens, choices))
+                    yield chunk([], _usage(prompt_tokens, choices, requests))
 
             return _sse(body(), requests)
 
         await self._collect(requests, lambda number, delta: choices[number * n + delta.index], http_request)
-        return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices), "choices": [
+        return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
             {"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs, c.offsets),
              "finish_reason": c.finish_reason} for c in choices]}
 
@@ -518,9 +519,11 @@ class Server:
             watcher.cancel()
 
 
-def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+def _usage(prompt_tokens: int, choices: list[Choice], requests: list) -> dict:
+    """OpenAI's usage, with the prompt tokens the prefix cache held (prompt_tokens_details.cached_tokens)."""
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in requests)}}
 
 
 def _sse(chunks, requests: list) -> StreamingResponse:
@@ -605,6 +608,8 @@ class ServeConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     max_batch_size: int = field(default=16, metadata={"help": "requests decoded together (engine slots)"})
     max_len: int | None = field(default=None, metadata={"help": "context length of each slot (default: engine's)"})
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "reuse the cached keys and values of an earlier request a prompt begins with (a chat's history)"})
 
 
 def served_name(model: str) -> str:
@@ -620,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lmforge serve: error: --model DIR is required", file=sys.stderr)
         return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                    max_batch_size=cfg.max_batch_size, max_len=cfg.max_len)
+                                    max_batch_size=cfg.max_batch_size, max_len=cfg.max_len,
+                                    prefix_cache=cfg.prefix_cache)
     name = cfg.name or served_name(cfg.model)
     engine.start()
     try:
