@@ -5,6 +5,7 @@ a few KB of text with accents, CJK and emojis, so that some characters are split
 """
 
 import asyncio
+import random
 import threading
 import time
 
@@ -144,6 +145,41 @@ def test_prefix_cache_reuses_an_earlier_requests_tokens(tokenizer, kind):
     run_to_end(engine, long)
     (alone,), = fresh.generate([long.prompt], long.params)
     assert long.outputs[0].token_ids == alone.token_ids  # the swaps did not disturb the running row
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_prefix_cache_under_continuous_batching_matches_no_cache(tokenizer, kind):
+    """Waves of requests, most of them reusing part of an earlier prompt and reply, greedy or seeded, n of 1
+    or 2, some cancelled, joining a running batch of 6 rows between steps: each gets the tokens an engine
+    without the cache gives it alone, while the cache did hold a good share of the prompts."""
+    model = make_model(tokenizer, kind)
+    engine = Engine(model, tokenizer, max_batch_size=6, max_len=160)
+    alone = Engine(model, tokenizer, max_batch_size=6, max_len=160, prefix_cache=False)
+    rng = random.Random(0)
+    texts, requests = [], []
+    for _ in range(40):
+        for _ in range(rng.randint(1, 4)):
+            if texts and rng.random() < 0.9:  # an earlier prompt and reply, whole or cut, maybe extended
+                base = rng.choice(texts)
+                cut = len(base) if rng.random() < 0.5 else rng.randint(1, len(base))
+                prompt = (base[:cut] + [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(0, 6))])[:100]
+            else:
+                prompt = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 30))]
+            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 0.8]),
+                                    seed=rng.randrange(1000), ignore_eos=True, n=rng.choice([1, 1, 2]))
+            requests.append(engine.submit(prompt, params))
+            if rng.random() < 0.1:
+                requests[-1].cancel()
+        for _ in range(rng.randint(1, 6)):
+            engine.step()
+        texts += [r.prompt + o.token_ids for r in requests if r.done.is_set() and not r.cancelled
+                  for o in r.outputs if r.prompt + o.token_ids not in texts]
+    run_to_end(engine, *requests)
+    finished = [r for r in requests if not r.cancelled]
+    for request in finished:
+        expected = alone.generate([request.prompt], request.params)[0]
+        assert [o.token_ids for o in request.outputs] == [o.token_ids for o in expected]
+    assert sum(r.cached_tokens for r in finished) > 0.2 * sum(len(r.prompt) for r in finished)
 
 
 def test_prefix_cache_forgets_when_weights_change(tokenizer):
