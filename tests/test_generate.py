@@ -76,6 +76,8 @@ def test_chat_history_reset_system_exit(model_dir, engine, monkeypatch, capsys):
     replies = [part.split("\n[", 1)[0] for part in out.split("assistant> ")[1:]]
     assert len(replies) == 3
     assert out.count(" tok/s, first token ") == 3
+    cached = [int(line.split(" tokens (")[1].split(" cached")[0]) for line in out.splitlines() if " cached), " in line]
+    assert len(cached) == 3 and cached[1] > 0  # the second turn found the first in the prefix cache
     assert "(conversation cleared)" in out and "(system prompt set; conversation cleared)" in out
     params = SamplingParams(max_tokens=12, temperature=0.0)
 

@@ -4,9 +4,11 @@ Commands typed at the prompt:
     /reset          forget the conversation (the system prompt stays)
     /system TEXT    set the system prompt (empty TEXT removes it) and start over
     /exit           leave (so does end of input, Ctrl-D)
-After each reply a line gives its speed: tokens, decode tokens/s and time to the first token.
-The whole conversation is rendered with the model's own chat template every turn; when it no
-longer fits in the context, the oldest exchanges are dropped.
+After each reply a line gives its speed: tokens, decode tokens/s, time to the first token, and the
+prompt's tokens with how many of them the engine's prefix cache held.
+The whole conversation is rendered with the model's own chat template every turn (the engine finds
+the earlier turns in its prefix cache and prefills only the new message); when it no longer fits in
+the context, the oldest exchanges are dropped.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def reply(engine: Engine, prompt: list[int], params: SamplingParams) -> str:
     tokens = len(output.token_ids)
     decode_speed = (tokens - 1) / (ended - first) if tokens > 1 and ended > first else 0.0
     print(f"\n[{tokens} tokens, {decode_speed:.1f} tok/s, first token {(first - started) * 1000:.0f} ms, "
-          f"{output.finish_reason}]")
+          f"prompt {len(prompt)} tokens ({request.cached_tokens} cached), {output.finish_reason}]")
     return output.text
 
 
