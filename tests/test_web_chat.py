@@ -110,6 +110,7 @@ def test_chat_streams_stops_keeps_history_and_starts_over(live, page, tmp_path):
     assert second["temperature"] == 1.3 and second["max_tokens"] == 7 and second["stream"] is True
     speed = page.text_content("#speed")
     assert speed.startswith("7 tokens · ") and "tok/s" in speed and "first token" in speed  # from usage
+    assert speed.endswith(" prompt tokens cached") and int(speed.split(" · ")[-1].split()[0]) > 0  # turn 1's
     page.screenshot(path=str(tmp_path / "web_chat.png"))
 
     # 4. New chat: the page is empty again and the next request carries only the new message.

@@ -140,13 +140,15 @@ async function send(text) {
   if (bubble.classList.contains("error") || !bubble.isConnected) return;  // failed, or a new chat began
   history.push({ role: "assistant", content: reply });
   if (stopped) addNote(bubble, "stopped");
-  showSpeed(started, firstTokenAt, performance.now(), usage ? usage.completion_tokens : chunks, !usage);
+  showSpeed(started, firstTokenAt, performance.now(), usage ? usage.completion_tokens : chunks, !usage,
+            usage?.prompt_tokens_details?.cached_tokens);
 }
 
 // Tokens per second of the last reply, counted from its first token (so the prompt's prefill is the
 // separate "first token" figure). Without the final usage chunk (a stopped reply) the count is the number
-// of streamed chunks, which is about one token each.
-function showSpeed(started, firstTokenAt, ended, tokens, approximate) {
+// of streamed chunks, which is about one token each. `cached`: the prompt tokens (the conversation so far)
+// the server's prefix cache held, so that only the new message was prefilled.
+function showSpeed(started, firstTokenAt, ended, tokens, approximate, cached) {
   if (firstTokenAt === null) {
     $("speed").textContent = "no tokens";
     return;
@@ -154,7 +156,7 @@ function showSpeed(started, firstTokenAt, ended, tokens, approximate) {
   const seconds = (ended - firstTokenAt) / 1000;
   const rate = tokens > 1 && seconds > 0 ? ((tokens - 1) / seconds).toFixed(1) : "–";
   $("speed").textContent = `${approximate ? "≈" : ""}${tokens} tokens · ${rate} tok/s · ` +
-    `first token ${Math.round(firstTokenAt - started)} ms`;
+    `first token ${Math.round(firstTokenAt - started)} ms` + (cached ? ` · ${cached} prompt tokens cached` : "");
 }
 
 function newChat() {
