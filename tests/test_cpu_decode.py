@@ -158,6 +158,37 @@ def test_long_prefill_runs_match_pytorch(dtype, window):
                 n = len(prompt)
                 torch.testing.assert_close(c_buf[row, :, :n].float(), one_buf[0, :, :n].float(), rtol=tol, atol=tol)
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_logits_do_not_depend_on_its_batch(dtype):
+    """A token decoded alone, beside two other rows, or as the last of a prefill (runs of 16 tokens attending
+    together) gets bitwise the same logits where the C matvecs are the AVX-512 dot products (fp32; bf16 with
+    AVX512-BF16 and no AMX), whose sums run through the same tree whatever the batch: then batching and the
+    Engine's prefix cache change no result. The portable loops and AMX tiles (a prefill's many rows) round
+    differently, and there the three agree to rounding."""
+    model = build_model(preset("tiny", **CONFIGS["heads of 64"]), seed=0).to(dtype).eval()
+    decoder = CPUDecoder.create(model)
+    prompt = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    other = prompt[3:23]
+
+    def prefill(cache, row, ids):
+        return decoder(ids, list(range(len(ids))), cache, rows=[row] * len(ids), out=torch.tensor([len(ids) - 1]))
+
+    whole = prefill(KVCache(model.config, 1, 40, dtype=dtype), 0, prompt)[0]
+    one = KVCache(model.config, 1, 40, dtype=dtype)
+    prefill(one, 0, prompt[:29])
+    alone = decoder([prompt[29]], [29], one)[0]
+    three = KVCache(model.config, 3, 40, dtype=dtype)
+    for row, ids in enumerate([prompt[:29], other, other[:7]]):
+        prefill(three, row, ids)
+    beside = decoder([prompt[29], 5, 6], [29, 20, 7], three)[0]
+    if decoder.lib.fast_matvec(int(dtype == torch.bfloat16)) == 1:
+        assert torch.equal(alone, beside) and torch.equal(alone, whole)
+    else:
+        tol = 1e-4 if dtype == torch.float32 else 0.03 * whole.abs().max()
+        torch.testing.assert_close(alone, beside, rtol=tol, atol=tol)
+        torch.testing.assert_close(alone, whole, rtol=tol, atol=tol)
+
+
 def test_models_it_does_not_handle_stay_on_pytorch():
     assert unsupported(build_model(preset("tiny"), seed=0)) is None
     assert unsupported(build_model(preset("tiny-moe"), seed=0)) == "MLA or MoE layers"

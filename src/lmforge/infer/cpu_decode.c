@@ -245,13 +245,12 @@ static void matvec_blocks(const void *W, int bf16, const void *X, float *y, long
             else if (bf16) dp_block((const uint16_t **)w, (const uint16_t **)xb, 4, in, pf, q, acc);
             else if (B == 1) fma_block((const float **)w, (const float **)xb, 1, in, pf, q, acc);
             else fma_block((const float **)w, (const float **)xb, 4, in, pf, q, acc);
-            if (B == 1) {
-                for (int r = 0; r < 4 && j0 + r < out; r++) {
-                    float sum = _mm512_reduce_add_ps(acc[r][0]);
-                    y[j0 + r] = add ? y[j0 + r] + sum : sum;
-                }
-                continue;
-            }
+            /* Batch 1 sums its lanes through the same tree as a batch of many: a token's outputs are then
+             * bitwise the same alone, beside other rows and in a prefill (so batching and the Engine's
+             * prefix cache change no result), at no measured cost to a batch-1 step. */
+            if (B == 1)
+                for (int r = 0; r < 4; r++)
+                    for (int c = 1; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
             float sums[16];  /* sums[4c + r] = y[b0 + c, j0 + r] */
             _mm512_storeu_ps(sums, reduce_4x4(acc));
             for (int c = 0; c < 4 && b0 + c < B; c++) {

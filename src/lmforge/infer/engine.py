@@ -11,7 +11,10 @@ How a request runs (one function per step, read top to bottom):
    Prefix caching: a free row keeps the keys and values of the request that last used it, and a
    new prompt that begins with the same tokens (the next turn of a chat: the history, then one
    more message) takes that row and prefills only the rest, as llama.cpp's server reuses a slot's
-   cache and vLLM its cached blocks. Replacing or updating the weights empties this cache.
+   cache and vLLM its cached blocks. Replacing or updating the weights empties this cache. Where
+   the C matvecs are AVX-512 dot products, the reused entries give bitwise the logits a full
+   prefill gives (cpu_decode.c sums a token's products the same way whatever the batch); on
+   other paths they agree to rounding.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
    position (the cache rows are independent, so prompts of different lengths and requests that
    joined at different times share a batch), then picks each row's next token. On a CPU, for
