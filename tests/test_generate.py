@@ -92,6 +92,23 @@ def test_chat_history_reset_system_exit(model_dir, engine, monkeypatch, capsys):
     assert replies == [first, second, third]
 
 
+def test_generate_logit_bias(model_dir, engine, capsys):
+    """--logit-bias TOKEN_ID=BIAS gives what the engine gives with that logit_bias; a malformed entry is an
+    error that names it."""
+    prompt = engine.tokenizer.encode("The quick brown", add_special_tokens=True)
+    params = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    (free,), = engine.generate([prompt], SamplingParams(**params))
+    banned, favoured = free.token_ids[0], next(t for t in range(50, 300) if t != free.token_ids[0])
+    bias = {banned: -100.0, favoured: 3.0}
+    (expected,), = engine.generate([prompt], SamplingParams(**params, logit_bias=bias))
+    assert expected.token_ids != free.token_ids and banned not in expected.token_ids
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "The quick brown", "--max-new-tokens", "6",
+                "--temperature", "0", "--ignore-eos", "--logit-bias", f"{banned}=-100", f"{favoured}=3"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    with pytest.raises(SystemExit, match="--logit-bias 'x=1': expected TOKEN_ID=BIAS"):
+        cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--logit-bias", "x=1"])
+
+
 def test_generate_stop_token_ids_ignore_eos_and_logprobs(model_dir, engine, capsys):
     """--stop-token-ids, --ignore-eos and --logprobs/--top-logprobs give what the engine gives for the
     same SamplingParams; the log-probs go to stderr as JSON lines, stdout keeps only the completion."""

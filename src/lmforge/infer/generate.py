@@ -40,9 +40,18 @@ class SamplingOptions:
     stop_token_ids: list[int] = field(default_factory=list, metadata={
         "help": "token ids that end the output (not included), besides the end-of-text ones"})
     ignore_eos: bool = field(default=False, metadata={"help": "keep going past end-of-text tokens"})
+    logit_bias: list[str] = field(default_factory=list, metadata={
+        "help": "TOKEN_ID=BIAS entries added to those tokens' logits (OpenAI's logit_bias, -100 bans one)"})
 
     def sampling_params(self, **extra) -> SamplingParams:
-        return SamplingParams(
+        bias = {}
+        for entry in self.logit_bias:
+            token, _, value = entry.partition("=")
+            try:
+                bias[int(token)] = float(value)
+            except ValueError:
+                raise SystemExit(f"error: --logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
+        return SamplingParams(logit_bias=bias,
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=list(self.stop),
