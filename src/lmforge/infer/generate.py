@@ -51,11 +51,11 @@ class SamplingOptions:
                 bias[int(token)] = float(value)
             except ValueError:
                 raise SystemExit(f"error: --logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
-        return SamplingParams(logit_bias=bias,
+        return SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=list(self.stop),
-            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, **extra)
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logit_bias=bias, **extra)
 
     def engine(self) -> Engine:
         if not self.model:

@@ -20,6 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+class BadParam(ValueError):
+    """A sampling parameter out of range; `field` names it (the server's error reports it as `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -40,7 +48,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise BadParam (a ValueError) naming the first bad field."""
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
@@ -62,7 +70,7 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+                raise BadParam(name, f"{name}={getattr(self, name)!r}: {why}")
 
     @property
     def greedy(self) -> bool:

@@ -57,6 +57,7 @@ except ImportError as e:  # an optional extra: only this command needs it
 from tokenizers import decoders
 
 from lmforge.infer.engine import Delta, Engine, SamplingParams, TokenLogprob
+from lmforge.infer.sampling import BadParam
 from lmforge.settings import parse_args
 
 log = logging.getLogger(__name__)
@@ -364,16 +365,11 @@ class Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if "" in stop:
             raise APIError(400, "Invalid value for 'stop': a stop sequence cannot be empty.", "stop", "invalid_value")
-        vocab = self.engine.vocab_size
-        bias = {}
-        for key, value in (req.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit() and int(key) < vocab):
-                raise APIError(400, f"Invalid value for 'logit_bias': {key!r} is not a token id in [0, {vocab}).",
-                               "logit_bias", "invalid_value")
-            bias[int(key)] = value
-        if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
-            raise APIError(400, f"Invalid value for 'stop_token_ids': token ids must be in [0, {vocab}).",
-                           "stop_token_ids", "invalid_value")
+        try:  # JSON keys are strings; the ids' range is the engine's check (submit)
+            bias = {int(key): value for key, value in (req.logit_bias or {}).items()}
+        except ValueError:
+            raise APIError(400, "Invalid value for 'logit_bias': its keys must be token ids.", "logit_bias",
+                           "invalid_value") from None
         return SamplingParams(
             max_tokens=max_tokens, stop=stop, n=req.n or 1, seed=req.seed,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -387,7 +383,9 @@ class Server:
     def submit(self, prompt: list[int], params: SamplingParams):
         try:
             return self.engine.submit(prompt, params)
-        except ValueError as e:  # the engine's own checks (its message names the problem)
+        except BadParam as e:  # a sampling parameter out of range (its message names it)
+            raise APIError(400, f"Invalid value for '{e.field}': {e}", e.field, "invalid_value") from None
+        except ValueError as e:  # the engine's other checks (its message names the problem)
             raise APIError(400, str(e)) from None
 
     # -- chat --------------------------------------------------------------------------------------
