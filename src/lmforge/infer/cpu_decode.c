@@ -121,13 +121,13 @@ static void run(job_fn fn, void *arg, int nt) {
 /* This thread's share [lo, hi) of n iterations (static schedule). */
 #define SHARE(n, lo, hi) long lo = (n) * tid / nt, hi = (n) * (tid + 1) / nt
 
-/* p[first..pos] = exp(p - max), returning their sum: three loops, each vectorised (one loop with
- * the exp and the sum was scalar). */
 /* The first cached position a token at `pos` attends to: the sliding window's start (0: no window). */
 static inline long window_start(long pos, long window) {
     return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
 }
 
+/* p[first..pos] = exp(p - max), returning their sum: three loops, each vectorised (one loop with
+ * the exp and the sum was scalar). */
 static inline float softmax_exp(float *p, long first, long pos) {
     float m = -INFINITY, sum = 0.f;
 #pragma omp simd reduction(max:m)
@@ -166,8 +166,8 @@ static long chunk_rows(long row_bytes) {
 
 static inline __attribute__((always_inline)) void fma_block(const float *w[4], const float *xb[4], const int NB,
                                                             long in, uintptr_t pf, int q, __m512 acc[4][4]) {
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < NB; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int r = 0; r < 4; r++)  /* all 16, with NB = 1 too: see reduce_4x4 */
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (long i = 0; i < in; i += 16, pf += 64 * q) {  /* one cache line of each weight row */
         PREFETCH_LINES(pf, q);
         __m512 xv[4];
@@ -183,8 +183,8 @@ static inline __attribute__((always_inline)) void fma_block(const float *w[4], c
 #define HAVE_DP_BF16 1
 static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4], const uint16_t *xb[4], const int NB,
                                                            long in, uintptr_t pf, int q, __m512 acc[4][4]) {
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < NB; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int r = 0; r < 4; r++)  /* all 16, with NB = 1 too: see reduce_4x4 */
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (long i = 0; i < in; i += 32, pf += 64 * q) {
         PREFETCH_LINES(pf, q);
         __m512bh xv[4];
@@ -201,7 +201,10 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4],
 #endif
 
 /* The 16 sums of acc[r][c] (each over its 16 lanes) as one vector, lane 4c + r: a tree of
- * in-lane unpacks and cross-lane shuffles, 30 shuffles for all 16 where one reduction each took 64. */
+ * in-lane unpacks and cross-lane shuffles, 30 shuffles for all 16 where one reduction each took 64.
+ * Batch 1 (its other 12 sums zero) goes through it too: each sum's lanes are added in the same order
+ * whatever the batch, so a token's outputs are bitwise the same alone, beside other rows and in a
+ * prefill (batching and the Engine's prefix cache change no result), at no measured cost. */
 static inline __m512 reduce_4x4(__m512 acc[4][4]) {
     __m512 s[8], u[4], w[2];
     for (int c = 0; c < 4; c++)  /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
@@ -245,12 +248,6 @@ static void matvec_blocks(const void *W, int bf16, const void *X, float *y, long
             else if (bf16) dp_block((const uint16_t **)w, (const uint16_t **)xb, 4, in, pf, q, acc);
             else if (B == 1) fma_block((const float **)w, (const float **)xb, 1, in, pf, q, acc);
             else fma_block((const float **)w, (const float **)xb, 4, in, pf, q, acc);
-            /* Batch 1 sums its lanes through the same tree as a batch of many: a token's outputs are then
-             * bitwise the same alone, beside other rows and in a prefill (so batching and the Engine's
-             * prefix cache change no result), at no measured cost to a batch-1 step. */
-            if (B == 1)
-                for (int r = 0; r < 4; r++)
-                    for (int c = 1; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
             float sums[16];  /* sums[4c + r] = y[b0 + c, j0 + r] */
             _mm512_storeu_ps(sums, reduce_4x4(acc));
             for (int c = 0; c < 4 && b0 + c < B; c++) {
