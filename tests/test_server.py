@@ -602,7 +602,8 @@ def test_cli_serve_with_api_key(model_dir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir),
                                 "--port", str(port), "--api-key", "sekret", "--max-batch-size", "2",
-                                "--name", "served-tiny", "--dtype", "bfloat16", "--max-len", "128"],
+                                "--name", "served-tiny", "--dtype", "bfloat16", "--max-len", "128",
+                                "--prefix-cache", "false"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         banner = process.stdout.readline()
@@ -625,6 +626,8 @@ def test_cli_serve_with_api_key(model_dir):
         (model,) = good.models.list().data
         assert model.id == name and model.max_model_len == 128
         assert good.chat.completions.create(model=name, messages=HELLO, max_tokens=3).choices[0].message
+        again = good.chat.completions.create(model=name, messages=HELLO, max_tokens=3)
+        assert again.usage.prompt_tokens_details.cached_tokens == 0  # --prefix-cache false
         with pytest.raises(openai.BadRequestError):  # the 128-token context set by --max-len
             good.completions.create(model=name, prompt="hi", max_tokens=200)
         with pytest.raises(openai.AuthenticationError) as info:
