@@ -582,23 +582,25 @@ class Engine:
         if key not in self._views:
             view = copy.copy(self.cache)
             view.layers = [[buf[start:stop] for buf in layer] for layer in self.cache.layers]
+            view.stores = [store[:, start:stop] for store in self.cache.stores]
             view.batch_size = stop - start
             self._views[key] = view
         return self._views[key]
 
     def _copy_row(self, src: int, dst: int, length: int) -> None:
-        for layer in self.cache.layers:
-            for buf in layer:
-                buf[dst, :, :length] = buf[src, :, :length]
+        for store in self.cache.stores:  # [layers, rows, heads, max_len, d]: every layer at once
+            store[:, dst, :, :length] = store[:, src, :, :length]
 
     def _swap_rows(self, a: int, b: int) -> None:
         """Exchange two rows' cache entries (as far as either holds anything) and what _cached says of them."""
         length = max(self._row_length(a), self._row_length(b))
         if length == 0:
             return
-        for layer in self.cache.layers:
-            for buf in layer:
-                buf[[a, b], :, :length] = buf[[b, a], :, :length]
+        for store in self.cache.stores:
+            row_a, row_b = store[:, a, :, :length], store[:, b, :, :length]
+            held = row_a.clone()
+            row_a.copy_(row_b)
+            row_b.copy_(held)
         tokens_a, tokens_b = self._cached.pop(a, None), self._cached.pop(b, None)
         if tokens_a is not None:
             self._cached[b] = tokens_a
