@@ -147,6 +147,38 @@ def test_prefix_cache_reuses_an_earlier_requests_tokens(tokenizer, kind):
     assert long.outputs[0].token_ids == alone.token_ids  # the swaps did not disturb the running row
 
 
+@pytest.mark.parametrize("kind", ["dense", "mla"])  # the C prefill (where it compiles) and PyTorch's forward
+def test_prompt_logprobs_match_a_full_forward(tokenizer, kind):
+    """prompt_logprobs: each prompt token's log-prob given the ones before it, with its top alternatives, as
+    the log-softmax of a cache-less forward gives them; for prompts prefilled in one batch with a request that
+    did not ask (whose reply must not change), and in full where the prefix cache holds the prompt."""
+    model = make_model(tokenizer, kind)
+    engine = Engine(model, tokenizer, max_batch_size=4, max_len=128)
+    prompts = [tokenizer.encode(t) for t in ["The quick brown fox jumps", "Café, naïve", "日本語のテキスト 😀"]]
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    replies = [out.token_ids for (out,) in engine.generate(prompts, short)]  # the first prompt is now cached
+    scored = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    requests = [engine.submit(prompts[0], scored), engine.submit(prompts[1], short), engine.submit(prompts[2], scored)]
+    run_to_end(engine, *requests)
+    assert [r.outputs[0].token_ids for r in requests] == replies
+    assert requests[1].prompt_logprobs is None and requests[0].cached_tokens == 0
+    for request in (requests[0], requests[2]):
+        prompt, got = request.prompt, request.prompt_logprobs
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        assert len(got) == len(prompt) and got[0] is None
+        assert [e.token_id for e in got[1:]] == prompt[1:]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in got[1:]]),
+                                   logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])], atol=1e-4, rtol=0)
+        for position, entry in enumerate(got[1:]):
+            values, ids = logp[position].topk(3)
+            assert [t for t, _, _ in entry.top] == ids.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, _, v in entry.top]), values, atol=1e-4, rtol=0)
+            assert entry.text == tokenizer.decode([entry.token_id])
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        engine.submit(prompts[0], SamplingParams(prompt_logprobs=21))
+
+
 @pytest.mark.parametrize("kind", ["dense", "mla"])
 def test_prefix_cache_under_continuous_batching_matches_no_cache(tokenizer, kind):
     """Waves of requests, most of them reusing part of an earlier prompt and reply, greedy or seeded, n of 1

@@ -100,6 +100,9 @@ class Request:
         self.prompt = prompt
         self.prompt_tokens = len(prompt)
         self.cached_tokens = 0  # of the prompt, found in the prefix cache (not prefilled again)
+        # params.prompt_logprobs: each prompt token's log-prob given those before it (None for the first), set
+        # once the prompt is prefilled, before the first event
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.params = params
         self.outputs = [Output(i, "", [], None, [] if params.logprobs else None) for i in range(params.n)]
         self.cancelled = False
@@ -400,6 +403,10 @@ class Engine:
             width = max(new)
             cache = self._rows(first, first + len(batch))
             decoder = self._cpu_decoder
+            # Requests that asked for prompt log-probs need the logits of every prompt position (their
+            # prompts were prefilled whole: _claim_cached gave them no cached prefix); the others, of the last.
+            scored = [r.params.prompt_logprobs is not None for r in batch]
+            prompt_logits: dict[int, torch.Tensor] = {}
             if decoder is not None and decoder.prefills and width <= decoder.prefill_max_len:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
                 # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
@@ -407,8 +414,14 @@ class Engine:
                 ids = [t for r, s in zip(batch, start) for t in r.prompt[s:]]
                 positions = [p for n, s in zip(lengths, start) for p in range(s, n)]
                 rows = [i for i, k in enumerate(new) for _ in range(k)]
-                last = torch.tensor(new).cumsum(0) - 1
-                logits = decoder(ids, positions, cache, rows=rows, out=last)
+                ends = torch.tensor(new).cumsum(0).tolist()
+                wanted = [range(end - k if every else end - 1, end) for end, k, every in zip(ends, new, scored)]
+                out = torch.tensor([t for w in wanted for t in w])
+                logits = decoder(ids, positions, cache, rows=rows, out=out)
+                got = torch.tensor([len(w) for w in wanted]).cumsum(0).tolist()  # request i's rows end at got[i]
+                for i in (i for i, every in enumerate(scored) if every):
+                    prompt_logits[i] = logits[got[i] - new[i]:got[i]]
+                logits = logits[[g - 1 for g in got]]
             else:
                 ids = torch.tensor([r.prompt[s:] + [0] * (width - k) for r, s, k in zip(batch, start, new)],
                                    device=device)
@@ -416,8 +429,13 @@ class Engine:
                 # the cache's end, where a row that started late could otherwise run past it
                 positions = (torch.tensor(start, device=device)[:, None] + torch.arange(width, device=device)
                              ).clamp_(max=self.max_len - 1)
+                hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
+                for i in (i for i, every in enumerate(scored) if every):
+                    prompt_logits[i] = self.model.logits(hidden[i, :new[i]]).float()
                 last = torch.tensor(new, device=device) - 1
-                logits = self._last_logits(ids, positions, cache, last)
+                logits = self.model.logits(hidden[torch.arange(len(batch), device=device), last]).float()
+            for i, rows_logits in prompt_logits.items():
+                batch[i].prompt_logprobs = self._prompt_logprobs(batch[i], rows_logits)
         except Exception as error:
             for request in batch:
                 request._finish(error)
@@ -451,7 +469,8 @@ class Engine:
             self._cached.clear()
             self._weights_key = key
         for i, request in enumerate(batch):
-            target, limit = first + i, len(request.prompt) - 1
+            # a prompt whose log-probs are wanted is prefilled whole: every position's logits are needed
+            target, limit = first + i, 0 if request.params.prompt_logprobs is not None else len(request.prompt) - 1
             ranked = sorted(((_common_prefix(tokens, request.prompt, limit), -freed, row)
                              for row in range(target, self.max_batch_size)
                              for tokens, freed in [self._cached.get(row, ((), -1))]), reverse=True)
@@ -503,14 +522,11 @@ class Engine:
             sample.position += 1
         self._advance(list(self._running), logits)
 
-    def _last_logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                     last: torch.Tensor | None = None) -> torch.Tensor:
-        """Run ids [B, T] at positions [B, T] through the model; fp32 logits [B, vocab] of one position
-        per row only, `last` [B] (default the last): the others are never needed, and the output
-        matrix is the largest one."""
+    def _last_logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run ids [B, T] at positions [B, T] through the model; fp32 logits [B, vocab] of the last position
+        only: the others are never needed, and the output matrix is the largest one."""
         hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
-        hidden = hidden[:, -1] if last is None else hidden[torch.arange(len(last), device=hidden.device), last]
-        return self.model.logits(hidden).float()
+        return self.model.logits(hidden[:, -1]).float()
 
     def _advance(self, samples: list[_Sample], logits: torch.Tensor) -> None:
         """Pick each sample's next token from its logits row, record it, emit text, retire finished ones."""
@@ -560,6 +576,14 @@ class Engine:
             k = samples[i].request.params.top_logprobs
             result[i] = TokenLogprob(tokens[i], text(tokens[i]), lp, [(t, text(t), v) for t, v in alts[:k]])
         return result
+
+    def _prompt_logprobs(self, request: Request, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """Log-probs of prompt tokens 1.. from the logits of positions 0..n-2 (`logits` [n, vocab]), with
+        params.prompt_logprobs alternatives each; the first token has none (vLLM's prompt_logprobs)."""
+        prompt, k, text = request.prompt, request.params.prompt_logprobs, self._token_text
+        chosen, alternatives = token_logprobs(logits[:-1], prompt[1:], k)
+        return [None] + [TokenLogprob(t, text(t), lp, [(a, text(a), v) for a, v in alts])
+                         for t, lp, alts in zip(prompt[1:], chosen, alternatives)]
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

@@ -46,6 +46,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # k alternatives per position
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
+    # vLLM's: the log-probs of the prompt's own tokens (each given the ones before it), with this many
+    # alternatives per position; None = not computed. Scoring text (lm-evaluation-harness's loglikelihood
+    # via the completions API's `echo`) needs them; such a prompt is prefilled whole, not from the prefix cache.
+    prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise BadParam (a ValueError) naming the first bad field."""
@@ -60,6 +64,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("n", self.n >= 1, "must be >= 1"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "must be None or in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),
