@@ -379,6 +379,46 @@ def test_completion_logprobs(live):
         assert [choice.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
 
 
+def test_completion_echo_scores_text_as_lm_evaluation_harness_does(live):
+    """echo with logprobs, the request lm-evaluation-harness's `local-completions` sends for a loglikelihood
+    (a batch of token-id prompts, max_tokens 1, logprobs 1, echo): each reply begins with its prompt, whose
+    tokens carry the log-probs of a forward over it (the first null), so a continuation's log-likelihood read as
+    the harness reads it is the model's. A stream sends the echoed prompt in each choice's first chunk."""
+    engine, tokenizer = live.engine, live.engine.tokenizer
+    context, continuation = tokenizer.encode("To be, or not"), tokenizer.encode(" to be")
+    prompts = [context + continuation, tokenizer.encode("The quick brown fox")]
+    response = live.client().completions.create(model=MODEL, prompt=prompts, max_tokens=1, temperature=0,
+                                                logprobs=1, echo=True, seed=1234)
+    for prompt, choice in zip(prompts, sorted(response.choices, key=lambda c: c.index)):
+        with torch.no_grad():
+            logp = engine.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        reference = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        (alone,) = engine_outputs(engine, prompt, max_tokens=1, temperature=0.0)
+        lp, echoed = choice.logprobs, tokenizer.decode(prompt)
+        assert choice.text == echoed + alone.text
+        lengths = {len(lp.tokens), len(lp.token_logprobs), len(lp.top_logprobs), len(lp.text_offset)}
+        assert lengths == {len(prompt) + 1}
+        assert lp.tokens[:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(prompt)]), reference, atol=1e-4, rtol=0)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(prompt)] == len(echoed)
+    lp = sorted(response.choices, key=lambda c: c.index)[0].logprobs
+    start = len(context)  # the harness: sum(token_logprobs[ctxlen:-1]), greedy if each is its top's max
+    with torch.no_grad():
+        logp = engine.model(torch.tensor([prompts[0]])).logits[0].float().log_softmax(-1)
+    expected = logp[torch.arange(start - 1, len(prompts[0]) - 1), torch.tensor(continuation)]
+    assert math.isclose(sum(lp.token_logprobs[start:-1]), float(expected.sum()), abs_tol=1e-3)
+    scored = zip(lp.token_logprobs[start:-1], lp.top_logprobs[start:-1])
+    greedy = all(value == max(top.values()) for value, top in scored)
+    assert greedy == bool((logp[start - 1:-1].argmax(-1) == torch.tensor(continuation)).all())
+
+    (alone,) = engine_outputs(engine, tokenizer.encode("The quick"), max_tokens=4, temperature=0.0)
+    stream = live.client().completions.create(model=MODEL, prompt="The quick", max_tokens=4, temperature=0,
+                                              echo=True, stream=True)
+    texts = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert texts[0].startswith("The quick") and "".join(texts) == "The quick" + alone.text
+
+
 def test_32_concurrent_clients(live):
     """32 clients at once (more than the 8 engine slots), streaming or not, chat or completions: each gets
     exactly the greedy answer it gets alone (greedy, so float noise between batch shapes cannot flip a draw)."""
@@ -468,6 +508,8 @@ BAD_REQUESTS = [
     ("stop_token_ids out of vocabulary", "chat", {**GOOD_CHAT, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ("stop_token_ids not a list", "completion", {**GOOD_COMPLETION, "stop_token_ids": 5}, 400, "stop_token_ids"),
     ("unknown field", "chat", {**GOOD_CHAT, "frobnicate": 1}, 400, "frobnicate"),
+    ("echo in chat (a completions field)", "chat", {**GOOD_CHAT, "echo": True}, 400, "echo"),
+    ("echo a string", "completion", {**GOOD_COMPLETION, "echo": "please"}, 400, "echo"),
     ("known unused field of wrong type", "chat", {**GOOD_CHAT, "user": 5}, 400, "user"),
     ("prompt of wrong type", "completion", {**GOOD_COMPLETION, "prompt": {"text": "hi"}}, 400, "prompt"),
     ("prompt empty", "completion", {**GOOD_COMPLETION, "prompt": ""}, 400, "prompt"),

@@ -11,9 +11,11 @@ Endpoints (the request and response schemas are OpenAI's, so the official `opena
 
 Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / max_completion_tokens,
 temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logprobs / top_logprobs, user
-(ignored), and vLLM's extensions of the sampling parameters (the `openai` client sends them in `extra_body`):
-top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools, response_format,
-echo, best_of, ...) are refused by name rather than silently ignored. `usage` also gives
+(ignored), echo (completions: the reply begins with the prompt, and with `logprobs` the prompt's tokens get
+theirs, the first one null: how lm-evaluation-harness scores text), and vLLM's extensions of the sampling
+parameters (the `openai` client sends them in `extra_body`): top_k, min_p, repetition_penalty, stop_token_ids
+and ignore_eos. Others of OpenAI's (tools, response_format, best_of, ...) are refused by name rather than
+silently ignored. `usage` also gives
 prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
 
 Every request becomes one engine Request (`n` samples share one prefill); the engine's background thread
@@ -123,6 +125,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
+    echo: bool | None = None  # the prompt in front of the reply (and its tokens' log-probs with `logprobs`)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -238,6 +241,23 @@ def _completion_logprobs(entries: list[TokenLogprob], offsets: list[int], k: int
         top.append(alternatives)
     return {"tokens": [e.text for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
             "top_logprobs": top, "text_offset": offsets}
+
+
+def _echoed_logprobs(prompt: list[int], entries: list[TokenLogprob | None], text: str, k: int, token_text) -> dict:
+    """The legacy schema's lists for an echoed prompt (the engine's prompt_logprobs): the first token has no
+    log-prob (null, as in OpenAI's and vLLM's echo); offsets advance by each token's text, capped at `text`."""
+    first = {"tokens": [token_text(prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
+    rest = _completion_logprobs(entries[1:], [], k)
+    offsets, used = [], 0
+    for token in first["tokens"] + rest["tokens"]:
+        offsets.append(min(used, len(text)))
+        used += len(token)
+    return {key: first[key] + rest[key] for key in first} | {"text_offset": offsets}
+
+
+def _join_logprobs(head: dict | None, tail: dict | None) -> dict | None:
+    """Two of the legacy schema's logprobs objects as one (an echoed prompt's, then the reply's)."""
+    return tail if head is None else {key: head[key] + tail[key] for key in head}
 
 
 # -- one request's choices ------------------------------------------------------------------------
@@ -446,6 +466,13 @@ class Server:
         n = req.n or 1
         k = req.logprobs or 0
         params = [self.params(req, len(p), req.max_tokens, req.logprobs is not None, k) for p in prompts]
+        echoes = [""] * len(prompts)  # with echo: each prompt's text, and its tokens' log-probs if asked for
+        if req.echo:
+            tokenizer = self.engine.tokenizer
+            echoes = ([req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str)
+                      else [tokenizer.decode(p) for p in prompts])
+            for p in params:
+                p.prompt_logprobs = k if req.logprobs is not None else None
         requests = []
         try:
             for prompt, p in zip(prompts, params):
@@ -455,12 +482,19 @@ class Server:
                 request.cancel()
             raise
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
-        # Choice i*n + j is sample j of prompt i, OpenAI's order for a batch of prompts.
-        choices = [Choice(i) for i in range(len(prompts) * n)]
+        # Choice i*n + j is sample j of prompt i, OpenAI's order for a batch of prompts. An echoed prompt's
+        # text starts the choice, so the reply's text offsets count from the prompt's start.
+        choices = [Choice(i, text=echoes[i // n]) for i in range(len(prompts) * n)]
         prompt_tokens = sum(map(len, prompts))
 
         def logprobs_of(entries, offsets):
             return _completion_logprobs(entries, offsets, k) if req.logprobs is not None else None
+
+        def echoed(number):  # the legacy logprobs of prompt `number`, if echoed and asked for
+            if not (req.echo and req.logprobs is not None):
+                return None
+            return _echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
+                                    self.engine._token_text)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -470,11 +504,15 @@ class Server:
                         **({"usage": usage} if include_usage else {})}
 
             async def body():
+                started = set()  # choices whose first chunk (with the echoed prompt, if any) has gone out
                 async for number, delta in _events(requests):
                     choice = choices[number * n + delta.index]
                     offsets = choice.add(delta)
-                    yield chunk([{"index": choice.index, "text": delta.text,
-                                  "logprobs": logprobs_of(delta.logprobs or [], offsets),
+                    text, logprobs = delta.text, logprobs_of(delta.logprobs or [], offsets)
+                    if choice.index not in started:
+                        started.add(choice.index)
+                        text, logprobs = echoes[number] + text, _join_logprobs(echoed(number), logprobs)
+                    yield chunk([{"index": choice.index, "text": text, "logprobs": logprobs,
                                   "finish_reason": delta.finish_reason}])
                 if include_usage:
                     yield chunk([], _usage(prompt_tokens, choices, requests))
@@ -483,7 +521,8 @@ class Server:
 
         await self._collect(requests, lambda number, delta: choices[number * n + delta.index], http_request)
         return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
-            {"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs, c.offsets),
+            {"index": c.index, "text": c.text,
+             "logprobs": _join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
              "finish_reason": c.finish_reason} for c in choices]}
 
     def encode_prompts(self, prompt) -> list[list[int]]:
