@@ -419,6 +419,33 @@ def test_completion_echo_scores_text_as_lm_evaluation_harness_does(live):
     assert texts[0].startswith("The quick") and "".join(texts) == "The quick" + alone.text
 
 
+def test_lm_evaluation_harness_scores_and_generates_through_the_server(live, model_dir):
+    """lm-evaluation-harness's own `local-completions` model (the reference client) against the live server:
+    each continuation's log-likelihood, and whether it is the greedy one, are those of a forward of the model
+    (one of them the engine's greedy reply); generate_until gives the engine's text."""
+    harness = pytest.importorskip("lm_eval.models.openai_completions")
+    from lm_eval.api.instance import Instance
+
+    engine, tokenizer = live.engine, live.engine.tokenizer
+    (greedy,) = engine_outputs(engine, tokenizer.encode("The quick brown"), max_tokens=4, temperature=0.0)
+    pairs = [("To be, or not", " to be"), ("The quick brown", greedy.text), ("Café,", " naïve")]
+    lm = harness.LocalCompletionsAPI(base_url=live.url + "/v1/completions", model=MODEL, tokenizer=str(model_dir),
+                                     tokenizer_backend="huggingface", batch_size=2, max_length=1024)
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (loglikelihood, is_greedy) in zip(pairs, results):
+        start, whole = len(tokenizer.encode(context)), tokenizer.encode(context + continuation)
+        with torch.no_grad():
+            logp = engine.model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        target = torch.tensor(whole[start:])
+        assert math.isclose(loglikelihood, float(logp[torch.arange(start - 1, len(whole) - 1), target].sum()),
+                            abs_tol=1e-3)
+        assert is_greedy == bool((logp[start - 1:-1].argmax(-1) == target).all())
+    assert [is_greedy for _, is_greedy in results] == [False, True, False]
+    (expected,) = engine_outputs(engine, tokenizer.encode("The quick"), max_tokens=8, temperature=0.0, stop=["\n"])
+    request = Instance("generate_until", {}, ("The quick", {"until": ["\n"], "max_gen_toks": 8}), 0)
+    assert lm.generate_until([request]) == [expected.text]
+
+
 def test_32_concurrent_clients(live):
     """32 clients at once (more than the 8 engine slots), streaming or not, chat or completions: each gets
     exactly the greedy answer it gets alone (greedy, so float noise between batch shapes cannot flip a draw)."""
