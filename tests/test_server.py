@@ -441,9 +441,46 @@ def test_lm_evaluation_harness_scores_and_generates_through_the_server(live, mod
                             abs_tol=1e-3)
         assert is_greedy == bool((logp[start - 1:-1].argmax(-1) == target).all())
     assert [is_greedy for _, is_greedy in results] == [False, True, False]
+    # Without a local copy of the tokenizer the harness finds the server's (/tokenizer_info, /tokenize) and uses it.
+    remote = harness.LocalCompletionsAPI(base_url=live.url + "/v1/completions", model=MODEL, batch_size=2,
+                                         max_length=1024)
+    assert type(remote.tokenizer).__name__ == "RemoteTokenizer"
+    assert remote.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]) == results
     (expected,) = engine_outputs(engine, tokenizer.encode("The quick"), max_tokens=8, temperature=0.0, stop=["\n"])
     request = Instance("generate_until", {}, ("The quick", {"until": ["\n"], "max_gen_toks": 8}), 0)
     assert lm.generate_until([request]) == [expected.text]
+
+
+def test_tokenizer_endpoints_agree_with_transformers(live, model_dir):
+    """vLLM's /tokenize (a text, or a chat through the model's template), /detokenize and /tokenizer_info give
+    what transformers' tokenizer of the same directory gives; bad requests get OpenAI's errors."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    text = "Café, naïve 😀 — To be, or not"
+    ids = reference(text, add_special_tokens=False).input_ids
+    answer = httpx.post(live.url + "/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                                      "return_token_strs": True}, timeout=30).json()
+    assert answer == {"count": len(ids), "max_model_len": live.engine.max_len, "tokens": ids,
+                      "token_strs": reference.convert_ids_to_tokens(ids)}
+    answer = httpx.post(live.url + "/tokenize", json={"model": MODEL, "prompt": text}, timeout=30).json()
+    assert answer["tokens"] == reference(text).input_ids and answer["token_strs"] is None
+    chat = reference.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=True, return_dict=True)
+    answer = httpx.post(live.url + "/tokenize", json={"messages": HELLO}, timeout=30).json()
+    assert answer["tokens"] == chat["input_ids"] == chat_prompt(live.engine, HELLO)
+    assert httpx.post(live.url + "/detokenize", json={"tokens": ids}, timeout=30).json() == {
+        "prompt": reference.decode(ids)}
+    info = httpx.get(live.url + "/tokenizer_info", timeout=30).json()
+    assert (info["eos_token"], info["bos_token"], info["chat_template"]) == (
+        reference.eos_token, reference.bos_token, reference.chat_template)
+    for path, body, status, param in [("/tokenize", {"prompt": "a", "messages": HELLO}, 400, "prompt"),
+                                      ("/tokenize", {}, 400, "prompt"),
+                                      ("/tokenize", {"prompt": 5}, 400, "prompt"),
+                                      ("/tokenize", {"prompt": "a", "model": "gpt-17"}, 404, "model"),
+                                      ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
+                                      ("/detokenize", {"tokens": "abc"}, 400, "tokens")]:
+        response = httpx.post(live.url + path, json=body, timeout=30)
+        assert response.status_code == status and response.json()["error"]["param"] == param, (path, body)
 
 
 def test_32_concurrent_clients(live):

@@ -7,6 +7,9 @@ Endpoints (the request and response schemas are OpenAI's, so the official `opena
     POST /v1/chat/completions    prompt = the model's own chat template over `messages`
     POST /v1/completions         prompt = raw text or token ids (one prompt or a batch of them)
     GET  /health                 200 while the engine runs, else 503 (no API key needed)
+    POST /tokenize, /detokenize  vLLM's tokenizer endpoints: a text or a chat to token ids and back
+    GET  /tokenizer_info         vLLM's: the special tokens and chat template (lm-evaluation-harness finds these
+                                 three and then needs no copy of the tokenizer; like vLLM's, outside /v1: no API key)
     GET  /                       the web chat (web/index.html, plain HTML/JS, no build step)
 
 Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / max_completion_tokens,
@@ -120,6 +123,20 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(_Schema):  # vLLM's /tokenize: a text (its completions form) or a chat (its chat form)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # a text's: the tokenizer's post-processor (e.g. a BOS); a chat has its template
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Schema):
+    model: str | None = None
+    tokens: list[int]
 
 
 class CompletionRequest(_Sampling):
@@ -355,13 +372,13 @@ class Server:
             raise APIError(401, "Incorrect API key provided." if key else "Missing API key: send "
                            "'Authorization: Bearer KEY'.", code="invalid_api_key")
 
-    async def parse(self, schema: type[_Sampling], http_request: Request) -> _Sampling:
-        """The request body as `schema`, with the checks every endpoint shares."""
+    async def parse(self, schema: type[_Schema], http_request: Request) -> _Schema:
+        """The request body as `schema`, with the checks every endpoint shares (the tokenizer's may omit `model`)."""
         req = _parse(schema, await http_request.body())
-        if req.model != self.model_name:
+        if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server holds '{self.model_name}'.",
                            "model", "model_not_found")
-        if req.stream_options is not None and not req.stream:
+        if isinstance(req, _Sampling) and req.stream_options is not None and not req.stream:
             raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                            "stream_options")
         return req
@@ -408,19 +425,52 @@ class Server:
         except ValueError as e:  # the engine's other checks (its message names the problem)
             raise APIError(400, str(e)) from None
 
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        """Token ids of a chat, rendered with the model's own template."""
+        messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
+                     "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
+                    for m in messages]
+        try:
+            return self.engine.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)[0]
+        except Exception as e:  # the template refused these messages (raise_exception), or has none
+            raise APIError(400, f"Invalid 'messages': the chat template cannot render them: {e}", "messages") from None
+
+    # -- the tokenizer (vLLM's endpoints) ------------------------------------------------------------
+
+    async def tokenize(self, http_request: Request):
+        req = await self.parse(TokenizeRequest, http_request)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "Give either 'prompt' (a text) or 'messages' (a chat) to tokenize.", "prompt")
+        tokenizer = self.engine.tokenizer
+        if req.prompt is not None:
+            tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            tokens = self.chat_prompt(req.messages, req.add_generation_prompt)
+        strings = [tokenizer.backend.id_to_token(t) for t in tokens] if req.return_token_strs else None
+        return {"count": len(tokens), "max_model_len": self.engine.max_len, "tokens": tokens, "token_strs": strings}
+
+    async def detokenize(self, http_request: Request):
+        req = await self.parse(DetokenizeRequest, http_request)
+        vocab = self.engine.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"Invalid value for 'tokens': token ids must be in [0, {vocab}).", "tokens",
+                           "invalid_value")
+        return {"prompt": self.engine.tokenizer.decode(req.tokens)}
+
+    def tokenizer_info(self) -> dict:
+        tokenizer = self.engine.tokenizer
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": self.engine.max_len,
+                "vocab_size": tokenizer.vocab_size}
+
     # -- chat --------------------------------------------------------------------------------------
 
     async def chat(self, http_request: Request):
         req = await self.parse(ChatCompletionRequest, http_request)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
-                     "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
-                    for m in req.messages]
-        try:
-            prompt, _ = self.engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        except Exception as e:  # the template refused these messages (raise_exception), or has none
-            raise APIError(400, f"Invalid 'messages': the chat template cannot render them: {e}", "messages") from None
+        prompt = self.chat_prompt(req.messages, add_generation_prompt=True)
         params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, bool(req.logprobs),
                              req.top_logprobs or 0)
         request = self.submit(prompt, params)
@@ -616,6 +666,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     api.post("/chat/completions")(server.chat)
     api.post("/completions")(server.completions)
     app.include_router(api)
+
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+    app.get("/tokenizer_info")(server.tokenizer_info)
 
     @app.get("/health")
     async def health():
