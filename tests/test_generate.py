@@ -132,3 +132,23 @@ def test_generate_stop_token_ids_ignore_eos_and_logprobs(model_dir, engine, caps
         assert [t["id"] for t in line["top_logprobs"]] == [i for i, _, _ in lp.top] and len(lp.top) == 3
     assert cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--top-logprobs", "99"]) == 2
     assert "top_logprobs" in capsys.readouterr().err
+
+
+def test_generate_prompt_logprobs_scores_the_prompt(model_dir, engine, capsys):
+    """--prompt-logprobs K: a JSON line per prompt token ("prompt": true, the first one's log-prob null) with the
+    engine's prompt_logprobs, before the lines of the generated tokens."""
+    import json
+
+    prompt = engine.tokenizer.encode("The quick brown", add_special_tokens=True)
+    request = engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2, logprobs=True))
+    list(request)
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "The quick brown", "--max-new-tokens", "2",
+                "--temperature", "0", "--prompt-logprobs", "2", "--logprobs"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [line["id"] for line in lines] == prompt + request.outputs[0].token_ids
+    assert [line.get("prompt", False) for line in lines] == [True] * len(prompt) + [False, False]
+    assert lines[0]["logprob"] is None and lines[0]["top_logprobs"] == []
+    for line, lp in zip(lines[1:], request.prompt_logprobs[1:] + request.outputs[0].logprobs):
+        assert line["logprob"] == pytest.approx(lp.logprob, abs=1e-6) and line["token"] == lp.text
+        assert [t["id"] for t in line["top_logprobs"]] == [i for i, _, _ in lp.top]
+    assert len(request.prompt_logprobs[1].top) == 2

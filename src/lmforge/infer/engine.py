@@ -571,7 +571,7 @@ class Engine:
             return result
         top = max(samples[i].request.params.top_logprobs for i in want)
         chosen, alternatives = token_logprobs(logits[want], [tokens[i] for i in want], top)
-        text = self._token_text
+        text = self.token_text
         for i, lp, alts in zip(want, chosen, alternatives):
             k = samples[i].request.params.top_logprobs
             result[i] = TokenLogprob(tokens[i], text(tokens[i]), lp, [(t, text(t), v) for t, v in alts[:k]])
@@ -580,12 +580,13 @@ class Engine:
     def _prompt_logprobs(self, request: Request, logits: torch.Tensor) -> list[TokenLogprob | None]:
         """Log-probs of prompt tokens 1.. from the logits of positions 0..n-2 (`logits` [n, vocab]), with
         params.prompt_logprobs alternatives each; the first token has none (vLLM's prompt_logprobs)."""
-        prompt, k, text = request.prompt, request.params.prompt_logprobs, self._token_text
+        prompt, k, text = request.prompt, request.params.prompt_logprobs, self.token_text
         chosen, alternatives = token_logprobs(logits[:-1], prompt[1:], k)
         return [None] + [TokenLogprob(t, text(t), lp, [(a, text(a), v) for a, v in alts])
                          for t, lp, alts in zip(prompt[1:], chosen, alternatives)]
 
-    def _token_text(self, token: int) -> str:
+    def token_text(self, token: int) -> str:
+        """One token's text on its own, as log-prob entries show it."""
         return self.tokenizer.decode([token])
 
     def _emit(self, sample: _Sample, text: str, reason: str | None) -> None:

@@ -3,6 +3,8 @@
 Stdout carries only the completion (streamed as it is produced), so the command composes in
 scripts: `answer=$(lmforge generate --model runs/sft --prompt "2+2=" --temperature 0)`.
 Everything else (load time, speed, and with --logprobs one JSON line per token) goes to stderr.
+--prompt-logprobs scores the prompt itself: a JSON line per prompt token (its log-prob given the ones
+before it; null for the first), e.g. `--prompt-logprobs 0 --max-new-tokens 1` to score a text.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class GenerateConfig(SamplingOptions):
     logprobs: bool = field(default=False, metadata={
         "help": "after the completion, each token's log-prob as a JSON line on stderr"})
     top_logprobs: int = field(default=0, metadata={"help": "and its k most likely alternatives (implies --logprobs)"})
+    prompt_logprobs: int | None = field(default=None, metadata={
+        "help": "score the prompt: each prompt token's log-prob given the ones before it, with k alternatives, "
+                "as JSON lines on stderr (before the completion's)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         # An empty prompt means unconditional text: start from BOS, or from the end-of-text token as GPT-2 does.
         prompt = tok.encode(cfg.prompt, add_special_tokens=True) or [tok.eos_id if tok.bos_id is None else tok.bos_id]
     try:
-        params = cfg.sampling_params(logprobs=cfg.logprobs or cfg.top_logprobs > 0, top_logprobs=cfg.top_logprobs)
+        params = cfg.sampling_params(logprobs=cfg.logprobs or cfg.top_logprobs > 0, top_logprobs=cfg.top_logprobs,
+                                     prompt_logprobs=cfg.prompt_logprobs)
         request = engine.submit(prompt, params)
     except ValueError as e:
         print(f"lmforge generate: error: {e}", file=sys.stderr)
@@ -104,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(f"{len(output.token_ids)} tokens in {seconds:.2f}s ({len(output.token_ids) / seconds:.1f} tok/s), "
           f"finish_reason={output.finish_reason}", file=sys.stderr)
-    for lp in output.logprobs or []:  # one line per generated token, OpenAI's field names
-        print(json.dumps({"token": lp.text, "id": lp.token_id, "logprob": lp.logprob,
-                          "top_logprobs": [{"token": text, "id": i, "logprob": v} for i, text, v in lp.top]},
-                         ensure_ascii=False), file=sys.stderr)
+    # one line per prompt token (with --prompt-logprobs), then per generated token, OpenAI's field names
+    scored = [(token, lp, True) for token, lp in zip(prompt, request.prompt_logprobs or [])]
+    for token, lp, in_prompt in scored + [(lp.token_id, lp, False) for lp in output.logprobs or []]:
+        line = {"token": engine.token_text(token), "id": token, "logprob": None, "top_logprobs": []}
+        if lp is not None:
+            line.update(logprob=lp.logprob, top_logprobs=[{"token": t, "id": i, "logprob": v} for i, t, v in lp.top])
+        print(json.dumps(line | ({"prompt": True} if in_prompt else {}), ensure_ascii=False), file=sys.stderr)
     return 0

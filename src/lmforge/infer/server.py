@@ -544,7 +544,7 @@ class Server:
             if not (req.echo and req.logprobs is not None):
                 return None
             return _echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
-                                    self.engine._token_text)
+                                    self.engine.token_text)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
