@@ -418,6 +418,20 @@ def test_completion_echo_scores_text_as_lm_evaluation_harness_does(live):
     texts = [chunk.choices[0].text for chunk in stream if chunk.choices]
     assert texts[0].startswith("The quick") and "".join(texts) == "The quick" + alone.text
 
+    # max_tokens 0 (OpenAI's legacy scoring request): the prompt and its log-probs, nothing generated
+    for stream in (False, True):
+        answer = live.client().completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, logprobs=2,
+                                                  echo=True, stream=stream, **({"stream_options": {
+                                                      "include_usage": True}} if stream else {}))
+        chunks = list(answer) if stream else [answer]
+        choice = chunks[0].choices[0]
+        assert len(chunks) == 1 or (len(chunks) == 2 and chunks[1].choices == [])  # a stream: the echo, the usage
+        assert choice.text == tokenizer.decode(prompts[0]) and choice.finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == 0
+        assert choice.logprobs.tokens == lp.tokens[:len(prompts[0])]
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(prompts[0])], abs=1e-5)
+        assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs[1:])
+
 
 def test_lm_evaluation_harness_scores_and_generates_through_the_server(live, model_dir):
     """lm-evaluation-harness's own `local-completions` model (the reference client) against the live server:

@@ -14,12 +14,14 @@ Endpoints (the request and response schemas are OpenAI's, so the official `opena
 
 Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / max_completion_tokens,
 temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logprobs / top_logprobs, user
-(ignored), echo (completions: the reply begins with the prompt, and with `logprobs` the prompt's tokens get
-theirs, the first one null: how lm-evaluation-harness scores text), and vLLM's extensions of the sampling
-parameters (the `openai` client sends them in `extra_body`): top_k, min_p, repetition_penalty, stop_token_ids
-and ignore_eos. Others of OpenAI's (tools, response_format, best_of, ...) are refused by name rather than
-silently ignored. `usage` also gives
+(ignored), and vLLM's extensions of the sampling parameters (the `openai` client sends them in
+`extra_body`): top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools,
+response_format, best_of, ...) are refused by name rather than silently ignored. `usage` also gives
 prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
+
+Completions also take `echo`: the reply begins with the prompt, and with `logprobs` the prompt's tokens get
+theirs (the first one null), which is how lm-evaluation-harness scores text; with max_tokens 0 the prompt
+is scored alone.
 
 Every request becomes one engine Request (`n` samples share one prefill); the engine's background thread
 steps all running requests together, so concurrent clients share each decode step (continuous batching).
@@ -45,7 +47,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -143,6 +145,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
     echo: bool | None = None  # the prompt in front of the reply (and its tokens' log-probs with `logprobs`)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -515,7 +518,14 @@ class Server:
         prompts = self.encode_prompts(req.prompt)
         n = req.n or 1
         k = req.logprobs or 0
-        params = [self.params(req, len(p), req.max_tokens, req.logprobs is not None, k) for p in prompts]
+        # max_tokens 0 with echo, OpenAI's legacy request to score a text: the engine generates one token (its
+        # prefill gives the prompt's log-probs), which the answer leaves out
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "Invalid value for 'max_tokens': 0 is allowed only with 'echo' (to score the prompt).",
+                           "max_tokens", "invalid_value")
+        max_tokens = 1 if score_only else req.max_tokens
+        params = [self.params(req, len(p), max_tokens, req.logprobs is not None, k) for p in prompts]
         echoes = [""] * len(prompts)  # with echo: each prompt's text, and its tokens' log-probs if asked for
         if req.echo:
             tokenizer = self.engine.tokenizer
@@ -556,6 +566,8 @@ class Server:
             async def body():
                 started = set()  # choices whose first chunk (with the echoed prompt, if any) has gone out
                 async for number, delta in _events(requests):
+                    if score_only:
+                        delta = replace(delta, text="", token_ids=[], logprobs=[])
                     choice = choices[number * n + delta.index]
                     offsets = choice.add(delta)
                     text, logprobs = delta.text, logprobs_of(delta.logprobs or [], offsets)
@@ -570,6 +582,8 @@ class Server:
             return _sse(body(), requests)
 
         await self._collect(requests, lambda number, delta: choices[number * n + delta.index], http_request)
+        for choice in choices if score_only else []:
+            choice.text, choice.token_ids, choice.logprobs, choice.offsets = echoes[choice.index // n], [], [], []
         return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
             {"index": c.index, "text": c.text,
              "logprobs": _join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
