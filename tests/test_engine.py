@@ -175,6 +175,9 @@ def test_prompt_logprobs_match_a_full_forward(tokenizer, kind):
             assert [t for t, _, _ in entry.top] == ids.tolist()
             torch.testing.assert_close(torch.tensor([v for _, _, v in entry.top]), values, atol=1e-4, rtol=0)
             assert entry.text == tokenizer.decode([entry.token_id])
+    one = engine.submit(prompts[0][:1], scored)  # a one-token prompt: nothing before its token
+    run_to_end(engine, one)
+    assert one.prompt_logprobs == [None]
     with pytest.raises(ValueError, match="prompt_logprobs"):
         engine.submit(prompts[0], SamplingParams(prompt_logprobs=21))
 
