@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+import lmforge.infer.engine as engine_module
 from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams
 from lmforge.infer.detokenize import Detokenizer
@@ -147,11 +148,16 @@ def test_prefix_cache_reuses_an_earlier_requests_tokens(tokenizer, kind):
     assert long.outputs[0].token_ids == alone.token_ids  # the swaps did not disturb the running row
 
 
-@pytest.mark.parametrize("kind", ["dense", "mla"])  # the C prefill (where it compiles) and PyTorch's forward
-def test_prompt_logprobs_match_a_full_forward(tokenizer, kind):
+# the C prefill (where it compiles), PyTorch's forward (MLA), and the dense model's prompts sent to PyTorch's
+# forward by the logits budget, its hidden states turned into logits a few positions at a time
+@pytest.mark.parametrize("kind,budget", [("dense", None), ("mla", None), ("dense", 0)], ids=["c", "mla", "chunked"])
+def test_prompt_logprobs_match_a_full_forward(tokenizer, kind, budget, monkeypatch):
     """prompt_logprobs: each prompt token's log-prob given the ones before it, with its top alternatives, as
     the log-softmax of a cache-less forward gives them; for prompts prefilled in one batch with a request that
     did not ask (whose reply must not change), and in full where the prefix cache holds the prompt."""
+    if budget is not None:
+        monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BUDGET", budget)
+        monkeypatch.setattr(engine_module, "PROMPT_LOGITS_CHUNK", 3)
     model = make_model(tokenizer, kind)
     engine = Engine(model, tokenizer, max_batch_size=4, max_len=128)
     prompts = [tokenizer.encode(t) for t in ["The quick brown fox jumps", "Café, naïve", "日本語のテキスト 😀"]]

@@ -60,6 +60,12 @@ log = logging.getLogger(__name__)
 __all__ = ["Delta", "Engine", "Output", "Request", "SamplingParams", "TokenLogprob"]
 
 DEFAULT_MAX_LEN = 2048
+# Prompt log-probs need a vocabulary-sized row of fp32 logits per prompt position: the C prefill returns
+# them all at once, so prompts that would need more than this many logits go through the model's forward,
+# whose hidden states become logits PROMPT_LOGITS_CHUNK positions at a time (a 2048-token prompt with a
+# 150K vocabulary would otherwise hold 1.2 GB of logits, and as much again for their log-softmax).
+PROMPT_LOGITS_BUDGET = 1 << 26
+PROMPT_LOGITS_CHUNK = 256
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -406,8 +412,10 @@ class Engine:
             # Requests that asked for prompt log-probs need the logits of every prompt position (their
             # prompts were prefilled whole: _claim_cached gave them no cached prefix); the others, of the last.
             scored = [r.params.prompt_logprobs is not None for r in batch]
-            prompt_logits: dict[int, torch.Tensor] = {}
-            if decoder is not None and decoder.prefills and width <= decoder.prefill_max_len:
+            prompt_rows: dict[int, torch.Tensor] = {}  # request i's prompt logits, or (PyTorch) hidden states
+            in_c = (decoder is not None and decoder.prefills and width <= decoder.prefill_max_len
+                    and sum(k for k, every in zip(new, scored) if every) * self.vocab_size <= PROMPT_LOGITS_BUDGET)
+            if in_c:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
                 # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
                 # cores the next decode steps need, as PyTorch's forward does.
@@ -420,7 +428,7 @@ class Engine:
                 logits = decoder(ids, positions, cache, rows=rows, out=out)
                 got = torch.tensor([len(w) for w in wanted]).cumsum(0).tolist()  # request i's rows end at got[i]
                 for i in (i for i, every in enumerate(scored) if every):
-                    prompt_logits[i] = logits[got[i] - new[i]:got[i]]
+                    prompt_rows[i] = logits[got[i] - new[i]:got[i]]
                 logits = logits[[g - 1 for g in got]]
             else:
                 ids = torch.tensor([r.prompt[s:] + [0] * (width - k) for r, s, k in zip(batch, start, new)],
@@ -431,11 +439,11 @@ class Engine:
                              ).clamp_(max=self.max_len - 1)
                 hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
                 for i in (i for i, every in enumerate(scored) if every):
-                    prompt_logits[i] = self.model.logits(hidden[i, :new[i]]).float()
+                    prompt_rows[i] = hidden[i, :new[i]]
                 last = torch.tensor(new, device=device) - 1
                 logits = self.model.logits(hidden[torch.arange(len(batch), device=device), last]).float()
-            for i, rows_logits in prompt_logits.items():
-                batch[i].prompt_logprobs = self._prompt_logprobs(batch[i], rows_logits)
+            for i, rows in prompt_rows.items():
+                batch[i].prompt_logprobs = self._prompt_logprobs(batch[i], rows, hidden=not in_c)
         except Exception as error:
             for request in batch:
                 request._finish(error)
@@ -577,13 +585,19 @@ class Engine:
             result[i] = TokenLogprob(tokens[i], text(tokens[i]), lp, [(t, text(t), v) for t, v in alts[:k]])
         return result
 
-    def _prompt_logprobs(self, request: Request, logits: torch.Tensor) -> list[TokenLogprob | None]:
-        """Log-probs of prompt tokens 1.. from the logits of positions 0..n-2 (`logits` [n, vocab]), with
-        params.prompt_logprobs alternatives each; the first token has none (vLLM's prompt_logprobs)."""
+    def _prompt_logprobs(self, request: Request, rows: torch.Tensor, hidden: bool) -> list[TokenLogprob | None]:
+        """Log-probs of prompt tokens 1.. from the logits of positions 0..n-2, with params.prompt_logprobs
+        alternatives each; the first token has none (vLLM's prompt_logprobs). `rows` [n, ...]: the prompt's
+        logits, or its hidden states (`hidden`), which become logits PROMPT_LOGITS_CHUNK positions at a time."""
         prompt, k, text = request.prompt, request.params.prompt_logprobs, self.token_text
-        chosen, alternatives = token_logprobs(logits[:-1], prompt[1:], k)
-        return [None] + [TokenLogprob(t, text(t), lp, [(a, text(a), v) for a, v in alts])
-                         for t, lp, alts in zip(prompt[1:], chosen, alternatives)]
+        entries: list[TokenLogprob | None] = [None]
+        for start in range(0, len(prompt) - 1, PROMPT_LOGITS_CHUNK):
+            end = min(start + PROMPT_LOGITS_CHUNK, len(prompt) - 1)
+            logits = self.model.logits(rows[start:end]).float() if hidden else rows[start:end]
+            chosen, alternatives = token_logprobs(logits, prompt[start + 1:end + 1], k)
+            entries += [TokenLogprob(t, text(t), lp, [(a, text(a), v) for a, v in alts])
+                        for t, lp, alts in zip(prompt[start + 1:end + 1], chosen, alternatives)]
+        return entries
 
     def token_text(self, token: int) -> str:
         """One token's text on its own, as log-prob entries show it."""
