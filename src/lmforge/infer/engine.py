@@ -422,11 +422,11 @@ class Engine:
                 ids = [t for r, s in zip(batch, start) for t in r.prompt[s:]]
                 positions = [p for n, s in zip(lengths, start) for p in range(s, n)]
                 rows = [i for i, k in enumerate(new) for _ in range(k)]
-                ends = torch.tensor(new).cumsum(0).tolist()
+                ends = list(itertools.accumulate(new))
                 wanted = [range(end - k if every else end - 1, end) for end, k, every in zip(ends, new, scored)]
                 out = torch.tensor([t for w in wanted for t in w])
                 logits = decoder(ids, positions, cache, rows=rows, out=out)
-                got = torch.tensor([len(w) for w in wanted]).cumsum(0).tolist()  # request i's rows end at got[i]
+                got = list(itertools.accumulate(map(len, wanted)))  # request i's rows of logits end at got[i]
                 for i in (i for i, every in enumerate(scored) if every):
                     prompt_rows[i] = logits[got[i] - new[i]:got[i]]
                 logits = logits[[g - 1 for g in got]]

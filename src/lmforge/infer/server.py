@@ -387,7 +387,7 @@ class Server:
         return req
 
     def params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
-               top_logprobs: int) -> SamplingParams:
+               top_logprobs: int, prompt_logprobs: int | None = None) -> SamplingParams:
         """Engine sampling parameters from the request, after checking the prompt and reply fit the context."""
         max_len = self.engine.max_len
         if prompt_len >= max_len:
@@ -418,6 +418,7 @@ class Server:
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=bias, stop_token_ids=list(req.stop_token_ids or []),
             logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=bool(req.ignore_eos),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def submit(self, prompt: list[int], params: SamplingParams):
@@ -506,7 +507,7 @@ class Server:
 
             return _sse(body(), [request])
 
-        await self._collect([request], lambda number, delta: choices[delta.index], http_request)
+        await self._collect([request], lambda number, delta: choices[delta.index].add(delta), http_request)
         return {**meta, "object": "chat.completion", "usage": _usage(len(prompt), choices, [request]), "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
              "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason} for c in choices]}
@@ -525,14 +526,12 @@ class Server:
             raise APIError(400, "Invalid value for 'max_tokens': 0 is allowed only with 'echo' (to score the prompt).",
                            "max_tokens", "invalid_value")
         max_tokens = 1 if score_only else req.max_tokens
-        params = [self.params(req, len(p), max_tokens, req.logprobs is not None, k) for p in prompts]
-        echoes = [""] * len(prompts)  # with echo: each prompt's text, and its tokens' log-probs if asked for
+        scored = k if req.echo and req.logprobs is not None else None  # the echoed prompt's log-probs
+        params = [self.params(req, len(p), max_tokens, req.logprobs is not None, k, scored) for p in prompts]
+        echoes = [""] * len(prompts)  # with echo: each prompt's text
         if req.echo:
-            tokenizer = self.engine.tokenizer
             echoes = ([req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str)
-                      else [tokenizer.decode(p) for p in prompts])
-            for p in params:
-                p.prompt_logprobs = k if req.logprobs is not None else None
+                      else [self.engine.tokenizer.decode(p) for p in prompts])
         requests = []
         try:
             for prompt, p in zip(prompts, params):
@@ -550,8 +549,14 @@ class Server:
         def logprobs_of(entries, offsets):
             return _completion_logprobs(entries, offsets, k) if req.logprobs is not None else None
 
+        def add(number, delta):  # an event of prompt `number` into its choice: (choice, event, text offsets)
+            if score_only:  # max_tokens 0: the one token generated is left out
+                delta = replace(delta, text="", token_ids=[], logprobs=[])
+            choice = choices[number * n + delta.index]
+            return choice, delta, choice.add(delta)
+
         def echoed(number):  # the legacy logprobs of prompt `number`, if echoed and asked for
-            if not (req.echo and req.logprobs is not None):
+            if scored is None:
                 return None
             return _echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
                                     self.engine.token_text)
@@ -565,11 +570,8 @@ class Server:
 
             async def body():
                 started = set()  # choices whose first chunk (with the echoed prompt, if any) has gone out
-                async for number, delta in _events(requests):
-                    if score_only:
-                        delta = replace(delta, text="", token_ids=[], logprobs=[])
-                    choice = choices[number * n + delta.index]
-                    offsets = choice.add(delta)
+                async for number, event in _events(requests):
+                    choice, delta, offsets = add(number, event)
                     text, logprobs = delta.text, logprobs_of(delta.logprobs or [], offsets)
                     if choice.index not in started:
                         started.add(choice.index)
@@ -581,9 +583,7 @@ class Server:
 
             return _sse(body(), requests)
 
-        await self._collect(requests, lambda number, delta: choices[number * n + delta.index], http_request)
-        for choice in choices if score_only else []:
-            choice.text, choice.token_ids, choice.logprobs, choice.offsets = echoes[choice.index // n], [], [], []
+        await self._collect(requests, add, http_request)
         return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
             {"index": c.index, "text": c.text,
              "logprobs": _join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
@@ -610,12 +610,13 @@ class Server:
                                "invalid_value")
         return prompts
 
-    async def _collect(self, requests: list, choice_of, http_request: Request) -> None:
-        """Run requests to the end, filling their choices; a client that leaves cancels them."""
+    async def _collect(self, requests: list, add, http_request: Request) -> None:
+        """Run requests to the end, each event given to `add(request number, event)`; a client that leaves
+        cancels them."""
         watcher = asyncio.create_task(_cancel_on_disconnect(http_request, requests))
         try:
             async for number, delta in _events(requests):
-                choice_of(number, delta).add(delta)
+                add(number, delta)
         finally:
             watcher.cancel()
 
