@@ -482,6 +482,10 @@ def test_tokenizer_endpoints_agree_with_transformers(live, model_dir):
     chat = reference.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=True, return_dict=True)
     answer = httpx.post(live.url + "/tokenize", json={"messages": HELLO}, timeout=30).json()
     assert answer["tokens"] == chat["input_ids"] == chat_prompt(live.engine, HELLO)
+    plain = reference.apply_chat_template(HELLO, add_generation_prompt=False, tokenize=True, return_dict=True)
+    answer = httpx.post(live.url + "/tokenize", json={"messages": HELLO, "add_generation_prompt": False},
+                        timeout=30).json()
+    assert answer["tokens"] == plain["input_ids"] != chat["input_ids"]
     assert httpx.post(live.url + "/detokenize", json={"tokens": ids}, timeout=30).json() == {
         "prompt": reference.decode(ids)}
     info = httpx.get(live.url + "/tokenizer_info", timeout=30).json()
