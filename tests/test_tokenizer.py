@@ -106,6 +106,32 @@ def test_round_trip_arbitrary_unicode(tok, hf, text):
     assert hf.encode(text, add_special_tokens=False) == ids
 
 
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.text(max_size=300) | st.text(alphabet="ab <|>imstrend_\n", max_size=300))
+def test_min_tokens_is_a_lower_bound_and_the_first_tokens_lie_in_chars_for_tokens(tok, text):
+    ids = tok.encode(text)
+    assert tok.min_tokens(text) <= len(ids)
+    for k in (1, 5, len(ids)):  # the text's first k tokens stand for at most chars_for_tokens(k) characters
+        assert len(tok.decode(ids[:k])) <= tok.chars_for_tokens(k) or not ids
+
+
+def test_no_length_bound_for_tokenizers_that_delete_text(tok):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import normalizers
+    from tokenizers import pre_tokenizers as pre
+
+    assert tok.max_chars_per_token == max(len(t) for t in tok.backend.get_vocab()) == len("</tool_response>")
+    for change in (lambda b: setattr(b, "normalizer", normalizers.Strip()),
+                   lambda b: setattr(b, "pre_tokenizer", pre.Whitespace())):
+        backend = Backend.from_str(tok.backend.to_str())
+        change(backend)
+        other = Tokenizer(backend)
+        assert other.max_chars_per_token is None and other.min_tokens("x" * 10**6) == 0
+    nfc = Backend.from_str(tok.backend.to_str())
+    nfc.normalizer = normalizers.NFC()
+    assert Tokenizer(nfc).max_chars_per_token == 3 * tok.max_chars_per_token
+
+
 def test_vocab_size_too_small_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer([builtin_shakespeare()[0]], vocab_size=200, show_progress=False)

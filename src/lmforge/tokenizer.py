@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -162,6 +163,35 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+# Normalizers by the most they can shrink a text (its length in bytes, before / after); the others
+# (Strip, BertNormalizer, a Replace with nothing, ...) can delete text, so that no bound holds.
+_NORMALIZER_SHRINK = {"NFC": 3, "NFD": 3, "NFKC": 3, "NFKD": 3, "Lowercase": 3, "Prepend": 1}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
+
+
+def _normalizer_shrink(spec: dict | None) -> int | None:
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factors = [_normalizer_shrink(s) for s in spec.get("normalizers", [])]
+        return None if None in factors else math.prod(factors)
+    if kind == "Replace":
+        pattern, content = spec.get("pattern", {}).get("String"), spec.get("content") or ""
+        if pattern is None or not content:
+            return None
+        return max(1, math.ceil(len(pattern.encode("utf-8")) / len(content.encode("utf-8"))))
+    return _NORMALIZER_SHRINK.get(kind)
+
+
+def _keeps_text(spec: dict | None) -> bool:
+    if spec is None:
+        return True
+    if spec.get("type") == "Sequence":
+        return all(_keeps_text(s) for s in spec.get("pretokenizers", []))
+    return spec.get("type") in _KEEPING_PRE_TOKENIZERS and spec.get("behavior") != "Removed"
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -300,8 +330,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Special tokens written in the text become their ids (as in transformers);
-        `add_special_tokens` applies the tokenizer's post-processor (e.g. Llama's BOS)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        `add_special_tokens` applies the tokenizer's post-processor (e.g. Llama's BOS).
+
+        Through `encode_batch_fast`, which releases Python's GIL while Rust encodes (`backend.encode`
+        holds it: a 2 MB text would stop every other thread, a server's event loop included, for a
+        second); it gives the same ids, without the offsets nobody here reads."""
+        return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """`encode` for many texts at once, in parallel threads inside `tokenizers`."""
@@ -309,6 +343,41 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of input text one token can stand for, or None where no bound holds.
+
+        Every token covers at most as many bytes as its longest vocabulary entry, and a character is at
+        least a byte, so a text of n characters has at least n / max_chars_per_token tokens (`min_tokens`),
+        and its first k tokens lie within its first k * max_chars_per_token characters (`chars_for_tokens`):
+        a text that cannot fit a context is refused, or cut to what a sample can use, before tokenizing it.
+        That needs a tokenizer that deletes no text: a BPE model without fused unknowns, normalizers that
+        shrink text by a bounded factor (Unicode normalization composes at most 3 code points into one)
+        and pre-tokenizers that keep every character (byte-level, Metaspace, splits that isolate).
+        """
+        spec = json.loads(self.backend.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or (model.get("unk_token") is not None and model.get("fuse_unk")):
+            return None
+        shrink = _normalizer_shrink(spec.get("normalizer"))
+        if shrink is None or not _keeps_text(spec.get("pre_tokenizer")):
+            return None
+        added = {token.content for token in self.backend.get_added_tokens_decoder().values()}
+        byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)  # one vocabulary character per byte
+        longest = max((len(piece) if byte_level and piece not in added else len(piece.encode("utf-8"))
+                       for piece in self.backend.get_vocab(with_added_tokens=True)), default=1)
+        return max(1, longest) * shrink
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) from the text's length alone (0 where none holds)."""
+        per_token = self.max_chars_per_token
+        return 0 if per_token is None else math.ceil(len(text) / per_token)
+
+    def chars_for_tokens(self, tokens: int) -> int | None:
+        """How many leading characters of any text hold its first `tokens` tokens (None: no bound)."""
+        per_token = self.max_chars_per_token
+        return None if per_token is None else tokens * per_token
 
     # -- chat ---------------------------------------------------------------------------------------
 
