@@ -137,3 +137,61 @@ def test_moe_presets_round_trip(tmp_path):
         model = build_model(preset(name, vocab_size=64, num_hidden_layers=2), seed=0)
         save_model(model, tmp_path / name)
         torch.testing.assert_close(logits(load_model(tmp_path / name)), logits(model))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_size": 1e9}, r"config\.json: hidden_size: 1000000000\.0 is not an integer >= 1"),
+    ({"hidden_size": "32"}, r"config\.json: hidden_size: '32' is not an integer >= 1"),
+    ({"num_hidden_layers": 0}, r"config\.json: num_hidden_layers: 0 is not an integer >= 1"),
+    ({"num_hidden_layers": -3}, r"config\.json: num_hidden_layers: -3 is not an integer >= 1"),
+    ({"rms_norm_eps": "tiny"}, r"config\.json: rms_norm_eps: 'tiny' is not a positive number"),
+    ({"rope_theta": -1.0, "rope_parameters": None}, r"config\.json: rope_theta: -1\.0 is not a positive number"),
+    ({"eos_token_id": [1, "2"]}, r"config\.json: eos_token_id: \[1, '2'\] is not a token id"),
+    ({"num_attention_heads": None}, r"config\.json: num_attention_heads: None is not an integer"),
+    ({"head_dim": 7}, r"config\.json: head_dim: 7: RoPE rotates pairs"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None},
+     r"config\.json: rope_scaling\.low_freq_factor: missing"),
+    ({"max_position_embeddings": [64]}, r"config\.json: max_position_embeddings: \[64\] is not an integer"),
+])
+def test_config_json_fields_of_the_wrong_type_or_range_are_named(tmp_path, change, match):
+    save_model(build_model(CFG), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigFieldError, match=match):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    # sizes the weights cannot have are refused from the headers, before anything is allocated
+    ({"hidden_size": 10**9, "head_dim": 8}, r"hidden_size 1000000000 exceeds every dimension of the weights "
+                                            r"\(the largest is 101\)"),
+    ({"intermediate_size": 10**12}, r"intermediate_size 1000000000000 exceeds every dimension"),
+    ({"vocab_size": 2**40}, r"vocab_size 1099511627776 exceeds"),
+    ({"num_hidden_layers": 3}, r"num_hidden_layers 3, but the weights hold 2 layers"),
+    ({"num_hidden_layers": 10**9}, r"num_hidden_layers 1000000000, but the weights hold 2 layers"),
+    ({"num_key_value_heads": 1}, r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 32\), "
+                                 r"config\.json implies \(8, 32\)"),
+])
+def test_config_json_that_does_not_describe_the_weights_is_named(tmp_path, change, match):
+    save_model(build_model(CFG), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=r"config\.json: " + match if "has shape" not in match else match):
+        load_model(tmp_path)
+
+
+def test_truncated_or_garbage_weights_and_bad_json_are_named(tmp_path):
+    save_model(build_model(CFG), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_model(tmp_path)
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigFieldError, match=r"config\.json: expected a JSON object"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 1')
+    with pytest.raises(ConfigFieldError, match=r"config\.json: invalid JSON"):
+        load_model(tmp_path)

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig, load_config, to_hf
@@ -73,6 +73,18 @@ def _from_disk(name: str, tensor_fn, cfg: ModelConfig):
             gate, up = full[e].chunk(2, dim=0)
             yield f"{prefix}.{e}.gate_proj.weight", (lambda t=gate: t)
             yield f"{prefix}.{e}.up_proj.weight", (lambda t=up: t)
+
+
+def _disk_shapes(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The (in-memory name, shape) pairs `_from_disk` makes of an on-disk tensor of this shape."""
+    fused = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name)
+    if fused is None or len(shape) != 3:
+        return [(next(_from_disk(name, None, cfg))[0], shape)]
+    prefix, kind = fused.groups()
+    if kind == "down_proj":
+        return [(f"{prefix}.{e}.down_proj.weight", shape[1:]) for e in range(shape[0])]
+    half = (shape[1] // 2, shape[2])
+    return [(f"{prefix}.{e}.{part}.weight", half) for e in range(shape[0]) for part in ("gate_proj", "up_proj")]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -196,39 +208,91 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def read_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Each tensor's file and shape, from the safetensors headers alone: no tensor is read. A truncated
+    or malformed file is an error naming it (safetensors checks that the data covers the header)."""
+    shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in the index but missing")
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    shapes[name] = (file, tuple(f.get_slice(name).get_shape()))
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return shapes
+
+
+# Sizes in config.json that are dimensions of some weight (of MoE and MLA models only, the second and third):
+# none can exceed the weights' largest dimension.
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+_MOE_SIZE_FIELDS = ("moe_intermediate_size", "shared_expert_intermediate_size", "num_experts")
+_MLA_SIZE_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...]]], path: Path) -> None:
+    """That the weights' headers hold exactly the tensors config.json implies, with its shapes, before any
+    memory is allocated: a config.json that is wrong (`hidden_size: 1e9`, one layer too many) is named
+    rather than ending in an allocator error, or in a model built around the wrong sizes."""
+    config_file = path / "config.json"
+    largest = max((max(shape, default=1) for _, shape in shapes.values()), default=0)
+    fields = _SIZE_FIELDS + (_MOE_SIZE_FIELDS if cfg.num_experts else ()) + (_MLA_SIZE_FIELDS if cfg.is_mla else ()) \
+        + (("intermediate_size",) if cfg.has_dense_layers else ())
+    for field in fields:  # first, bounds that keep building the skeleton below cheap
+        value = getattr(cfg, field)
+        if value is not None and value > largest:
+            raise CheckpointError(f"{config_file}: {field} {value} exceeds every dimension of the weights "
+                                  f"(the largest is {largest})")
+    layers = 1 + max((int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))), default=-1)
+    if cfg.num_hidden_layers > layers:
+        raise CheckpointError(f"{config_file}: num_hidden_layers {cfg.num_hidden_layers}, but the weights hold "
+                              f"{layers} layers")
+    experts = max([1 + int(m.group(1)) for n in shapes if (m := re.search(r"\.experts\.(\d+)\.", n))]
+                  + [shape[0] for n, (_, shape) in shapes.items() if re.search(r"\.experts\.gate_up_proj$", n)],
+                  default=0)
+    if cfg.num_experts > experts:
+        raise CheckpointError(f"{config_file}: num_experts {cfg.num_experts}, but the weights hold {experts} experts")
+    with torch.device("meta"):  # no memory: only the names and shapes
+        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+    found: set[str] = set()
+    for disk_name, (file, shape) in shapes.items():
+        if _skip(disk_name, cfg):
+            continue
+        for name, part in _disk_shapes(disk_name, shape, cfg):
+            if name not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor '{disk_name}' for a {cfg.model_type} model "
+                                      f"with this config")
+            if part != expected[name]:
+                raise CheckpointError(f"{file}: '{disk_name}' has shape {shape}, {config_file.name} implies "
+                                      f"{expected[name]}")
+            found.add(name)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                ) -> Transformer:
-    """Load any supported HF model directory (whatever wrote it; sharded or not; fp32/bf16/fp16)."""
+    """Load any supported HF model directory (whatever wrote it; sharded or not; fp32/bf16/fp16). The config
+    and the weights' headers are checked against each other before anything is allocated (`check_weights`)."""
     path = Path(path)
     _recover(path)
     cfg = load_config(path)
+    shapes = read_shapes(weight_files(path))
+    check_weights(cfg, shapes, path)
     model = build_model(cfg, device=device, dtype=dtype, init=False)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
-    expected = {n for n in model.state_dict()}
-    loaded: set[str] = set()
-    for file in weight_files(path):
-        if not file.is_file():
-            raise CheckpointError(f"{file}: listed in the index but missing")
+    for file in sorted({file for file, _ in shapes.values()}):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for disk_name in f.keys():
                 if _skip(disk_name, cfg):
                     continue
                 for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
-                    if name not in params:
-                        raise CheckpointError(f"{file}: unexpected tensor '{disk_name}' for a "
-                                              f"{cfg.model_type} model with this config")
-                    tensor = get()
-                    if tuple(tensor.shape) != tuple(params[name].shape):
-                        raise CheckpointError(f"{file}: '{disk_name}' has shape {tuple(tensor.shape)}, "
-                                              f"config.json implies {tuple(params[name].shape)}")
                     with torch.no_grad():
-                        params[name].copy_(tensor)
-                    loaded.add(name)
-    missing = sorted(expected - loaded)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+                        params[name].copy_(get())
     return model
 
 

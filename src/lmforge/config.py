@@ -37,6 +37,28 @@ class ConfigFieldError(ValueError):
     """A config.json that lmforge cannot represent; the message names the field."""
 
 
+# Integer fields and their smallest allowed value; _OPTIONAL_INTS may also be None (absent).
+_INT_FIELDS = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 0, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "max_position_embeddings": 1, "sliding_window": 1, "num_experts": 0,
+    "num_experts_per_tok": 0, "moe_intermediate_size": 0, "n_group": 1, "topk_group": 1, "n_shared_experts": 0,
+    "shared_expert_intermediate_size": 0, "first_k_dense_replace": 0, "decoder_sparse_step": 1,
+    "kv_lora_rank": 1, "q_lora_rank": 1, "qk_rope_head_dim": 1, "qk_nope_head_dim": 0, "v_head_dim": 1,
+}
+_OPTIONAL_INTS = {"head_dim", "sliding_window", "kv_lora_rank", "q_lora_rank"}
+# Float fields: True where 0 is not allowed either.
+_FLOAT_FIELDS = {"rms_norm_eps": True, "rope_theta": True, "routed_scaling_factor": True,
+                 "router_aux_loss_coef": False, "initializer_range": False}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "llama"
@@ -89,6 +111,7 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        self.validate_types()
         if self.kv_lora_rank is not None:  # MLA: HF's head_dim is the RoPE part of a head
             self.head_dim = self.qk_rope_head_dim
         if self.head_dim is None:
@@ -111,12 +134,62 @@ class ModelConfig:
         return (layer + 1) % self.decoder_sparse_step == 0
 
     @property
+    def has_dense_layers(self) -> bool:
+        """Whether any layer keeps a dense MLP (is_moe_layer False), without looping over the layers."""
+        return (self.num_experts == 0 or self.first_k_dense_replace > 0 or self.decoder_sparse_step > 1
+                or any(0 <= i < self.num_hidden_layers for i in self.mlp_only_layers))
+
+    @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
+
+    def validate_types(self) -> None:
+        """Every field of the type and range it must have, before any size is computed from it (a config.json
+        is input: `"hidden_size": "512"` or `-4` must be an error naming the field, not a TypeError)."""
+        for name, low in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INTS:
+                continue
+            if not _is_int(value) or value < low:
+                raise ConfigFieldError(f"{name}: {value!r:.40} is not an integer >= {low}")
+        for name, positive in _FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ConfigFieldError(f"{name}: {value!r:.40} is not a {'positive' if positive else 'non-negative'} "
+                                       "number")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(_is_int(i) for i in ids):
+                raise ConfigFieldError(f"{name}: {value!r:.40} is not a token id" + (" or a list of them" if
+                                                                                     name == "eos_token_id" else ""))
+        if not isinstance(self.mlp_only_layers, list) or not all(_is_int(i) for i in self.mlp_only_layers):
+            raise ConfigFieldError(f"mlp_only_layers: {self.mlp_only_layers!r:.40} is not a list of layer indices")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ConfigFieldError(f"rope_scaling: {self.rope_scaling!r:.40} is not an object")
+            for key, value in self.rope_scaling.items():
+                numeric = key not in ("rope_type", "type", "truncate")
+                if numeric and not (_is_number(value) and math.isfinite(value) and value > 0) and value is not None:
+                    raise ConfigFieldError(f"rope_scaling.{key}: {value!r:.40} is not a positive number")
+            needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings"],
+                      "yarn": ["original_max_position_embeddings"]}.get(self.rope_type, [])
+            for key in needed:
+                if not self.rope_scaling.get(key):
+                    raise ConfigFieldError(f"rope_scaling.{key}: missing (rope_type {self.rope_type} needs it)")
 
     def validate(self) -> None:
         def bad(name, why):
             raise ConfigFieldError(f"{name}: {why}")
+
+        if self.rope_dim % 2:
+            bad("qk_rope_head_dim" if self.is_mla else "head_dim", f"{self.rope_dim}: RoPE rotates pairs of "
+                "dimensions, so it must be even")
+        if not self.is_mla and self.head_dim * self.num_attention_heads <= 0:
+            bad("head_dim", f"{self.head_dim}: hidden_size {self.hidden_size} is smaller than num_attention_heads")
+        if self.intermediate_size < 1 and self.has_dense_layers:
+            bad("intermediate_size", f"{self.intermediate_size}: a dense MLP layer needs a positive width")
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             bad("model_type", f"'{self.model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -177,6 +250,19 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
 
 def from_hf(d: dict) -> ModelConfig:
     """Read a Hugging Face config.json dict. Raises ConfigFieldError naming any field we cannot honour."""
+    if not isinstance(d, dict):
+        raise ConfigFieldError(f"expected a JSON object, got {type(d).__name__}")
+    try:
+        return _from_hf(d)
+    except KeyError as e:
+        raise ConfigFieldError(f"{e.args[0]}: missing from config.json") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigFieldError):
+            raise
+        raise ConfigFieldError(f"a field has the wrong type: {e}") from None
+
+
+def _from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in _FAMILY:
         raise ConfigFieldError(f"model_type: '{model_type}' is not supported; supported: "
@@ -253,10 +339,7 @@ def from_hf(d: dict) -> ModelConfig:
                   kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank"),
                   qk_rope_head_dim=d["qk_rope_head_dim"], qk_nope_head_dim=d["qk_nope_head_dim"],
                   v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True)))
-    try:
-        return ModelConfig(**kw)
-    except KeyError as e:
-        raise ConfigFieldError(f"{e.args[0]}: missing from config.json") from None
+    return ModelConfig(**kw)
 
 
 def to_hf(cfg: ModelConfig) -> dict:
