@@ -13,15 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import build_model
+from lmforge.train.checkpointing import complete_checkpoints
 from lmforge.train.objectives import causal_lm_loss, chunked_cross_entropy, token_logprobs
 from lmforge.train.schedule import lr_at
-from lmforge.train.trainer import (
-    NonFiniteError,
-    OptimConfig,
-    TrainConfig,
-    Trainer,
-    complete_checkpoints,
-)
+from lmforge.train.trainer import NonFiniteError, OptimConfig, TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import VOCAB, RandomBatches, one_thread, tiny_config, tiny_model  # noqa: E402, F401

@@ -22,7 +22,8 @@ from lmforge.model.lora import load_adapter
 from lmforge.settings import ConfigError, parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import pretrain, sft
-from lmforge.train.trainer import complete_checkpoints, read_metrics
+from lmforge.train.checkpointing import complete_checkpoints
+from lmforge.train.trainer import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import base_model, chats, corpus, one_thread  # noqa: E402, F401  (fixtures)
@@ -58,7 +59,8 @@ def test_pretrain_from_hf_dir_learns_and_writes_loadable_checkpoints(tmp_path, c
     ids = torch.randint(0, 300, (1, 12))
     torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
     assert Tokenizer.from_dir(result.model_dir).vocab_size == 300
-    assert (result.model_dir / "training_state.pt").is_file()
+    assert {"training_state.safetensors", "training_state.json", "rank0.safetensors", "rank0.json"} <= {
+        p.name for p in result.model_dir.iterdir()}
 
 
 def test_pretrain_cli_from_preset_with_yaml(tmp_path, corpus):

@@ -20,15 +20,9 @@ and the Trainer does the rest, step by step (`fit`):
     5. DeepSeek-V3's expert-bias update for MoE models that have the bias
     6. logging (progress bar, metrics.jsonl, TensorBoard, W&B), validation, checkpoints
 
-Checkpoints: RUN_DIR/checkpoint-NNNNNN/ is a Hugging Face model directory (or, for LoRA, a PEFT
-adapter directory) with the training state beside the weights, never inside them:
-    trainer_state.json        step, tokens seen, world size, the fp16 grad scaler's state
-    training_state.pt         trainable weights + buffers (fp32 masters), optimizer              (1 process, DDP)
-    training_state/           the same as a torch.distributed.checkpoint, one shard per rank     (FSDP)
-    rng_rank{r}.pt            python, numpy, torch (and CUDA) RNG states of rank r
-    data_rank{r}.pt           the position of rank r's data iterator
-Each is written into a hidden temporary directory that is renamed into place as the last act, so a
-process killed at any moment leaves only complete checkpoints; `resume: auto` takes the newest.
+Checkpoints (train/checkpointing.py): RUN_DIR/checkpoint-NNNNNN/ is a Hugging Face model directory (or,
+for LoRA, a PEFT adapter directory) with the training state beside the weights, as safetensors and JSON
+(never a pickle); `resume: auto` takes the newest one that loads.
 
 Distributed: the Trainer joins the process group that torchrun describes (NCCL on GPUs, gloo on
 CPUs), each rank reads its own part of the data, and only rank 0 logs and writes files other than
@@ -81,12 +75,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.checkpoint import save_model
+from lmforge.checkpoint import CheckpointError, save_model
 from lmforge.settings import parse_args
+from lmforge.train.checkpointing import (
+    CHECKPOINT_PREFIX,
+    FORMAT_VERSION,
+    TRAINER_STATE,
+    complete_checkpoints,
+    file_sizes,
+    fsync_files,
+    load_state,
+    loading,
+    point_final_at,
+    read_trainer_state,
+    remove_checkpoint,
+    remove_stale_temporaries,
+    resume_candidates,
+    rng_state,
+    save_state,
+    set_rng_state,
+    warn,
+)
 from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.schedule import lr_at
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -263,44 +274,6 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
-
-
-# -- RNG and checkpoint files ---------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (temporary and half-deleted ones are hidden dot-dirs)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=_step_of)
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 # -- the Trainer ----------------------------------------------------------------------------------------
@@ -562,8 +535,16 @@ class Trainer:
                 continue
             if name in params and id(params[name]) in masters:
                 tensor = masters[id(params[name])]
-            state[name] = tensor.detach().clone()
+            state[name] = tensor.detach()
         return state
+
+    def shared_state(self) -> dict:
+        """The state every process shares (under FSDP: holds a shard of): trained weights, optimizer."""
+        return {"model": self._trainable_state(), "optimizer": self.optimizer.state_dict()}
+
+    def rank_state(self) -> dict:
+        """The state of this process alone: its RNGs and its position in its share of the data."""
+        return {"rng": rng_state(), "data": self.train_data.state_dict()}
 
     def save_checkpoint(self) -> Path:
         env = self.env
@@ -576,104 +557,134 @@ class Trainer:
                 shutil.rmtree(tmp)
             self.save_weights(full_model, tmp)  # creates tmp
             if not self.fsdp:
-                torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict()},
-                           tmp / "training_state.pt")
+                save_state(self.shared_state(), tmp, "training_state")
         if env.distributed:
             dist.barrier()
         if self.fsdp:
-            import torch.distributed.checkpoint as dcp
-
-            dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "training_state"))
-        torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
-        torch.save(self.train_data.state_dict(), tmp / f"data_rank{env.rank}.pt")
+            save_state(self.shared_state(), tmp, f"training_state_rank{env.rank}")
+        save_state(self.rank_state(), tmp, f"rank{env.rank}")
         if env.distributed:
             dist.barrier()
         if env.is_main:
-            # the grad scaler's state is the same on every rank (torch.amp agrees on overflows across them)
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
-                     "world_size": env.world_size, "precision": self.cfg.precision,
-                     "grad_scaler": self.scaler.state_dict() if self.scaler else None}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            _fsync_dir(tmp)
+            # the grad scaler's state is the same on every rank (torch.amp agrees on overflows across them);
+            # written last, with the size of every file: a checkpoint without it is incomplete
+            state = {"format": FORMAT_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
+                     "skipped": self.skipped, "world_size": env.world_size, "precision": self.cfg.precision,
+                     "grad_scaler": self.scaler.state_dict() if self.scaler else None, "files": file_sizes(tmp)}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            fsync_files(tmp)
             if final.exists():  # saving a step again after resuming from an older checkpoint
-                _remove(final)
+                remove_checkpoint(final)
             tmp.rename(final)
             for old in complete_checkpoints(self.run_dir)[:-max(1, self.cfg.keep_last)]:
-                _remove(old)
+                remove_checkpoint(old)
         if env.distributed:
             dist.barrier()
         return final
 
-    def _dcp_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        frozen = {n for n, p in self.inner.named_parameters() if not p.requires_grad}
-        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if k not in frozen}
-        return {"model": model_state, "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-
     def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything `save_checkpoint` wrote. Raises CheckpointError naming the file (damaged,
+        truncated, or from another run) before or while restoring."""
         path, env = Path(path), self.env
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_trainer_state(path)
         if state["world_size"] != env.world_size:
-            raise ValueError(f"resume: {path} was written by {state['world_size']} processes; this run has "
-                             f"{env.world_size} (resume with the same number)")
-        if self.fsdp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            saved = self._dcp_state()
-            dcp.load(saved, checkpoint_id=str(path / "training_state"))
-            set_model_state_dict(self.model, saved["model"], options=StateDictOptions(strict=False))
-            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"])
-        else:
-            saved = torch.load(path / "training_state.pt", map_location=env.device, weights_only=False)
-            masters = {id(p): m for p, m in self.masters}
-            params = dict(self.inner.named_parameters())
-            trainable = {n for n, p in params.items() if p.requires_grad}
-            extra, missing = set(saved["model"]) - set(self.inner.state_dict()), trainable - set(saved["model"])
-            if extra or missing:  # e.g. a LoRA run resumed as full fine-tuning, or other target modules
-                raise ValueError(f"resume: {path} does not fit this model: "
-                                 + (f"it has {sorted(extra)[:3]} which the model lacks; " if extra else "")
-                                 + (f"it lacks trainable {sorted(missing)[:3]}" if missing else ""))
-            with torch.no_grad():
-                for name, tensor in saved["model"].items():
-                    if name in params and id(params[name]) in masters:
-                        masters[id(params[name])].copy_(tensor)
-                        params[name].copy_(tensor)
-                self.inner.load_state_dict({k: v for k, v in saved["model"].items()
-                                            if not (k in params and id(params[k]) in masters)}, strict=False)
-            self.optimizer.load_state_dict(saved["optimizer"])
+            raise CheckpointError(f"resume: {path} was written by {state['world_size']} processes; this run has "
+                                  f"{env.world_size} (resume with the same number)")
+        name = f"training_state_rank{env.rank}" if self.fsdp else "training_state"
+        shared = load_state(path, name, env.device)
+        loading(path / f"{name}.json", lambda: self.load_shared_state(shared))
+        ranked = load_state(path, f"rank{env.rank}")
+        loading(path / f"rank{env.rank}.json", lambda: set_rng_state(ranked["rng"]))
+        loading(path / f"rank{env.rank}.json", lambda: self.train_data.load_state_dict(ranked["data"]))
         if self.scaler and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        _set_rng_state(torch.load(path / f"rng_rank{env.rank}.pt", weights_only=False))
-        self.train_data.load_state_dict(torch.load(path / f"data_rank{env.rank}.pt", weights_only=False))
+            loading(path / TRAINER_STATE, lambda: self.scaler.load_state_dict(state["grad_scaler"]))
         self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped"]
 
-    def _resume_path(self) -> Path | None:
-        if not self.cfg.resume:
-            return None
-        if self.cfg.resume == "auto":
-            found = complete_checkpoints(self.run_dir)
-            return found[-1] if found else None
-        path = Path(self.cfg.resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume: {path} is not a checkpoint (no trainer_state.json)")
-        return path
+    def load_shared_state(self, state: dict) -> None:
+        """Copy saved weights into the model (and its fp32 masters) and load the optimizer, checking that
+        every trained tensor is there with this model's shape (under FSDP: this process's shard)."""
+        saved = state["model"]
+        masters = {id(p): m for p, m in self.masters}
+        params = dict(self.inner.named_parameters())
+        current = self.inner.state_dict()
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        extra, missing = set(saved) - set(current), trainable - set(saved)
+        if extra or missing:  # e.g. a LoRA run resumed as full fine-tuning, or other target modules
+            raise ValueError("does not fit this model: "
+                             + (f"it has {sorted(extra)[:3]}, which the model lacks; " if extra else "")
+                             + (f"it lacks trainable {sorted(missing)[:3]}" if missing else ""))
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                targets = [current[name]]
+                if name in params and id(params[name]) in masters:
+                    targets.append(masters[id(params[name])])
+                for target in (_local(t) for t in targets):
+                    if tuple(target.shape) != tuple(tensor.shape):  # copy_ would broadcast a smaller one
+                        raise ValueError(f"does not fit this model: '{name}' has shape {tuple(tensor.shape)}, "
+                                         f"the model's is {tuple(target.shape)}")
+                    target.copy_(tensor)
+        self.optimizer.load_state_dict(self._optimizer_state_for(state["optimizer"]))
+
+    def _optimizer_state_for(self, saved: dict) -> dict:
+        """The saved optimizer state, checked against this run's parameters (load_state_dict does not
+        compare shapes: a wrong one would fail at the next step, or broadcast) and, under FSDP, made
+        shards (DTensors) laid out like their parameters."""
+        groups = saved["param_groups"]
+        ids = [i for group in groups for i in group["params"]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"the optimizer state has {len(ids)} parameters, this run trains {len(params)}")
+        by_id = dict(zip(ids, params))
+        state = {}
+        for index, values in saved["state"].items():
+            param = by_id[index]
+            shaped = {}
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.ndim > 0:
+                    if tuple(value.shape) != tuple(_local(param).shape):
+                        raise ValueError(f"optimizer state '{key}' of parameter {index} has shape "
+                                         f"{tuple(value.shape)}, the parameter {tuple(_local(param).shape)}")
+                    if param is not _local(param):  # a DTensor (FSDP): this process's shard of it
+                        from torch.distributed.tensor import DTensor
+
+                        value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                                   shape=param.shape, stride=param.stride())
+                shaped[key] = value
+            state[index] = shaped
+        return {"state": state, "param_groups": groups}
+
+    def resume(self) -> bool:
+        """Load the checkpoint that cfg.resume names; with `auto`, the newest of the run directory that
+        loads, warning about each damaged one skipped. Every process resumes from the same one. Returns
+        whether a checkpoint was loaded (`auto` in a run directory without any starts afresh)."""
+        candidates = resume_candidates(self.cfg.resume, self.run_dir)
+        for number, path in enumerate(candidates):
+            error = None
+            try:
+                self.load_checkpoint(path)
+            except CheckpointError as e:
+                error = e
+            if self.env.distributed:
+                loaded = torch.tensor(float(error is None), device=self.env.device)
+                dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+                if error is None and not loaded.item():
+                    error = CheckpointError(f"{path}: another process could not load its part")
+            if error is None:
+                return True
+            if self.cfg.resume != "auto" or number == len(candidates) - 1:
+                raise error
+            if self.env.is_main:
+                warn(f"{error}; resuming from {candidates[number + 1].name} instead")
+        return False
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
-        resume = self._resume_path()
-        if resume is not None:
-            self.load_checkpoint(resume)
-        log = _Logger(self, resume_step=self.step if resume is not None else None)
+        resumed = self.resume()
+        log = _Logger(self, resume_step=self.step if resumed else None)
         history: list[dict] = []
         last_eval: dict[str, float] = {}
-        last_saved = self.step if resume is not None else -1
+        last_saved = self.step if resumed else -1
         started, start_step = time.perf_counter(), self.step
         try:
             while self.step < cfg.steps:
@@ -695,7 +706,7 @@ class Trainer:
             final = self.save_checkpoint() if last_saved != self.step else \
                 self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
             if env.is_main:
-                _point_final_at(final)
+                point_final_at(final)
         finally:
             log.close()
         curve = log.loss_curve() if env.is_main else None
@@ -709,6 +720,11 @@ class Trainer:
         return TrainResult(steps=self.step, run_dir=self.run_dir, model_dir=final,
                            val_loss=last_eval.get("val_loss"), val_bpb=last_eval.get("val_bpb"),
                            loss_curve=curve, skipped_steps=self.skipped, history=history)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard of an FSDP DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _checkpoint_block(block: nn.Module) -> None:
@@ -726,13 +742,6 @@ def _checkpoint_block(block: nn.Module) -> None:
     block.forward = checkpointed
 
 
-def _point_final_at(checkpoint: Path) -> None:
-    """RUN_DIR/final: a symbolic link to the last checkpoint, a stable name for the next stage to read."""
-    link = checkpoint.parent / "final"
-    tmp = checkpoint.parent / ".final.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(checkpoint.name)
-    os.replace(tmp, link)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -744,19 +753,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """What a killed process left half-written or half-deleted: hidden directories named after checkpoints."""
-    for path in run_dir.glob(f".*{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(path, ignore_errors=True)
 
 
-def _remove(path: Path) -> None:
-    """Delete a checkpoint so that a crash midway never leaves a half-deleted one looking complete."""
-    doomed = path.with_name(f".{path.name}.deleting")
-    if doomed.exists():
-        shutil.rmtree(doomed)
-    path.rename(doomed)
-    shutil.rmtree(doomed)
 
 
 # -- logging ----------------------------------------------------------------------------------------------
@@ -781,7 +779,7 @@ class _Logger:
             # the kill); this run writes them again.
             rows = [row for row in read_metrics(self.metrics_path) if row["step"] <= resume_step]
             self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        _remove_stale_temporaries(run_dir)
+        remove_stale_temporaries(run_dir)
         (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), **trainer.log_config},
                                                         indent=2, default=str))
         if trainer.flops_per_token:

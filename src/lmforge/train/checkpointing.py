@@ -1,0 +1,262 @@
+"""Training checkpoints: what `Trainer` writes beside the weights, and how it reads it back safely.
+
+RUN_DIR/checkpoint-NNNNNN/ is a Hugging Face model directory (or, for LoRA, a PEFT adapter directory)
+with the training state beside the weights, never inside them:
+
+    trainer_state.json                   step, tokens seen, world size, the fp16 grad scaler's state, and
+                                         the size of every other file (a truncated file is noticed)
+    training_state.{safetensors,json}    trainable weights + buffers (fp32 masters), optimizer  (1 process, DDP)
+    training_state_rank{r}.{...}         rank r's shards of the same                            (FSDP)
+    rank{r}.{safetensors,json}           rank r's RNG states (python, numpy, torch, CUDA) and data position
+
+No file here is a pickle. A checkpoint is something people share and download, and unpickling runs
+whatever code the file names, so a state is stored as tensors (safetensors) plus JSON (`save_state`):
+loading one can only ever produce tensors, numbers, strings, lists and dicts.
+
+Each checkpoint is written into a hidden temporary directory that is renamed into place as the last
+act, so a process killed at any moment leaves only complete checkpoints; `resume: auto` takes the
+newest one that verifies, and falls back to an older one, with a warning, when the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.checkpoint import CheckpointError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+# Bumped when the layout above changes; 1 was the pickled `training_state.pt` of early versions.
+FORMAT_VERSION = 2
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"  # markers in a state's JSON
+
+
+# -- a state as safetensors + JSON ----------------------------------------------------------------------
+
+def save_state(state: Any, directory: Path, name: str) -> None:
+    """Write `state` (nested dicts, lists and tuples of tensors, numbers, strings, bools and None) as
+    directory/name.safetensors (every tensor) + directory/name.json (the rest, tensors by reference).
+    A sharded tensor (FSDP's DTensor) is saved as this process's shard."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value, where: str):
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            key = str(len(tensors))
+            tensors[key] = local.detach().cpu().contiguous().clone()  # clone: no storage shared between keys
+            return {_TENSOR: key}
+        if isinstance(value, tuple):
+            return {_TUPLE: [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: encode(v, f"{where}.{k}") for k, v in value.items()}
+            return {_ITEMS: [[encode(k, where), encode(v, f"{where}.{k}")] for k, v in value.items()]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"{name}{where}: a {type(value).__name__} cannot be saved in a training state "
+                        "(only tensors, numbers, strings, bools, None, lists, tuples and dicts)")
+
+    skeleton = encode(state, "")
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str, device: torch.device | str = "cpu") -> Any:
+    """Read what `save_state` wrote. Raises CheckpointError naming the file for anything malformed."""
+    tensor_file, json_file = directory / f"{name}.safetensors", directory / f"{name}.json"
+    try:
+        tensors = load_file(str(tensor_file), device=str(device))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{tensor_file}: cannot be read as safetensors ({e})") from None
+    skeleton = read_json(json_file)
+    used: set[str] = set()
+
+    def decode(value):
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) == 1 and _TENSOR in value:
+            key = value[_TENSOR]
+            if key not in tensors:
+                raise CheckpointError(f"{json_file}: refers to tensor '{key}', which {tensor_file.name} lacks")
+            used.add(key)
+            return tensors[key]
+        if len(value) == 1 and _TUPLE in value:
+            return tuple(decode(v) for v in value[_TUPLE])
+        if len(value) == 1 and _ITEMS in value:
+            return {_hashable(decode(k), json_file): decode(v) for k, v in value[_ITEMS]}
+        return {k: decode(v) for k, v in value.items()}
+
+    state = decode(skeleton)
+    if used != set(tensors):
+        raise CheckpointError(f"{tensor_file}: holds tensors its {json_file.name} does not refer to")
+    return state
+
+
+def _hashable(key, file: Path):
+    if isinstance(key, (list, dict)):
+        raise CheckpointError(f"{file}: a dict key must be a number or a string, got {key!r:.60}")
+    return key
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# -- RNG states as plain data ---------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's (CPU and CUDA) generator states, as lists, numbers and byte tensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in state["cuda"]])
+
+
+# -- finding, verifying and removing checkpoints ------------------------------------------------------------
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Every directory named like a checkpoint (complete or not), oldest first; temporary and half-deleted
+    ones are hidden dot-directories and never match."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=step_of)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints of a run (those with a trainer_state.json, written last), oldest first."""
+    return [p for p in checkpoint_dirs(run_dir) if (p / TRAINER_STATE).is_file()]
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    return {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json, checked: the format, the fields and their types, and that every file it lists
+    is there with the size it had when written (a truncated or missing file is named)."""
+    file = path / TRAINER_STATE
+    if (path / "training_state.pt").is_file():
+        raise CheckpointError(f"{path / 'training_state.pt'}: a pickled training state (lmforge before format "
+                              f"{FORMAT_VERSION}); it is not loaded, because unpickling a file can run any code")
+    state = read_json(file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format {state.get('format')!r}; this lmforge reads format {FORMAT_VERSION}")
+    for key, kind in (("step", int), ("tokens_seen", int), ("skipped", int), ("world_size", int), ("files", dict)):
+        if not isinstance(state.get(key), kind) or isinstance(state[key], bool) or (kind is int and state[key] < 0):
+            raise CheckpointError(f"{file}: field '{key}' should be a non-negative integer"
+                                  if kind is int else f"{file}: field '{key}' should be an object")
+    for name, size in state["files"].items():
+        listed = path / name
+        if not listed.is_file():
+            raise CheckpointError(f"{listed}: missing (listed in {TRAINER_STATE})")
+        if listed.stat().st_size != size:
+            raise CheckpointError(f"{listed}: {listed.stat().st_size} bytes, but {size} were written "
+                                  "(truncated or changed)")
+    return state
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def resume_candidates(resume: str | None, run_dir: Path) -> list[Path]:
+    """The checkpoints to try, in order: `resume: auto` gives the run's complete checkpoints newest first
+    (warning about checkpoint directories without a trainer_state.json); a path gives just that one."""
+    if not resume:
+        return []
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / TRAINER_STATE).is_file() and not (path / "training_state.pt").is_file():
+            raise CheckpointError(f"resume: {path} is not a checkpoint (no {TRAINER_STATE})")
+        return [path]
+    for path in checkpoint_dirs(run_dir):
+        if not (path / TRAINER_STATE).is_file():
+            warn(f"{path}: no {TRAINER_STATE} (an incomplete checkpoint); not resumed from")
+    return complete_checkpoints(run_dir)[::-1]
+
+
+def fsync_files(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves a half-deleted one looking complete."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """What a killed process left half-written or half-deleted: hidden directories named after checkpoints."""
+    for path in run_dir.glob(f".*{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def point_final_at(checkpoint: Path) -> None:
+    """RUN_DIR/final: a symbolic link to the last checkpoint, a stable name for the next stage to read."""
+    link = checkpoint.parent / "final"
+    tmp = checkpoint.parent / ".final.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(checkpoint.name)
+    os.replace(tmp, link)
+
+
+def loading(path: Path, what: Callable[[], Any]) -> Any:
+    """Run `what()` (a step of restoring a training state from the file at `path`), turning the errors a
+    malformed file causes (a wrong key, type or shape) into a CheckpointError naming it."""
+    try:
+        return what()
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        problem = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else repr(e)
+        raise CheckpointError(f"{path}: {problem}") from None
