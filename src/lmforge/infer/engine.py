@@ -561,7 +561,7 @@ class Engine:
                     text, reason = text + sample.detok.finish(), "length"
                 else:
                     reason = None
-            out.text = sample.detok.text[:sample.detok.emitted]
+            out.text += text
             if text or reason:
                 self._emit(sample, text, reason)
             if reason:

@@ -15,9 +15,14 @@ not how the sampler was configured.
 from __future__ import annotations
 
 import random
+import reprlib
 from dataclasses import dataclass, field
 
 import torch
+
+# Stop strings: OpenAI allows 4. lm-evaluation-harness's `until` lists have a handful, code tasks ~5-10.
+# The Detokenizer's work per token does not grow with them, but their automaton is built per request.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
 class BadParam(ValueError):
@@ -66,7 +71,9 @@ class SamplingParams:
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "must be None or in [0, 20]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS
+             and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
@@ -76,7 +83,8 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise BadParam(name, f"{name}={getattr(self, name)!r}: {why}")
+                # reprlib: a value can be a long list of long strings, not worth echoing whole
+                raise BadParam(name, f"{name}={reprlib.repr(getattr(self, name))}: {why}")
 
     @property
     def greedy(self) -> bool:
