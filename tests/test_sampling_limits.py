@@ -1,14 +1,32 @@
-"""Hostile sampling requests: stop strings whose checking cost grows with the text, and streams of
-broken UTF-8. Each must cost bounded work per token and give the right text or a 400 (BadParam).
+"""Hostile sampling requests: stop strings whose checking cost grows with the text, streams of broken
+UTF-8, and temperatures or penalties that turn the logits into NaN. Each must cost bounded work per
+token and give the greedy output, a 400 (BadParam) or a clear error of its own request, never garbage.
 """
 
+import math
+
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lmforge.infer import SamplingParams
+from lmforge.config import preset
+from lmforge.infer import Engine, SamplingParams
 from lmforge.infer.detokenize import CONTEXT_TOKENS, MAX_PENDING_TOKENS, Detokenizer
-from lmforge.infer.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, BadParam
+from lmforge.infer.sampling import (
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MIN_REPETITION_PENALTY,
+    SAMPLING_EPS,
+    BadParam,
+    DistributionError,
+    SamplerState,
+    apply_penalties,
+    choose_tokens,
+    draw,
+)
+from lmforge.model import build_model
 from lmforge.tokenizer import train_tokenizer
 
 CORPUS = "Stop here. Café, naïve. 東京は大きい。 Emojis: 😀 🎉 🚀. The end, and the end again. " * 30
@@ -19,6 +37,13 @@ def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
     (folder / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     return train_tokenizer([str(folder / "corpus.txt")], vocab_size=300, out_dir=folder, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return Engine(build_model(config, seed=0).eval(), tokenizer, max_batch_size=4, max_len=128)
 
 
 class Pieces:
@@ -159,3 +184,94 @@ def test_tokens_that_each_end_inside_a_character_are_shown_as_they_complete():
     shown = detok.add(0) + "".join(detok.add(1) for _ in range(99))
     assert shown.startswith("X東X東") and "\ufffd" not in shown and len(shown) >= 2 * (100 - MAX_PENDING_TOKENS)
     assert shown + detok.finish() == "X東" * 99 + "X\ufffd"
+
+
+# -- degenerate sampling values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
+                                 dict(repetition_penalty=0.0), dict(repetition_penalty=math.inf),
+                                 dict(repetition_penalty=math.nan), dict(temperature=math.nan),
+                                 dict(temperature=math.inf), dict(top_p=math.nan), dict(presence_penalty=math.nan)])
+def test_out_of_range_values_are_a_bad_param(engine, bad):
+    name = next(iter(bad))
+    with pytest.raises(BadParam) as error:
+        engine.submit([1, 2], SamplingParams(**bad))
+    assert error.value.field == name
+
+
+def test_a_tiny_temperature_is_greedy(engine, tokenizer):
+    prompt = tokenizer.encode("The end")
+    (greedy,), = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for temperature in (1e-40, 1e-9, 9e-6):
+        params = SamplingParams(max_tokens=16, temperature=temperature, seed=0, ignore_eos=True)
+        (out,), = engine.generate([prompt], params)
+        assert out.token_ids == greedy.token_ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(temperature=st.sampled_from([0.0, 1e-40, 1e-6, 1e-5, 1e-3, 1.0, 100.0]),
+       penalty=st.sampled_from([MIN_REPETITION_PENALTY, 1.3, MAX_REPETITION_PENALTY]),
+       presence=st.sampled_from([-2.0, 0.0, 2.0]), frequency=st.sampled_from([-2.0, 2.0]),
+       bias=st.dictionaries(st.integers(0, 49), st.sampled_from([-100.0, 100.0]), max_size=3),
+       scale=st.sampled_from([1.0, 1e3, 1e20]), seed=st.integers(0, 2**32))
+def test_any_allowed_values_give_a_real_token(temperature, penalty, presence, frequency, bias, scale, seed):
+    """Within the bounds validate allows, and for logits as large as 1e20, every row gets a token of the
+    vocabulary, and a temperature below SAMPLING_EPS gets the argmax of the penalised logits."""
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty, presence_penalty=presence,
+                            frequency_penalty=frequency, logit_bias=bias)
+    params.validate(50)
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(seed)) * scale
+    state = SamplerState(params, [3, 4, 5], 50, seed=seed)
+    for token in (4, 4, 7):
+        state.observe(token)
+    (token,) = choose_tokens(logits, [state])
+    assert isinstance(token, int) and 0 <= token < 50
+    if temperature < SAMPLING_EPS:
+        biased = logits[0].index_add(0, *state.bias) if bias else logits[0]
+        assert token == int(apply_penalties(biased, params, state.seen, state.counts).argmax())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_row_without_a_distribution_gets_an_error_and_the_others_their_tokens(temperature):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    broken = logits.clone()
+    broken[1, 7] = math.nan  # a NaN
+    broken[2, 3] = math.inf  # an infinite logit: the softmax of its row is NaN
+    broken[3] = -math.inf  # nothing left to choose
+    params = SamplingParams(temperature=temperature)
+    ours = choose_tokens(broken, [SamplerState(params, [], 50, seed=i) for i in range(4)])
+    theirs = choose_tokens(logits, [SamplerState(params, [], 50, seed=i) for i in range(4)])
+    assert ours[0] == theirs[0]
+    assert all(isinstance(t, DistributionError) for t in ours[1:]), ours
+    with pytest.raises(DistributionError, match="sum to 0"):
+        draw(torch.zeros(5), torch.Generator())
+
+
+def test_nan_logits_fail_their_request_only(engine, tokenizer, monkeypatch):
+    """A model whose logits are NaN for one request's rows (its n=2 samples): that request ends with a
+    DistributionError, the requests batched with it get what they get alone, and the engine goes on."""
+    prompts = [tokenizer.encode(t) for t in ("The end", "Café", "Stop here")]
+    alone_params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                    SamplingParams(max_tokens=12, temperature=0.9, seed=4, ignore_eos=True)]
+    alone = [engine.generate([p], params)[0][0].token_ids for p, params in zip(prompts[1:], alone_params)]
+    victim = engine.submit(prompts[0], SamplingParams(max_tokens=12, temperature=0.7, n=2, ignore_eos=True))
+    others = [engine.submit(p, params) for p, params in zip(prompts[1:], alone_params)]
+    advance = engine._advance
+
+    def poisoned(samples, logits):
+        logits = logits.clone()
+        logits[[i for i, s in enumerate(samples) if s.request is victim and len(s.output.token_ids) >= 3]] = math.nan
+        advance(samples, logits)
+
+    monkeypatch.setattr(engine, "_advance", poisoned)
+    while not all(r.done.is_set() for r in [victim, *others]):
+        engine.step()
+    assert isinstance(victim.error, DistributionError) and "nan" in str(victim.error)
+    assert [len(o.token_ids) for o in victim.outputs] == [3, 3]  # no garbage token after the NaN
+    assert [r.error for r in others] == [None, None]
+    assert [r.outputs[0].token_ids for r in others] == alone
+    assert engine._running == []
+    monkeypatch.undo()
+    (again,), = engine.generate([prompts[1]], alone_params[0])
+    assert again.token_ids == alone[0]

@@ -51,7 +51,7 @@ from lmforge.checkpoint import load_model
 from lmforge.config import PRESETS, preset
 from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import SamplerState, SamplingParams, choose_tokens, token_logprobs
+from lmforge.infer.sampling import DistributionError, SamplerState, SamplingParams, choose_tokens, token_logprobs
 from lmforge.model import KVCache, Transformer, build_model
 from lmforge.tokenizer import Tokenizer
 
@@ -537,8 +537,14 @@ class Engine:
         return self.model.logits(hidden[:, -1]).float()
 
     def _advance(self, samples: list[_Sample], logits: torch.Tensor) -> None:
-        """Pick each sample's next token from its logits row, record it, emit text, retire finished ones."""
+        """Pick each sample's next token from its logits row, record it, emit text, retire finished ones. A
+        request with a row that gives no token (NaN logits: DistributionError) fails alone."""
         tokens = choose_tokens(logits, [s.sampler for s in samples])
+        failed = {s.request: t for s, t in zip(samples, tokens) if isinstance(t, DistributionError)}
+        if failed:  # those requests fail alone; the rest of the batch goes on
+            self._fail(failed)
+            keep = [i for i, s in enumerate(samples) if s.request not in failed]
+            samples, tokens, logits = [samples[i] for i in keep], [tokens[i] for i in keep], logits[keep]
         logprobs = self._logprobs(samples, logits, tokens)
         finished = []
         for sample, token, lp in zip(samples, tokens, logprobs):
@@ -571,6 +577,16 @@ class Engine:
             request = sample.request
             if all(o.finish_reason for o in request.outputs):
                 request._finish()
+
+    def _fail(self, errors: dict[Request, DistributionError]) -> None:
+        """End these requests with their errors: all their samples leave, and their rows are not offered as a
+        cached prefix (they may hold NaN)."""
+        for i in reversed(range(len(self._running))):  # _leave moves the last row into i: already seen
+            if self._running[i].request in errors:
+                self._leave(i)
+                self._cached.pop(len(self._running), None)
+        for request, error in errors.items():
+            request._finish(error)
 
     def _logprobs(self, samples, logits, tokens) -> list[TokenLogprob | None]:
         want = [i for i, s in enumerate(samples) if s.request.params.logprobs]

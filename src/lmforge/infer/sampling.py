@@ -14,15 +14,32 @@ not how the sampler was configured.
 
 from __future__ import annotations
 
+import math
 import random
 import reprlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+# vLLM's _SAMPLING_EPS (vllm/sampling_params.py): a temperature below it means greedy. Dividing logits by
+# a smaller one can overflow fp32 (by 1e-40, any logit above 0.04 becomes inf, and the softmax NaN). vLLM
+# also raises temperatures in (0, 0.01) to 0.01 (its _MAX_TEMP), with a warning; we keep them: fp32 logits
+# divided by 1e-5 stay finite (the softmax subtracts the largest), and a distribution that is not finite
+# is an error anyway.
+SAMPLING_EPS = 1e-5
+# Repetition penalty: the logits of seen tokens are multiplied or divided by it, so within these bounds
+# any logit below 3e36 in magnitude stays finite in fp32 (vLLM and transformers take any positive value;
+# 1e-300 made every logit infinite). Usual values are 1.0-1.5.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # Stop strings: OpenAI allows 4. lm-evaluation-harness's `until` lists have a handful, code tasks ~5-10.
 # The Detokenizer's work per token does not grow with them, but their automaton is built per request.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+class DistributionError(ValueError):
+    """A row's logits give no distribution to draw from (NaN or infinite, or nothing left with probability
+    above zero): the model's output for that sample is broken, and sampling from it would give garbage."""
 
 
 class BadParam(ValueError):
@@ -36,7 +53,7 @@ class BadParam(ValueError):
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (below SAMPLING_EPS) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -64,7 +81,8 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "must be > 0"),
+            ("repetition_penalty", MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("n", self.n >= 1, "must be >= 1"),
@@ -88,7 +106,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def penalized(self) -> bool:
@@ -167,35 +185,61 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
-    """One next token per row of logits [B, V] (fp32), row i sampled with states[i]."""
+def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int | DistributionError]:
+    """One next token per row of logits [B, V] (fp32), row i sampled with states[i]. A row that gives no
+    distribution gets its DistributionError instead of a token, and the other rows their tokens as usual
+    (each drew its one random number, so a seeded sample goes on as if that row were not there)."""
     if all(s.params.greedy and s.seen is None and s.bias is None for s in states):
-        # The common case in one op, no per-row Python work; in NumPy on a CPU because PyTorch
+        # The common case in one op, no per-row tensor work; in NumPy on a CPU because PyTorch
         # runs an argmax this large on its OpenMP threads, which then spin for ~10 ms waiting for
         # more work, on the cores the next C decode step needs (engine.py: 30% slower steps).
+        # Both take NaN for the largest value, so `best` is finite only where the whole row's maximum is.
         if logits.device.type == "cpu":
-            return logits.numpy().argmax(-1).tolist()
-        return logits.argmax(-1).tolist()
+            rows = logits.numpy()
+            tokens = rows.argmax(-1)
+            best = rows[np.arange(len(rows)), tokens]
+        else:
+            best, tokens = logits.max(-1)
+        return [token if math.isfinite(value) else _not_finite(value)
+                for token, value in zip(tokens.tolist(), best.tolist())]
     tokens = []
     for row, state in zip(logits, states):
-        p = state.params
-        if state.bias is not None:
-            row = row.index_add(0, *state.bias)
-        if state.seen is not None:
-            row = apply_penalties(row, p, state.seen, state.counts)
-        if p.greedy:
-            tokens.append(int(row.argmax()))
-            continue
-        row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-        tokens.append(draw(row.softmax(-1), state.generator))
+        try:
+            tokens.append(choose_token(row, state))
+        except DistributionError as error:
+            tokens.append(error)
     return tokens
+
+
+def choose_token(logits: torch.Tensor, state: SamplerState) -> int:
+    """One next token from logits [V]; raises DistributionError where they give no distribution."""
+    p = state.params
+    if state.bias is not None:
+        logits = logits.index_add(0, *state.bias)
+    if state.seen is not None:
+        logits = apply_penalties(logits, p, state.seen, state.counts)
+    if p.greedy:
+        token = int(logits.argmax())
+        if not math.isfinite(value := float(logits[token])):
+            raise _not_finite(value)
+        return token
+    logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+    return draw(logits.softmax(-1), state.generator)
+
+
+def _not_finite(largest: float) -> DistributionError:
+    return DistributionError(f"the model's logits are not finite (the largest is {largest}): no token to choose")
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from probs [V] by inverting the cumulative distribution at a uniform draw: one
-    random number per token (torch.multinomial draws V exponentials, 30x slower at V=6400)."""
+    random number per token (torch.multinomial draws V exponentials, 30x slower at V=6400). Raises
+    DistributionError where the probabilities do not sum to a positive finite number (a NaN or an
+    infinite logit makes the softmax all NaN, and the search below would then pick the last token)."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+    if not 0.0 < (total := float(cdf[-1])) < math.inf:
+        raise DistributionError(f"the probabilities sum to {total}: no token to draw (NaN or infinite logits)")
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * total
     # right=True: the first token whose cumulative probability exceeds u, never one of probability 0
     return int(torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1))
 
