@@ -18,6 +18,7 @@ temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logpr
 `extra_body`): top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools,
 response_format, best_of, ...) are refused by name rather than silently ignored. `usage` also gives
 prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
+The schemas and the wording of errors are in openai_api.py.
 
 Completions also take `echo`: the reply begins with the prompt, and with `logprobs` the prompt's tokens get
 theirs (the first one null), which is how lm-evaluation-harness scores text; with max_tokens 0 the prompt
@@ -41,7 +42,6 @@ import functools
 import hmac
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -49,21 +49,35 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 try:
     import uvicorn
     from fastapi import APIRouter, Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # an optional extra: only this command needs it
     raise ImportError(f"lmforge serve needs the `serve` extra: pip install 'lmforge[serve]' ({e})") from None
 
-from tokenizers import decoders
-
 from lmforge.infer.engine import Delta, Engine, SamplingParams, TokenLogprob
+from lmforge.infer.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingRequest,
+    Schema,
+    TokenBytes,
+    TokenizeRequest,
+    chat_logprobs,
+    completion_logprobs,
+    echoed_logprobs,
+    join_logprobs,
+    parse_request,
+    server_error,
+)
 from lmforge.infer.sampling import BadParam
 from lmforge.settings import parse_args
 
@@ -71,213 +85,6 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this instead (as vLLM does)
-
-
-# -- request schemas ------------------------------------------------------------------------------
-# Strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an error
-# naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not given",
-# because OpenAI's schema lets clients send null for any optional parameter.
-
-
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TextPart(_Schema):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Schema):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-
-class StreamOptions(_Schema):
-    include_usage: bool | None = None
-
-
-class _Sampling(_Schema):
-    model: str
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=128)
-    stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string) -> bias
-    user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
-    # vLLM's extensions (its names and meanings): top_k -1 or 0 is off; stop_token_ids end the reply like eos
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None  # run to max_tokens (benchmarks want fixed lengths)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class TokenizeRequest(_Schema):  # vLLM's /tokenize: a text (its completions form) or a chat (its chat form)
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_special_tokens: bool = True  # a text's: the tokenizer's post-processor (e.g. a BOS); a chat has its template
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-
-
-class DetokenizeRequest(_Schema):
-    model: str | None = None
-    tokens: list[int]
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
-    echo: bool | None = None  # the prompt in front of the reply (and its tokens' log-probs with `logprobs`)
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
-
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's schema."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _server_error(error: Exception) -> APIError:
-    return APIError(500, f"The server had an error while processing your request: {type(error).__name__}: {error}",
-                    type="server_error")
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _validation_error(error: ValidationError) -> APIError:
-    """The first problem pydantic found, worded as OpenAI words it, naming the parameter."""
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        return APIError(400, f"We could not parse the JSON body of your request: {first['msg']}")
-    # Drop the union-branch tags pydantic puts in the location (`prompt.list[int].1` -> `prompt.1`).
-    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.lower() in _TYPE_TAGS))]
-    param = ".".join(loc) or None
-    if first["type"] == "model_type" and not loc:
-        return APIError(400, "The request body must be a JSON object.")
-    if first["type"] == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
-    if first["type"] == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param)
-    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param, "invalid_value")
-
-
-def _parse(schema: type[_Schema], body: bytes) -> _Schema:
-    try:
-        return schema.model_validate_json(body)
-    except ValidationError as e:
-        raise _validation_error(e) from None
-
-
-# -- token log-probs --------------------------------------------------------------------------------
-
-
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-character table, inverted: byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, ours)
-    spell each byte as one printable character; printable bytes stand for themselves, the other 68 are
-    shifted to chr(256 + i) in byte order (Radford et al. 2019, openai/gpt-2 encoder.py bytes_to_unicode)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
-    return table
-
-
-@dataclass
-class TokenBytes:
-    """The exact bytes of each token, for the `bytes` field of chat log-probs: a token may be part of a
-    UTF-8 character, whose decoded text is then only a replacement character."""
-
-    tokenizer: object
-
-    @functools.cached_property
-    def _byte_level(self) -> bool:
-        return isinstance(self.tokenizer.backend.decoder, decoders.ByteLevel)
-
-    @functools.cached_property
-    def _added(self) -> frozenset[int]:
-        return frozenset(self.tokenizer.backend.get_added_tokens_decoder())
-
-    def __call__(self, token_id: int, text: str) -> list[int]:
-        piece = self.tokenizer.backend.id_to_token(token_id)
-        table = _byte_level_decoder()
-        if self._byte_level and token_id not in self._added and piece and all(c in table for c in piece):
-            return [table[c] for c in piece]
-        return list(text.encode("utf-8"))
-
-
-def _logprob(value: float) -> float:
-    return value if math.isfinite(value) else LOGPROB_FLOOR
-
-
-def _chat_logprobs(entries: list[TokenLogprob], k: int, token_bytes: TokenBytes) -> dict:
-    """OpenAI chat schema: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
-    content = [
-        {"token": e.text, "logprob": _logprob(e.logprob), "bytes": token_bytes(e.token_id, e.text),
-         "top_logprobs": [{"token": text, "logprob": _logprob(lp), "bytes": token_bytes(tid, text)}
-                          for tid, text, lp in e.top[:k]]}
-        for e in entries
-    ]
-    return {"content": content, "refusal": None}
-
-
-def _completion_logprobs(entries: list[TokenLogprob], offsets: list[int], k: int) -> dict:
-    """Legacy completions schema: parallel lists, `top_logprobs` one {text: logprob} dict per token holding
-    the k most likely tokens and the chosen one ("up to logprobs+1 elements", OpenAI's API reference)."""
-    top = []
-    for e in entries:
-        alternatives = {text: _logprob(lp) for _, text, lp in e.top[:k]}
-        alternatives.setdefault(e.text, _logprob(e.logprob))
-        top.append(alternatives)
-    return {"tokens": [e.text for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
-            "top_logprobs": top, "text_offset": offsets}
-
-
-def _echoed_logprobs(prompt: list[int], entries: list[TokenLogprob | None], text: str, k: int, token_text) -> dict:
-    """The legacy schema's lists for an echoed prompt (the engine's prompt_logprobs): the first token has no
-    log-prob (null, as in OpenAI's and vLLM's echo); offsets advance by each token's text, capped at `text`."""
-    first = {"tokens": [token_text(prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
-    rest = _completion_logprobs(entries[1:], [], k)
-    offsets, used = [], 0
-    for token in first["tokens"] + rest["tokens"]:
-        offsets.append(min(used, len(text)))
-        used += len(token)
-    return {key: first[key] + rest[key] for key in first} | {"text_offset": offsets}
-
-
-def _join_logprobs(head: dict | None, tail: dict | None) -> dict | None:
-    """Two of the legacy schema's logprobs objects as one (an echoed prompt's, then the reply's)."""
-    return tail if head is None else {key: head[key] + tail[key] for key in head}
 
 
 # -- one request's choices ------------------------------------------------------------------------
@@ -375,18 +182,18 @@ class Server:
             raise APIError(401, "Incorrect API key provided." if key else "Missing API key: send "
                            "'Authorization: Bearer KEY'.", code="invalid_api_key")
 
-    async def parse(self, schema: type[_Schema], http_request: Request) -> _Schema:
+    async def parse(self, schema: type[Schema], http_request: Request) -> Schema:
         """The request body as `schema`, with the checks every endpoint shares (the tokenizer's may omit `model`)."""
-        req = _parse(schema, await http_request.body())
+        req = parse_request(schema, await http_request.body())
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server holds '{self.model_name}'.",
                            "model", "model_not_found")
-        if isinstance(req, _Sampling) and req.stream_options is not None and not req.stream:
+        if isinstance(req, SamplingRequest) and req.stream_options is not None and not req.stream:
             raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                            "stream_options")
         return req
 
-    def params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
+    def params(self, req: SamplingRequest, prompt_len: int, max_tokens: int | None, logprobs: bool,
                top_logprobs: int, prompt_logprobs: int | None = None) -> SamplingParams:
         """Engine sampling parameters from the request, after checking the prompt and reply fit the context."""
         max_len = self.engine.max_len
@@ -483,7 +290,7 @@ class Server:
         k = params.top_logprobs
 
         def logprobs_of(entries):
-            return _chat_logprobs(entries, k, self.token_bytes) if params.logprobs else None
+            return chat_logprobs(entries, k, self.token_bytes) if params.logprobs else None
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -547,7 +354,7 @@ class Server:
         prompt_tokens = sum(map(len, prompts))
 
         def logprobs_of(entries, offsets):
-            return _completion_logprobs(entries, offsets, k) if req.logprobs is not None else None
+            return completion_logprobs(entries, offsets, k) if req.logprobs is not None else None
 
         def add(number, delta):  # an event of prompt `number` into its choice: (choice, event, text offsets)
             if score_only:  # max_tokens 0: the one token generated is left out
@@ -558,7 +365,7 @@ class Server:
         def echoed(number):  # the legacy logprobs of prompt `number`, if echoed and asked for
             if scored is None:
                 return None
-            return _echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
+            return echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
                                     self.engine.token_text)
 
         if req.stream:
@@ -575,7 +382,7 @@ class Server:
                     text, logprobs = delta.text, logprobs_of(delta.logprobs or [], offsets)
                     if choice.index not in started:
                         started.add(choice.index)
-                        text, logprobs = echoes[number] + text, _join_logprobs(echoed(number), logprobs)
+                        text, logprobs = echoes[number] + text, join_logprobs(echoed(number), logprobs)
                     yield chunk([{"index": choice.index, "text": text, "logprobs": logprobs,
                                   "finish_reason": delta.finish_reason}])
                 if include_usage:
@@ -586,7 +393,7 @@ class Server:
         await self._collect(requests, add, http_request)
         return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
             {"index": c.index, "text": c.text,
-             "logprobs": _join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
+             "logprobs": join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
              "finish_reason": c.finish_reason} for c in choices]}
 
     def encode_prompts(self, prompt) -> list[list[int]]:
@@ -641,7 +448,7 @@ def _sse(chunks, requests: list) -> StreamingResponse:
                     yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
             except Exception as error:
                 log.exception("generation failed mid-stream")
-                yield f"data: {json.dumps(_server_error(error).body())}\n\n"
+                yield f"data: {json.dumps(server_error(error).body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for request in requests:
@@ -667,9 +474,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                         code="not_found" if error.status_code == 404 else None).response()
 
     @app.exception_handler(Exception)
-    async def server_error(_, error: Exception):
+    async def internal_error(_, error: Exception):
         log.exception("request failed")
-        return _server_error(error).response()
+        return server_error(error).response()
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(server.check_key)])
 

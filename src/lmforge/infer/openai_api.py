@@ -1,0 +1,225 @@
+"""OpenAI's HTTP API as `lmforge serve` speaks it: the request schemas (with vLLM's extensions), the error
+schema, and the log-probs of answers. The server (server.py) holds the routes; this module holds what they
+parse and how they word what went wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tokenizers import decoders
+
+from lmforge.infer.engine import TokenLogprob
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this instead (as vLLM does)
+
+
+# -- request schemas ------------------------------------------------------------------------------
+# Strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an error
+# naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not given",
+# because OpenAI's schema lets clients send null for any optional parameter.
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(Schema):
+    include_usage: bool | None = None
+
+
+class SamplingRequest(Schema):
+    model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string) -> bias
+    user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
+    # vLLM's extensions (its names and meanings): top_k -1 or 0 is off; stop_token_ids end the reply like eos
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None  # run to max_tokens (benchmarks want fixed lengths)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(Schema):  # vLLM's /tokenize: a text (its completions form) or a chat (its chat form)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # a text's: the tokenizer's post-processor (e.g. a BOS); a chat has its template
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Schema):
+    model: str | None = None
+    tokens: list[int]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
+    echo: bool | None = None  # the prompt in front of the reply (and its tokens' log-probs with `logprobs`)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's schema."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def server_error(error: Exception) -> APIError:
+    return APIError(500, f"The server had an error while processing your request: {type(error).__name__}: {error}",
+                    type="server_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def validation_error(error: ValidationError) -> APIError:
+    """The first problem pydantic found, worded as OpenAI words it, naming the parameter."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"We could not parse the JSON body of your request: {first['msg']}")
+    # Drop the union-branch tags pydantic puts in the location (`prompt.list[int].1` -> `prompt.1`).
+    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.lower() in _TYPE_TAGS))]
+    param = ".".join(loc) or None
+    if first["type"] == "model_type" and not loc:
+        return APIError(400, "The request body must be a JSON object.")
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
+    if first["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param)
+    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param, "invalid_value")
+
+
+def parse_request(schema: type[Schema], body: bytes) -> Schema:
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+# -- token log-probs --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, ours)
+    spell each byte as one printable character; printable bytes stand for themselves, the other 68 are
+    shifted to chr(256 + i) in byte order (Radford et al. 2019, openai/gpt-2 encoder.py bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+@dataclass
+class TokenBytes:
+    """The exact bytes of each token, for the `bytes` field of chat log-probs: a token may be part of a
+    UTF-8 character, whose decoded text is then only a replacement character."""
+
+    tokenizer: object
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return isinstance(self.tokenizer.backend.decoder, decoders.ByteLevel)
+
+    @functools.cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.backend.get_added_tokens_decoder())
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        piece = self.tokenizer.backend.id_to_token(token_id)
+        table = _byte_level_decoder()
+        if self._byte_level and token_id not in self._added and piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(text.encode("utf-8"))
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def chat_logprobs(entries: list[TokenLogprob], k: int, token_bytes: TokenBytes) -> dict:
+    """OpenAI chat schema: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    content = [
+        {"token": e.text, "logprob": _logprob(e.logprob), "bytes": token_bytes(e.token_id, e.text),
+         "top_logprobs": [{"token": text, "logprob": _logprob(lp), "bytes": token_bytes(tid, text)}
+                          for tid, text, lp in e.top[:k]]}
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offsets: list[int], k: int) -> dict:
+    """Legacy completions schema: parallel lists, `top_logprobs` one {text: logprob} dict per token holding
+    the k most likely tokens and the chosen one ("up to logprobs+1 elements", OpenAI's API reference)."""
+    top = []
+    for e in entries:
+        alternatives = {text: _logprob(lp) for _, text, lp in e.top[:k]}
+        alternatives.setdefault(e.text, _logprob(e.logprob))
+        top.append(alternatives)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def echoed_logprobs(prompt: list[int], entries: list[TokenLogprob | None], text: str, k: int, token_text) -> dict:
+    """The legacy schema's lists for an echoed prompt (the engine's prompt_logprobs): the first token has no
+    log-prob (null, as in OpenAI's and vLLM's echo); offsets advance by each token's text, capped at `text`."""
+    first = {"tokens": [token_text(prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
+    rest = completion_logprobs(entries[1:], [], k)
+    offsets, used = [], 0
+    for token in first["tokens"] + rest["tokens"]:
+        offsets.append(min(used, len(text)))
+        used += len(token)
+    return {key: first[key] + rest[key] for key in first} | {"text_offset": offsets}
+
+
+def join_logprobs(head: dict | None, tail: dict | None) -> dict | None:
+    """Two of the legacy schema's logprobs objects as one (an echoed prompt's, then the reply's)."""
+    return tail if head is None else {key: head[key] + tail[key] for key in head}
