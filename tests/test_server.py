@@ -68,9 +68,11 @@ class LiveServer:
     thread: threading.Thread
 
     @classmethod
-    def start(cls, engine: Engine, api_key: str | None = None) -> LiveServer:
+    def start(cls, engine: Engine, api_key: str | None = None, **app_options) -> LiveServer:
+        """`app_options`: create_app's keyword arguments (the Host check, the limits)."""
         port = free_port()
-        config = uvicorn.Config(create_app(engine, MODEL, api_key), host="127.0.0.1", port=port, log_level="warning")
+        app = create_app(engine, MODEL, api_key, **app_options)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

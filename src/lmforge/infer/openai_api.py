@@ -17,6 +17,12 @@ from tokenizers import decoders
 from lmforge.infer.engine import TokenLogprob
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this instead (as vLLM does)
+EXCERPT_CHARS = 40  # the most characters of a request's own text that an error message quotes
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` as an error message may quote it: cut to `limit` characters, saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 # -- request schemas ------------------------------------------------------------------------------

@@ -29,10 +29,20 @@ steps all running requests together, so concurrent clients share each decode ste
 The HTTP side is asyncio: handlers await the engine's events without blocking the loop, and a client
 that goes away mid-request cancels its engine request, which frees the batch slot at the next step.
 
+What the server refuses (`Guard` before routing, then the handlers before any generation):
+- a Host header other than a loopback name while bound to a loopback address (403): a web page on another
+  name could otherwise reach the key-less server by DNS rebinding (as Jupyter and Ollama refuse it);
+  `--allowed-hosts` names more;
+- without the `--api-key`, any /v1 path (401, before 404 or 405, as vLLM answers);
+- a body over `--max-body-bytes` (413), declared or counted as it arrives;
+- a POST body not declared `Content-Type: application/json` (415): a web page may send a text/plain body
+  to any address, never a JSON one without a CORS preflight (which this server never grants).
+
 Errors use OpenAI's schema, {"error": {"message", "type", "param", "code"}}, with 400 for anything wrong
 in the request (malformed JSON, a wrong type, an unknown field, an out-of-range value, too long a prompt),
-401 for a missing or wrong API key, 404 for an unknown model or route, 500 if generation fails (during a
-stream: an error event, since the 200 status has already gone out).
+401 for a missing or wrong API key, 403 for a Host not allowed, 404 for an unknown model or route, 413 for
+too large a body, 415 for a body that is not declared JSON, 500 if generation fails (during a stream: an
+error event, since the 200 status has already gone out).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -53,10 +64,11 @@ from typing import Literal
 
 try:
     import uvicorn
-    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi import APIRouter, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:  # an optional extra: only this command needs it
     raise ImportError(f"lmforge serve needs the `serve` extra: pip install 'lmforge[serve]' ({e})") from None
 
@@ -74,6 +86,7 @@ from lmforge.infer.openai_api import (
     chat_logprobs,
     completion_logprobs,
     echoed_logprobs,
+    excerpt,
     join_logprobs,
     parse_request,
     server_error,
@@ -85,6 +98,10 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# A 128K-token prompt is ~0.5 MB of English, and at most ~1.5 MB as token ids or as JSON-escaped (\uXXXX) CJK
+# text. Parsing a body holds the interpreter up to ~0.3 s per MB (of the most fragmented JSON: [[1],[1],...]),
+# and tokenizing one takes up to ~200 bytes of memory per character, so the cap bounds both.
+DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 
 
 # -- one request's choices ------------------------------------------------------------------------
@@ -162,28 +179,23 @@ async def _cancel_on_disconnect(http_request: Request, requests: list) -> None:
 
 @dataclass
 class Server:
-    """What the handlers share: the engine, the model's public name, the optional API key."""
+    """What the handlers share: the engine and the model's public name."""
 
     engine: Engine
     model_name: str
-    api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @functools.cached_property
     def token_bytes(self) -> TokenBytes:
         return TokenBytes(self.engine.tokenizer)
 
-    def check_key(self, http_request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = http_request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided." if key else "Missing API key: send "
-                           "'Authorization: Bearer KEY'.", code="invalid_api_key")
-
     async def parse(self, schema: type[Schema], http_request: Request) -> Schema:
         """The request body as `schema`, with the checks every endpoint shares (the tokenizer's may omit `model`)."""
+        content_type = http_request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise APIError(415, "Send the body as JSON, declared with 'Content-Type: application/json' (this "
+                           f"request's Content-Type: {excerpt(content_type) or 'none'}).",
+                           code="unsupported_media_type")
         req = parse_request(schema, await http_request.body())
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server holds '{self.model_name}'.",
@@ -459,10 +471,115 @@ def _sse(chunks, requests: list) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over a started `engine`. The caller owns the engine (starts and stops it)."""
-    server = Server(engine, model_name, api_key)
+# -- what every request passes first ----------------------------------------------------------------------------
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port, brackets or final dot, lowercased ("[::1]:8000" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, _ = host[1:].partition("]")
+        name = name if bracket else host
+    else:
+        name, colon, port = host.rpartition(":")
+        name = name if colon and port.isdigit() else host
+    return name.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    """Whether a host name or address means this machine's loopback interface (localhost, 127.0.0.0/8, ::1)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_host_names(bind_host: str, allowed_hosts: list[str]) -> frozenset[str] | None:
+    """The Host names answered besides loopback ones; None when any is. A server bound to a loopback address
+    answers only loopback names, unless told more (`*`: any); one bound to the network checks only if told."""
+    if "*" in allowed_hosts or not (allowed_hosts or is_loopback(bind_host.strip("[]").lower())):
+        return None
+    return frozenset(host_name(h) for h in allowed_hosts)
+
+
+@dataclass
+class Guard:
+    """ASGI middleware: the checks every request passes before routing, read from its headers alone (so the
+    events of a stream pass through untouched):
+    1. its Host, where `allowed_hosts` is not None: a loopback name or one of them (else 403), so a web page
+       on another name cannot reach a local server through DNS rebinding (Jupyter and Ollama check it too);
+    2. with an API key, its Authorization on every /v1 path (else 401, before 404 or 405, as vLLM answers:
+       a client without the key learns nothing of the routes);
+    3. its body's size: a declared Content-Length over `max_body_bytes` is refused at once, and the body is
+       counted as it arrives (a chunked upload declares none), refused (413) as soon as it passes the cap, so
+       no more than the cap is ever buffered.
+    A client that goes away before its request is answered is one line in the log, not a traceback."""
+
+    app: object
+    api_key: str | None
+    allowed_hosts: frozenset[str] | None
+    max_body_bytes: int
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope["path"], dict(scope["headers"]))
+        if refusal is not None:
+            await refusal.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_cap():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise self.too_large()  # answered by the app's APIError handler: nothing was sent yet
+            return message
+
+        try:
+            await self.app(scope, receive_within_cap, send)
+        except ClientDisconnect:
+            host, port = scope.get("client") or ("?", "?")
+            log.warning("%s %s: the client %s:%s closed the connection before the answer", scope["method"],
+                        scope["path"], host, port)
+
+    def refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        host = headers.get(b"host")
+        if self.allowed_hosts is not None and host is not None:  # HTTP/1.0 may omit it; browsers never do
+            name = host_name(host.decode("latin-1"))
+            if not (is_loopback(name) or name in self.allowed_hosts):
+                return APIError(403, f"This server does not answer requests for the host '{excerpt(name)}' (its Host "
+                                "header): only loopback names (localhost, 127.0.0.1, [::1]) and those given to "
+                                "--allowed-hosts, so that a web page on another name cannot reach it by DNS "
+                                f"rebinding. To accept this name, start it with --allowed-hosts {excerpt(name)}",
+                                code="host_not_allowed")
+        if self.api_key is not None and path.startswith("/v1"):
+            scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                return APIError(401, "Incorrect API key provided." if key else "Missing API key: send "
+                                "'Authorization: Bearer KEY'.", code="invalid_api_key")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return self.too_large()
+        return None
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than this server takes: {self.max_body_bytes} bytes "
+                        "(its --max-body-bytes).", code="request_too_large")
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, host: str = "127.0.0.1",
+               allowed_hosts: list[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app over a started `engine`, to be served on `host` (the address bound decides the Host
+    check, see Guard). The caller owns the engine (starts and stops it)."""
+    server = Server(engine, model_name)
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_host_names(host, list(allowed_hosts)),
+                       max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
@@ -478,7 +595,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         log.exception("request failed")
         return server_error(error).response()
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(server.check_key)])
+    api = APIRouter(prefix="/v1")  # its API key is Guard's
 
     @api.get("/models")
     async def models():
@@ -523,6 +640,14 @@ class ServeConfig:
     max_len: int | None = field(default=None, metadata={"help": "context length of each slot (default: engine's)"})
     prefix_cache: bool = field(default=True, metadata={
         "help": "reuse the cached keys and values of an earlier request a prompt begins with (a chat's history)"})
+    allowed_hosts: list[str] = field(default_factory=list, metadata={
+        "help": "Host header names answered besides localhost, 127.x.x.x and [::1] ('*': any). Bound to a "
+                "loopback address the server answers only those, so a web page on another name cannot reach it "
+                "by DNS rebinding; bound to another address it checks the Host only if this is given"})
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata={
+        "help": "largest request body, in bytes (413 beyond). A 128K-token prompt is at most ~1.5 MB of JSON "
+                "(token ids, or escaped CJK text); parsing and tokenizing a body cost time and memory in "
+                "proportion, so the cap bounds what one request can take"})
 
 
 def served_name(model: str) -> str:
@@ -537,14 +662,19 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model:
         print("lmforge serve: error: --model DIR is required", file=sys.stderr)
         return 2
+    if cfg.max_body_bytes < 1:
+        print(f"lmforge serve: error: --max-body-bytes {cfg.max_body_bytes}: must be at least 1", file=sys.stderr)
+        return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                     max_batch_size=cfg.max_batch_size, max_len=cfg.max_len,
                                     prefix_cache=cfg.prefix_cache)
     name = cfg.name or served_name(cfg.model)
+    app = create_app(engine, name, cfg.api_key, host=cfg.host, allowed_hosts=cfg.allowed_hosts,
+                     max_body_bytes=cfg.max_body_bytes)
     engine.start()
     try:
         print(f"serving '{name}' at http://{cfg.host}:{cfg.port}  (web chat: /, OpenAI API: /v1)", flush=True)
-        uvicorn.run(create_app(engine, name, cfg.api_key), host=cfg.host, port=cfg.port, log_level="info")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     finally:
         engine.stop()
     return 0
