@@ -2,11 +2,17 @@
 
 Modules are imported only when their command runs, so `lmforge generate` never pays for the
 training code, and a missing optional extra only matters to the command that needs it.
+
+Bad input ends a command with one line, `lmforge: error: MESSAGE`, and exit status 1: the errors that
+input causes (ValueError and its kinds: DataError, CheckpointError, ConfigFieldError, ...; OSError: a
+file missing or unreadable; FloatingPointError: a non-finite loss) carry a message naming the file, line or field, and a
+traceback would only bury it. LMFORGE_DEBUG=1 shows the traceback too.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help). Each module defines `main(argv: list[str]) -> int | None`.
@@ -45,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except (ValueError, OSError, FloatingPointError) as error:
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge: error: {' '.join(str(error).split(chr(10)))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

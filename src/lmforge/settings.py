@@ -16,7 +16,8 @@ Flags use dotted paths into nested dataclasses; dashes and underscores are the s
 (`--max-new-tokens` = `--max_new_tokens`). A list field takes every value up to the next
 flag (`--data a.txt b.txt`). A bool flag given alone means true. An unknown key, in the
 YAML file or on the command line, is an error that names it; `--help` prints every option
-with its type and default.
+with its type and default. A number field may give its range in its metadata (`"min"`, `"max"`,
+inclusive); a value outside it is an error naming the option (`check_ranges`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,27 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def _range_text(f: dataclasses.Field) -> str:
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if low is not None and high is not None:
+        return f"from {low} to {high}"
+    return f"at least {low}" if low is not None else f"at most {high}" if high is not None else ""
+
+
+def check_ranges(obj, prefix: str = "") -> None:
+    """Every number within the range its field's metadata gives; raises ConfigError naming the option."""
+    for name, f in _fields(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, prefix + name + ".")
+            continue
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if value is None or (low is None and high is None):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{prefix}{name}: {value} is out of range ({_range_text(f)})")
+
+
 def format_help(cls, prog: str, description: str = "") -> str:
     lines = [f"usage: {prog} [--config YAML] [--option VALUE ...]", ""]
     if description:
@@ -179,7 +201,8 @@ def format_help(cls, prog: str, description: str = "") -> str:
                 continue
             help_text = f.metadata.get("help", "")
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            line = f"  {flag} {_type_name(f.type).upper()}  (default: {shown})"
+            limits = _range_text(f)
+            line = f"  {flag} {_type_name(f.type).upper()}  (default: {shown}{'; ' + limits if limits else ''})"
             lines.append(line + (f"  {help_text}" if help_text else ""))
 
     walk(cls(), "")
@@ -267,6 +290,7 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
             raise ConfigError(f"--{key} takes one value, got {len(values)}: {' '.join(values)}")
         else:
             set_path(cfg, key, values[0])
+    check_ranges(cfg)
     return cfg
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.settings import parse_args
+from lmforge.settings import ConfigError, parse_args
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SamplingOptions:
             try:
                 bias[int(token)] = float(value)
             except ValueError:
-                raise SystemExit(f"error: --logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
+                raise ConfigError(f"--logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
         return SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
@@ -60,13 +60,12 @@ class SamplingOptions:
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logit_bias=bias, **extra)
 
     def engine(self) -> Engine:
+        """The model's engine; what is wrong with the model directory is an error naming the file
+        (`lmforge` prints it as one line)."""
         if not self.model:
-            raise SystemExit("error: --model is required (a model directory or a preset name)")
-        try:
-            return Engine.from_pretrained(self.model, dtype=self.dtype, device=self.device,
-                                          tokenizer=self.tokenizer, max_batch_size=1, max_len=self.max_len)
-        except (ValueError, FileNotFoundError) as e:  # a clean message, not a traceback
-            raise SystemExit(f"error: {e}") from None
+            raise ConfigError("--model is required (a model directory or a preset name)")
+        return Engine.from_pretrained(self.model, dtype=self.dtype, device=self.device,
+                                      tokenizer=self.tokenizer, max_batch_size=1, max_len=self.max_len)
 
 
 @dataclass

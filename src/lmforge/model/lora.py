@@ -47,9 +47,10 @@ _PREFIX = "base_model.model."  # what PEFT puts before a module name in the adap
 
 @dataclass
 class LoraSettings:
-    r: int = field(default=8, metadata={"help": "adapter rank"})
-    alpha: float = field(default=16.0, metadata={"help": "scale: alpha/r (alpha/sqrt(r) with use_rslora)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    r: int = field(default=8, metadata={"help": "adapter rank", "min": 1})
+    alpha: float = field(default=16.0, metadata={"help": "scale: alpha/r (alpha/sqrt(r) with use_rslora)",
+                                                               "min": 0})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input", "min": 0, "max": 1})
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "module-name suffixes to adapt, or all-linear (every linear layer in the blocks)"})

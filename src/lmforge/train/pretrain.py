@@ -22,6 +22,7 @@ from lmforge.checkpoint import load_model, save_model
 from lmforge.config import PRESETS, preset
 from lmforge.data.pretrain import Manifest, PretrainLoader
 from lmforge.model import build_model, flops_per_token
+from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
 from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
@@ -35,11 +36,14 @@ class PretrainConfig:
     data: str = field(default="runs/data", metadata={"help": "directory of shards from `lmforge prepare`"})
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer dir copied into checkpoints (default: the one the shards were made with)"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch on each process"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch on each process",
+                                                                 "min": 1})
     shuffle: bool = field(default=True, metadata={"help": "visit the windows in a seeded random order"})
-    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0 = all)"})
-    chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0 = all)",
+                                                                    "min": 0})
+    chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss",
+                                                                        "min": 1})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         run_dir="runs/pretrain", optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1)))
 
@@ -94,6 +98,7 @@ def validation_bytes_per_token(batches, tokenizer: Tokenizer) -> float:
 def run(cfg: PretrainConfig) -> TrainResult:
     """Pretrain as `cfg` says; returns the final validation loss and bits per byte, the run dir, the
     loss-curve PNG and the final checkpoint (an HF model dir)."""
+    check_ranges(cfg)
     env = setup_env(cfg.train.device)
     manifest = Manifest.load(cfg.data)
     tokenizer_dir = cfg.tokenizer or manifest.tokenizer

@@ -76,7 +76,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.checkpoint import CheckpointError, save_model
-from lmforge.settings import parse_args
+from lmforge.settings import check_ranges, parse_args
 from lmforge.train.checkpointing import (
     CHECKPOINT_PREFIX,
     FORMAT_VERSION,
@@ -102,24 +102,28 @@ from lmforge.train.schedule import lr_at
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "the schedule's floor, as a fraction of lr"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "min": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the schedule's floor, as a fraction of lr", "min": 0,
+                                                        "max": 1})
     schedule: Literal["cosine", "linear", "wsd"] = field(
         default="cosine", metadata={"help": "cosine | linear | wsd (warmup-stable-decay) after the warmup"})
-    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to lr"})
-    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (never on norms, biases, embeddings)"})
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup from 0 to lr", "min": 0})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying", "min": 0,
+                                                                     "max": 1})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (never on norms, biases, embeddings)",
+                                                                   "min": 0})
+    # a beta of 1 would divide by zero in Adam's bias correction (1 - beta^t)
+    beta1: float = field(default=0.9, metadata={"help": "AdamW's first-moment decay", "min": 0, "max": 0.9999})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW's second-moment decay", "min": 0, "max": 0.9999})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW's denominator floor", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off", "min": 0})
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = field(default="runs/run", metadata={"help": "checkpoints, metrics.jsonl, logs, loss.png"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of the training RNGs (dropout, shuffling)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda"})
     precision: Literal["fp32", "bf16", "bf16-pure", "fp16"] = field(
@@ -130,19 +134,21 @@ class TrainConfig:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
     distributed: Literal["ddp", "fsdp"] = field(
         default="ddp", metadata={"help": "under torchrun: ddp (replicas) | fsdp (FSDP2 sharding)"})
-    eval_every: int = field(default=100, metadata={"help": "validate every N steps (and at the end); 0 = end only"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (older ones are deleted)"})
+    eval_every: int = field(default=100, metadata={"help": "validate every N steps (and at the end); 0 = end only",
+                                                                "min": 0})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only",
+                                                                "min": 0})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (older ones are deleted)", "min": 1})
     resume: str | None = field(default=None, metadata={"help": "auto (newest checkpoint in run_dir) or a "
                                                                  "checkpoint directory"})
     skip_nonfinite: bool = field(default=False, metadata={"help": "skip a step whose loss or gradient is not "
                                                                   "finite instead of stopping"})
-    log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
+    log_every: int = field(default=1, metadata={"help": "write metrics every N steps", "min": 1})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     peak_flops: float | None = field(default=None, metadata={"help": "accelerator peak FLOP/s for MFU "
-                                                                      "(measured with a matmul if null)"})
+                                                                      "(measured with a matmul if null)", "min": 1})
     expert_bias_rate: float = field(default=0.001, metadata={
-        "help": "DeepSeek-V3 aux-loss-free balancing: bias update per step (MoE models with the bias)"})
+        "help": "DeepSeek-V3 aux-loss-free balancing: bias update per step (MoE models with the bias)", "min": 0})
     tensorboard: bool = field(default=False, metadata={"help": "log to RUN_DIR/tensorboard"})
     wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (WANDB_MODE=offline works)"})
     wandb_project: str = "lmforge"
@@ -160,7 +166,7 @@ class Batches(Protocol):
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm was NaN or infinite; the message names the step."""
 
 
@@ -299,8 +305,7 @@ class Trainer:
             # It works (that is how the tests check the grad scaler), but CPUs multiply fp16 slowly.
             print("warning: precision fp16 on a CPU is slow (fp16 matmuls); bf16 is the CPU's half precision",
                   file=sys.stderr)
-        if cfg.grad_accum < 1 or cfg.steps < 1:
-            raise ValueError(f"{'grad_accum' if cfg.grad_accum < 1 else 'steps'}: must be at least 1")
+        check_ranges(cfg)
         self.fsdp = self.env.distributed and cfg.distributed == "fsdp"
         self.inner = self._prepare_model(model)
         params = [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
