@@ -194,9 +194,14 @@ def _keeps_text(spec: dict | None) -> bool:
     return spec.get("type") in _KEEPING_PRE_TOKENIZERS and spec.get("behavior") != "Removed"
 
 
-def _common_prefix_len(a: str, b: str) -> int:
+def _common_prefix_len(a: str, b: str, block: int = 4096) -> int:
+    """How many leading characters a and b share: compared a block at a time (in C), then one character
+    at a time within the first block that differs (a chat's history can be megabytes long)."""
     n = min(len(a), len(b))
     i = 0
+    while i < n and a[i:i + block] == b[i:i + block]:
+        i += block
+    i = min(i, n)
     while i < n and a[i] == b[i]:
         i += 1
     return i
@@ -402,8 +407,9 @@ class Tokenizer:
                                      add_generation_prompt=add_generation_prompt, **context, **template_kwargs)
 
     def assistant_spans(self, messages: list[dict], text: str, tools: list[dict] | None = None,
-                        **template_kwargs) -> list[tuple[int, int]]:
-        """Character spans of `text` (the rendered chat) that are assistant replies, one per assistant message.
+                        encoding=None, **template_kwargs) -> list[tuple[int, int]]:
+        """Character spans of `text` (the rendered chat, or its beginning) that are assistant replies, one per
+        assistant message that begins within it. `encoding`: text's encoding, if the caller has it.
 
         Works on any template, with or without {% generation %} tags:
         1. A reply starts where the chat so far, rendered with the generation prompt, stops matching
@@ -416,7 +422,7 @@ class Tokenizer:
            (`<think>`, `<tool_call>`) are not special tokens in Qwen's tokenizers nor in ours.
            Whatever a template writes after the end token (ChatML's newline) is not part of the reply.
         """
-        encoding = self.backend.encode(text, add_special_tokens=False)
+        encoding = encoding or self.backend.encode_batch([text], add_special_tokens=False)[0]
         specials = [(start, end) for i, (start, end) in zip(encoding.ids, encoding.offsets) if i in self.special_ids]
         spans: list[tuple[int, int]] = []
         for index, message in enumerate(messages):
@@ -425,6 +431,8 @@ class Tokenizer:
             prompt = self.render_chat(messages[:index], add_generation_prompt=True, tools=tools,
                                       **template_kwargs) if index else ""
             start = max(_common_prefix_len(prompt, text), spans[-1][1] if spans else 0)
+            if start >= len(text):  # text was cut before this reply (and the ones after it)
+                break
             end = next((e for s, e in specials if s >= start), None)
             if end is None:  # no end token: the reply runs as far as this turn renders like the full text
                 turn = self.render_chat(messages[: index + 1], tools=tools, **template_kwargs)
@@ -433,13 +441,19 @@ class Tokenizer:
         return spans
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
-                    **template_kwargs) -> tuple[list[int], list[int]]:
+                    max_tokens: int | None = None, **template_kwargs) -> tuple[list[int], list[int]]:
         """Token ids of the rendered chat (equal to transformers' `apply_chat_template`) and the assistant
-        mask: 1 for each token of an assistant reply including its end token, else 0."""
+        mask: 1 for each token of an assistant reply including its end token, else 0.
+
+        `max_tokens`: keep the first max_tokens only. The rendered text is then cut to what they can use
+        before it is tokenized (`chars_for_tokens`), so a conversation of 50 MB costs what its beginning
+        does; the ids near such a cut may differ from a whole encoding's in the word it falls in."""
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                 **template_kwargs)
-        encoding = self.backend.encode(text, add_special_tokens=False)
-        spans = self.assistant_spans(messages, text, tools=tools, **template_kwargs)
+        if max_tokens is not None and (usable := self.chars_for_tokens(max_tokens + 1)) is not None:
+            text = text[:usable]
+        encoding = self.backend.encode_batch([text], add_special_tokens=False)[0]  # releases the GIL
+        spans = self.assistant_spans(messages, text, tools=tools, encoding=encoding, **template_kwargs)
         mask = [0] * len(encoding.ids)
         # A token is the assistant's if it overlaps a reply span (transformers' rule for generation tags).
         # Offsets and spans are both in order, so one pass suffices.
@@ -449,6 +463,8 @@ class Tokenizer:
                 span += 1
             if span < len(spans) and end > spans[span][0] and end > start:
                 mask[position] = 1
+        if max_tokens is not None:
+            return encoding.ids[:max_tokens], mask[:max_tokens]
         return encoding.ids, mask
 
 

