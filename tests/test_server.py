@@ -562,7 +562,7 @@ BAD_REQUESTS = [
     ("top_p zero", "chat", {**GOOD_CHAT, "top_p": 0}, 400, "top_p"),
     ("n zero", "chat", {**GOOD_CHAT, "n": 0}, 400, "n"),
     ("n not an integer", "completion", {**GOOD_COMPLETION, "n": 1.5}, 400, "n"),
-    ("n over the engine's slots", "chat", {**GOOD_CHAT, "n": 50}, 400, None),
+    ("n over the engine's slots", "chat", {**GOOD_CHAT, "n": 50}, 400, "n"),
     ("max_tokens negative", "chat", {**GOOD_CHAT, "max_tokens": -1}, 400, "max_tokens"),
     ("max_tokens zero", "completion", {**GOOD_COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens a bool", "completion", {**GOOD_COMPLETION, "max_tokens": True}, 400, "max_tokens"),

@@ -1,6 +1,16 @@
 """OpenAI's HTTP API as `lmforge serve` speaks it: the request schemas (with vLLM's extensions), the error
 schema, and the log-probs of answers. The server (server.py) holds the routes; this module holds what they
 parse and how they word what went wrong.
+
+Parsing is strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an
+error naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not
+given", because OpenAI's schema lets clients send null for any optional parameter.
+
+A body is at most `--max-body-bytes`, but a few MB of JSON can hold a million values, so parsing reports one
+error, never one per value: lists stop at their first bad item (`fail_fast`), a model at its first unknown
+field, and `logit_bias` is checked entry by entry by the server (`logit_bias_ids`). Building pydantic's list
+of a million errors took seconds, during which no other request was served. Error messages quote the
+request only in short excerpts, so a huge field is never echoed back.
 """
 
 from __future__ import annotations
@@ -8,16 +18,22 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
 from lmforge.infer.engine import TokenLogprob
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this instead (as vLLM does)
 EXCERPT_CHARS = 40  # the most characters of a request's own text that an error message quotes
+# The engine checks a request's sampling parameters once per prompt of a batch, so their lists are bounded:
+# logit_bias by OpenAI's own limit, stop_token_ids alike (a batch of prompts with a megabyte of either cost
+# minutes of the event loop).
+MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 300
 
 
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
@@ -25,14 +41,24 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
-# -- request schemas ------------------------------------------------------------------------------
-# Strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an error
-# naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not given",
-# because OpenAI's schema lets clients send null for any optional parameter.
+# -- request schemas ------------------------------------------------------------------------------------------
+
+
+def listed(item, **constraints):
+    """A JSON array of `item` whose validation stops at its first bad item (see the module's docstring)."""
+    return Annotated[list[item], Field(fail_fast=True, **constraints)]
 
 
 class Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Unknown fields are kept (no error each) and refused after, the first one alone.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="after")
+    def refuse_unknown_fields(self):
+        if self.model_extra:
+            raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted",
+                                      {"field": next(iter(self.model_extra))})
+        return self
 
 
 class TextPart(Schema):
@@ -42,7 +68,7 @@ class TextPart(Schema):
 
 class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | listed(TextPart) | None = None
 
 
 class StreamOptions(Schema):
@@ -50,38 +76,48 @@ class StreamOptions(Schema):
 
 
 class SamplingRequest(Schema):
+    """The sampling parameters chat and completions share."""
+
     model: str
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: str | listed(str) | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string) -> bias
+    # token id (a string) -> bias in [-100, 100], checked entry by entry in Server.logit_bias_ids
+    logit_bias: Annotated[dict[str, Any], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
     # vLLM's extensions (its names and meanings): top_k -1 or 0 is off; stop_token_ids end the reply like eos
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: listed(int, max_length=MAX_STOP_TOKEN_IDS) | None = None
     ignore_eos: bool | None = None  # run to max_tokens (benchmarks want fixed lengths)
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: listed(ChatMessage, min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class CompletionRequest(SamplingRequest):
+    prompt: str | listed(str) | listed(int) | listed(listed(int))  # a text, texts, token ids, lists of them
+    logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
+    echo: bool | None = None  # the prompt in front of the reply (and its tokens' log-probs with `logprobs`)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
+
+
 class TokenizeRequest(Schema):  # vLLM's /tokenize: a text (its completions form) or a chat (its chat form)
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    messages: listed(ChatMessage, min_length=1) | None = None
     add_special_tokens: bool = True  # a text's: the tokenizer's post-processor (e.g. a BOS); a chat has its template
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -89,17 +125,10 @@ class TokenizeRequest(Schema):  # vLLM's /tokenize: a text (its completions form
 
 class DetokenizeRequest(Schema):
     model: str | None = None
-    tokens: list[int]
+    tokens: listed(int)
 
 
-class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)  # legacy API: the number of alternatives per token
-    echo: bool | None = None  # the prompt in front of the reply (and its tokens' log-probs with `logprobs`)
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
-
-
-# -- errors ---------------------------------------------------------------------------------------
+# -- errors -----------------------------------------------------------------------------------------------------
 
 
 class APIError(Exception):
@@ -118,8 +147,8 @@ class APIError(Exception):
 
 
 def server_error(error: Exception) -> APIError:
-    return APIError(500, f"The server had an error while processing your request: {type(error).__name__}: {error}",
-                    type="server_error")
+    return APIError(500, f"The server had an error while processing your request: {type(error).__name__}: "
+                    f"{excerpt(str(error), 500)}", type="server_error")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -127,19 +156,20 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def validation_error(error: ValidationError) -> APIError:
     """The first problem pydantic found, worded as OpenAI words it, naming the parameter."""
-    first = error.errors()[0]
+    first = error.errors(include_url=False, include_input=False)[0]
     if first["type"] == "json_invalid":
         return APIError(400, f"We could not parse the JSON body of your request: {first['msg']}")
     # Drop the union-branch tags pydantic puts in the location (`prompt.list[int].1` -> `prompt.1`).
-    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.lower() in _TYPE_TAGS))]
+    loc = [excerpt(str(p)) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.lower() in _TYPE_TAGS))]
+    if first["type"] == "extra_forbidden":
+        param = ".".join([*loc, excerpt(first["ctx"]["field"])])
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
     param = ".".join(loc) or None
     if first["type"] == "model_type" and not loc:
         return APIError(400, "The request body must be a JSON object.")
-    if first["type"] == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
     if first["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param)
-    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param, "invalid_value")
+    return APIError(400, f"Invalid value for '{param}': {excerpt(first['msg'], 200)}.", param, "invalid_value")
 
 
 def parse_request(schema: type[Schema], body: bytes) -> Schema:
@@ -149,7 +179,7 @@ def parse_request(schema: type[Schema], body: bytes) -> Schema:
         raise validation_error(e) from None
 
 
-# -- token log-probs --------------------------------------------------------------------------------
+# -- log-probs in answers ---------------------------------------------------------------------------------------
 
 
 @functools.cache

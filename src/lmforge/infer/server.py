@@ -3,7 +3,7 @@
     lmforge serve --model runs/sft [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Endpoints (the request and response schemas are OpenAI's, so the official `openai` client works unchanged):
-    GET  /v1/models              the one model this server holds
+    GET  /v1/models              the one model this server holds (and /v1/models/{id}: that model)
     POST /v1/chat/completions    prompt = the model's own chat template over `messages`
     POST /v1/completions         prompt = raw text or token ids (one prompt or a batch of them)
     GET  /health                 200 while the engine runs, else 503 (no API key needed)
@@ -28,6 +28,8 @@ Every request becomes one engine Request (`n` samples share one prefill); the en
 steps all running requests together, so concurrent clients share each decode step (continuous batching).
 The HTTP side is asyncio: handlers await the engine's events without blocking the loop, and a client
 that goes away mid-request cancels its engine request, which frees the batch slot at the next step.
+Rendering a chat, tokenizing and building a JSON answer run in worker threads (the tokenizer releases the
+GIL), so a request of megabytes never holds up the other streams.
 
 What the server refuses (`Guard` before routing, then the handlers before any generation):
 - a Host header other than a loopback name while bound to a loopback address (403): a web page on another
@@ -36,7 +38,10 @@ What the server refuses (`Guard` before routing, then the handlers before any ge
 - without the `--api-key`, any /v1 path (401, before 404 or 405, as vLLM answers);
 - a body over `--max-body-bytes` (413), declared or counted as it arrives;
 - a POST body not declared `Content-Type: application/json` (415): a web page may send a text/plain body
-  to any address, never a JSON one without a CORS preflight (which this server never grants).
+  to any address, never a JSON one without a CORS preflight (which this server never grants);
+- a text that cannot fit the context, from its length alone (`Tokenizer.min_tokens`), before tokenizing it;
+  more than `--max-prompts` prompts in one completions request, and more than 300 entries in logit_bias or
+  stop_token_ids (openai_api.py: each prompt of a batch carries them).
 
 Errors use OpenAI's schema, {"error": {"message", "type", "param", "code"}}, with 400 for anything wrong
 in the request (malformed JSON, a wrong type, an unknown field, an out-of-range value, too long a prompt),
@@ -64,7 +69,7 @@ from typing import Literal
 
 try:
     import uvicorn
-    from fastapi import APIRouter, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -102,6 +107,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 # text. Parsing a body holds the interpreter up to ~0.3 s per MB (of the most fragmented JSON: [[1],[1],...]),
 # and tokenizing one takes up to ~200 bytes of memory per character, so the cap bounds both.
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
+DEFAULT_MAX_PROMPTS = 1024  # vLLM's default bound on a completions batch (VLLM_MAX_COMPLETION_PROMPTS)
 
 
 # -- one request's choices ------------------------------------------------------------------------
@@ -179,15 +185,21 @@ async def _cancel_on_disconnect(http_request: Request, requests: list) -> None:
 
 @dataclass
 class Server:
-    """What the handlers share: the engine and the model's public name."""
+    """What the handlers share: the engine, the model's public name, the bound on a batch of prompts."""
 
     engine: Engine
     model_name: str
+    max_prompts: int = DEFAULT_MAX_PROMPTS
     created: int = field(default_factory=lambda: int(time.time()))
 
     @functools.cached_property
     def token_bytes(self) -> TokenBytes:
         return TokenBytes(self.engine.tokenizer)
+
+    @property
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "max_model_len": self.engine.max_len}
 
     async def parse(self, schema: type[Schema], http_request: Request) -> Schema:
         """The request body as `schema`, with the checks every endpoint shares (the tokenizer's may omit `model`)."""
@@ -198,8 +210,8 @@ class Server:
                            code="unsupported_media_type")
         req = parse_request(schema, await http_request.body())
         if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server holds '{self.model_name}'.",
-                           "model", "model_not_found")
+            raise APIError(404, f"The model '{excerpt(req.model)}' does not exist; this server holds "
+                           f"'{self.model_name}'.", "model", "model_not_found")
         if isinstance(req, SamplingRequest) and req.stream_options is not None and not req.stream:
             raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                            "stream_options")
@@ -221,42 +233,102 @@ class Server:
                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
                            f"completion). Please reduce the prompt or the completion length.", "max_tokens",
                            "context_length_exceeded")
+        if (req.n or 1) > self.engine.max_batch_size:
+            raise APIError(400, f"Invalid value for 'n': this server decodes at most {self.engine.max_batch_size} "
+                           "samples of a request together (its --max-batch-size).", "n", "invalid_value")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if "" in stop:
             raise APIError(400, "Invalid value for 'stop': a stop sequence cannot be empty.", "stop", "invalid_value")
-        try:  # JSON keys are strings; the ids' range is the engine's check (submit)
-            bias = {int(key): value for key, value in (req.logit_bias or {}).items()}
-        except ValueError:
-            raise APIError(400, "Invalid value for 'logit_bias': its keys must be token ids.", "logit_bias",
-                           "invalid_value") from None
+        self.check_token_ids("stop_token_ids", req.stop_token_ids or [])
         return SamplingParams(
             max_tokens=max_tokens, stop=stop, n=req.n or 1, seed=req.seed,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            logit_bias=bias, stop_token_ids=list(req.stop_token_ids or []),
+            logit_bias=self.logit_bias_ids(req.logit_bias or {}), stop_token_ids=list(req.stop_token_ids or []),
             logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=bool(req.ignore_eos),
             prompt_logprobs=prompt_logprobs,
         )
+
+    def logit_bias_ids(self, bias: dict) -> dict[int, float]:
+        """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as {token id: bias}; the error names the first
+        bad entry alone (the map may hold a token per vocabulary entry)."""
+        vocab = self.engine.vocab_size
+        ids = {}
+        for key, value in bias.items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) < 20 else vocab
+            if token >= vocab:
+                raise APIError(400, f"Invalid value for 'logit_bias': its key '{excerpt(key)}' is not a token id of "
+                               f"this model (0 to {vocab - 1}).", "logit_bias", "invalid_value")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                param = f"logit_bias.{key}"
+                raise APIError(400, f"Invalid value for '{param}': a bias is a number in [-100, 100].", param,
+                               "invalid_value")
+            ids[token] = float(value)
+        return ids
+
+    def check_token_ids(self, param: str, ids: list[int]) -> None:
+        """Refuse ids outside the vocabulary, naming the first one (the list may be a megabyte long)."""
+        vocab = self.engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"Invalid value for '{param}': {bad} is not a token id of this model (0 to "
+                           f"{vocab - 1}).", param, "invalid_value")
 
     def submit(self, prompt: list[int], params: SamplingParams):
         try:
             return self.engine.submit(prompt, params)
         except BadParam as e:  # a sampling parameter out of range (its message names it)
-            raise APIError(400, f"Invalid value for '{e.field}': {e}", e.field, "invalid_value") from None
+            raise APIError(400, f"Invalid value for '{e.field}': {excerpt(str(e), 200)}", e.field,
+                           "invalid_value") from None
         except ValueError as e:  # the engine's other checks (its message names the problem)
-            raise APIError(400, str(e)) from None
+            raise APIError(400, excerpt(str(e), 200)) from None
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        """Token ids of a chat, rendered with the model's own template."""
+    # -- prompts: blocking (template, tokenizer), so the handlers run these in worker threads -------------------
+
+    def refuse_too_long(self, text: str, param: str) -> None:
+        """A text that cannot fit the context, told from its length alone (a lower bound on its tokens), so a
+        megabyte prompt is refused at once rather than after tokenizing all of it."""
+        max_len, at_least = self.engine.max_len, self.engine.tokenizer.min_tokens(text)
+        if at_least >= max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt is "
+                           f"at least {at_least} tokens ({len(text)} characters), which leaves no room for a reply.",
+                           param, "context_length_exceeded")
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, fit_context: bool = True
+                    ) -> list[int]:
+        """Token ids of a chat rendered with the model's own template: encode_chat's ids, without the assistant
+        mask it also computes by rendering the chat again for each assistant message."""
         messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
                      "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
                     for m in messages]
         try:
-            return self.engine.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)[0]
+            text = self.engine.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # the template refused these messages (raise_exception), or has none
-            raise APIError(400, f"Invalid 'messages': the chat template cannot render them: {e}", "messages") from None
+            raise APIError(400, f"Invalid 'messages': the chat template cannot render them: {excerpt(str(e), 200)}",
+                           "messages") from None
+        if fit_context:
+            self.refuse_too_long(text, "messages")
+        return self.engine.tokenizer.encode(text)
+
+    def encode_prompts(self, prompt) -> list[list[int]]:
+        """A completions prompt (text, texts, token ids, or lists of token ids) as token-id lists."""
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not prompts:
+            raise APIError(400, "Invalid value for 'prompt': the list of prompts is empty.", "prompt", "invalid_value")
+        if len(prompts) > self.max_prompts:
+            raise APIError(400, f"Invalid value for 'prompt': {len(prompts)} prompts; this server takes at most "
+                           f"{self.max_prompts} in one request (its --max-prompts).", "prompt", "invalid_value")
+        if isinstance(prompts[0], str):
+            for text in prompts:
+                self.refuse_too_long(text, "prompt")
+            prompts = self.engine.tokenizer.encode_batch(prompts)
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "Invalid value for 'prompt': a prompt is empty.", "prompt", "invalid_value")
+            self.check_token_ids("prompt", ids)
+        return prompts
 
     # -- the tokenizer (vLLM's endpoints) ------------------------------------------------------------
 
@@ -264,21 +336,28 @@ class Server:
         req = await self.parse(TokenizeRequest, http_request)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "Give either 'prompt' (a text) or 'messages' (a chat) to tokenize.", "prompt")
+        return await asyncio.to_thread(self.tokenize_answer, req)
+
+    def tokenize_answer(self, req: TokenizeRequest) -> JSONResponse:
+        """Any text the body holds, even one longer than the context (as vLLM's: lm-evaluation-harness
+        tokenizes whole documents, then cuts them into windows); its JSON too is built here, in a worker
+        thread: a 2 MB text's answer holds a million ids."""
         tokenizer = self.engine.tokenizer
         if req.prompt is not None:
             tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            tokens = self.chat_prompt(req.messages, req.add_generation_prompt)
+            tokens = self.chat_prompt(req.messages, req.add_generation_prompt, fit_context=False)
         strings = [tokenizer.backend.id_to_token(t) for t in tokens] if req.return_token_strs else None
-        return {"count": len(tokens), "max_model_len": self.engine.max_len, "tokens": tokens, "token_strs": strings}
+        return JSONResponse({"count": len(tokens), "max_model_len": self.engine.max_len, "tokens": tokens,
+                             "token_strs": strings})
 
     async def detokenize(self, http_request: Request):
         req = await self.parse(DetokenizeRequest, http_request)
-        vocab = self.engine.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise APIError(400, f"Invalid value for 'tokens': token ids must be in [0, {vocab}).", "tokens",
-                           "invalid_value")
-        return {"prompt": self.engine.tokenizer.decode(req.tokens)}
+        return await asyncio.to_thread(self.detokenize_answer, req)
+
+    def detokenize_answer(self, req: DetokenizeRequest) -> JSONResponse:
+        self.check_token_ids("tokens", req.tokens)
+        return JSONResponse({"prompt": self.engine.tokenizer.decode(req.tokens)})
 
     def tokenizer_info(self) -> dict:
         tokenizer = self.engine.tokenizer
@@ -293,7 +372,7 @@ class Server:
         req = await self.parse(ChatCompletionRequest, http_request)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
-        prompt = self.chat_prompt(req.messages, add_generation_prompt=True)
+        prompt = await asyncio.to_thread(self.chat_prompt, req.messages, add_generation_prompt=True)
         params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, bool(req.logprobs),
                              req.top_logprobs or 0)
         request = self.submit(prompt, params)
@@ -327,15 +406,16 @@ class Server:
             return _sse(body(), [request])
 
         await self._collect([request], lambda number, delta: choices[delta.index].add(delta), http_request)
-        return {**meta, "object": "chat.completion", "usage": _usage(len(prompt), choices, [request]), "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-             "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason} for c in choices]}
+        return await _json_answer(lambda: {
+            **meta, "object": "chat.completion", "usage": _usage(len(prompt), choices, [request]), "choices": [
+                {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                 "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason} for c in choices]})
 
     # -- completions -------------------------------------------------------------------------------
 
     async def completions(self, http_request: Request):
         req = await self.parse(CompletionRequest, http_request)
-        prompts = self.encode_prompts(req.prompt)
+        prompts = await asyncio.to_thread(self.encode_prompts, req.prompt)
         n = req.n or 1
         k = req.logprobs or 0
         # max_tokens 0 with echo, OpenAI's legacy request to score a text: the engine generates one token (its
@@ -378,7 +458,7 @@ class Server:
             if scored is None:
                 return None
             return echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
-                                    self.engine.token_text)
+                                   self.engine.token_text)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -403,31 +483,11 @@ class Server:
             return _sse(body(), requests)
 
         await self._collect(requests, add, http_request)
-        return {**meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
-            {"index": c.index, "text": c.text,
-             "logprobs": join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
-             "finish_reason": c.finish_reason} for c in choices]}
-
-    def encode_prompts(self, prompt) -> list[list[int]]:
-        """A completions prompt (text, texts, token ids, or lists of token ids) as token-id lists."""
-        if isinstance(prompt, str):
-            prompts = [self.engine.tokenizer.encode(prompt)]
-        elif prompt and isinstance(prompt[0], str):
-            prompts = [self.engine.tokenizer.encode(p) for p in prompt]
-        elif prompt and isinstance(prompt[0], int):
-            prompts = [prompt]
-        else:
-            prompts = list(prompt)
-        if not prompts:
-            raise APIError(400, "Invalid value for 'prompt': the list of prompts is empty.", "prompt", "invalid_value")
-        vocab = self.engine.model.config.vocab_size
-        for ids in prompts:
-            if not ids:
-                raise APIError(400, "Invalid value for 'prompt': a prompt is empty.", "prompt", "invalid_value")
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"Invalid value for 'prompt': token ids must be in [0, {vocab}).", "prompt",
-                               "invalid_value")
-        return prompts
+        return await _json_answer(lambda: {
+            **meta, "object": "text_completion", "usage": _usage(prompt_tokens, choices, requests), "choices": [
+                {"index": c.index, "text": c.text,
+                 "logprobs": join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
+                 "finish_reason": c.finish_reason} for c in choices]})
 
     async def _collect(self, requests: list, add, http_request: Request) -> None:
         """Run requests to the end, each event given to `add(request number, event)`; a client that leaves
@@ -438,6 +498,13 @@ class Server:
                 add(number, delta)
         finally:
             watcher.cancel()
+
+
+async def _json_answer(build) -> JSONResponse:
+    """The answer `build()` gives, built and serialized in a worker thread: an echoed batch of prompts with
+    their tokens' alternatives is millions of values (FastAPI's own encoding of a returned dict would also
+    walk them on the event loop)."""
+    return await asyncio.to_thread(lambda: JSONResponse(build()))
 
 
 def _usage(prompt_tokens: int, choices: list[Choice], requests: list) -> dict:
@@ -573,10 +640,11 @@ class Guard:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, host: str = "127.0.0.1",
-               allowed_hosts: list[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               allowed_hosts: list[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_prompts: int = DEFAULT_MAX_PROMPTS) -> FastAPI:
     """The FastAPI app over a started `engine`, to be served on `host` (the address bound decides the Host
     check, see Guard). The caller owns the engine (starts and stops it)."""
-    server = Server(engine, model_name)
+    server = Server(engine, model_name, max_prompts)
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_host_names(host, list(allowed_hosts)),
                        max_body_bytes=max_body_bytes)
@@ -595,17 +663,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, h
         log.exception("request failed")
         return server_error(error).response()
 
-    api = APIRouter(prefix="/v1")  # its API key is Guard's
-
-    @api.get("/models")
+    @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
-                                            "owned_by": "lmforge", "max_model_len": engine.max_len}]}
+        return {"object": "list", "data": [server.model_card]}
 
-    api.post("/chat/completions")(server.chat)
-    api.post("/completions")(server.completions)
-    app.include_router(api)
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):  # OpenAI's "retrieve model"
+        if model_id != model_name:
+            raise APIError(404, f"The model '{excerpt(model_id)}' does not exist; this server holds '{model_name}'.",
+                           "model", "model_not_found")
+        return server.model_card
 
+    app.post("/v1/chat/completions")(server.chat)
+    app.post("/v1/completions")(server.completions)
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
     app.get("/tokenizer_info")(server.tokenizer_info)
@@ -648,6 +718,8 @@ class ServeConfig:
         "help": "largest request body, in bytes (413 beyond). A 128K-token prompt is at most ~1.5 MB of JSON "
                 "(token ids, or escaped CJK text); parsing and tokenizing a body cost time and memory in "
                 "proportion, so the cap bounds what one request can take"})
+    max_prompts: int = field(default=DEFAULT_MAX_PROMPTS, metadata={
+        "help": "most prompts in one /v1/completions request (each is an engine request); vLLM's default"})
 
 
 def served_name(model: str) -> str:
@@ -662,15 +734,16 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model:
         print("lmforge serve: error: --model DIR is required", file=sys.stderr)
         return 2
-    if cfg.max_body_bytes < 1:
-        print(f"lmforge serve: error: --max-body-bytes {cfg.max_body_bytes}: must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--max-body-bytes", cfg.max_body_bytes), ("--max-prompts", cfg.max_prompts)):
+        if value < 1:
+            print(f"lmforge serve: error: {flag} {value}: must be at least 1", file=sys.stderr)
+            return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                     max_batch_size=cfg.max_batch_size, max_len=cfg.max_len,
                                     prefix_cache=cfg.prefix_cache)
     name = cfg.name or served_name(cfg.model)
     app = create_app(engine, name, cfg.api_key, host=cfg.host, allowed_hosts=cfg.allowed_hosts,
-                     max_body_bytes=cfg.max_body_bytes)
+                     max_body_bytes=cfg.max_body_bytes, max_prompts=cfg.max_prompts)
     engine.start()
     try:
         print(f"serving '{name}' at http://{cfg.host}:{cfg.port}  (web chat: /, OpenAI API: /v1)", flush=True)
