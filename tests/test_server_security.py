@@ -453,3 +453,6 @@ def test_cli_serve_security_flags_and_log(model_dir, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", "--help"], capture_output=True, text=True)
     for flag in ("--allowed-hosts", "--max-body-bytes", "--max-prompts"):
         assert flag in usage.stdout
+    refused = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir),
+                              "--max-body-bytes", "0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "max_body_bytes: 0 is out of range" in refused.stderr

@@ -701,13 +701,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, h
 class ServeConfig:
     model: str = field(default="", metadata={"help": "model directory (HF format, with its tokenizer)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 exposes it to the network"})
-    port: int = field(default=8000, metadata={"help": "TCP port"})
+    port: int = field(default=8000, metadata={"help": "TCP port", "min": 0, "max": 65535})
     api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1"})
     name: str | None = field(default=None, metadata={"help": "model id clients send (default: directory name)"})
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weight dtype"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
-    max_batch_size: int = field(default=16, metadata={"help": "requests decoded together (engine slots)"})
-    max_len: int | None = field(default=None, metadata={"help": "context length of each slot (default: engine's)"})
+    max_batch_size: int = field(default=16, metadata={"help": "requests decoded together (engine slots)", "min": 1})
+    max_len: int | None = field(default=None, metadata={"help": "context length of each slot (default: engine's)",
+                                                         "min": 2})
     prefix_cache: bool = field(default=True, metadata={
         "help": "reuse the cached keys and values of an earlier request a prompt begins with (a chat's history)"})
     allowed_hosts: list[str] = field(default_factory=list, metadata={
@@ -717,9 +718,10 @@ class ServeConfig:
     max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata={
         "help": "largest request body, in bytes (413 beyond). A 128K-token prompt is at most ~1.5 MB of JSON "
                 "(token ids, or escaped CJK text); parsing and tokenizing a body cost time and memory in "
-                "proportion, so the cap bounds what one request can take"})
+                "proportion, so the cap bounds what one request can take", "min": 1})
     max_prompts: int = field(default=DEFAULT_MAX_PROMPTS, metadata={
-        "help": "most prompts in one /v1/completions request (each is an engine request); vLLM's default"})
+        "help": "most prompts in one /v1/completions request (each is an engine request); vLLM's default",
+        "min": 1})
 
 
 def served_name(model: str) -> str:
@@ -734,10 +736,6 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model:
         print("lmforge serve: error: --model DIR is required", file=sys.stderr)
         return 2
-    for flag, value in (("--max-body-bytes", cfg.max_body_bytes), ("--max-prompts", cfg.max_prompts)):
-        if value < 1:
-            print(f"lmforge serve: error: {flag} {value}: must be at least 1", file=sys.stderr)
-            return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                     max_batch_size=cfg.max_batch_size, max_len=cfg.max_len,
                                     prefix_cache=cfg.prefix_cache)
