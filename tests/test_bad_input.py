@@ -189,3 +189,64 @@ def test_a_config_json_of_the_wrong_type_is_one_line(tmp_path, base_model, capsy
     assert cli.main(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"]) == 1
     assert error_line(capsys) == (f"lmforge: error: {model / 'config.json'}: num_hidden_layers: '2' is not an "
                                   "integer >= 1")
+
+
+@pytest.mark.parametrize("file, content, named", [
+    ("tokenizer.json", "{", r"tokenizer\.json: not a tokenizers file"),
+    ("tokenizer_config.json", "{", r"tokenizer_config\.json: not valid JSON"),
+    ("tokenizer_config.json", "[]", r"tokenizer_config\.json: expected a JSON object"),
+    ("tokenizer_config.json", '{"model_max_length": "x"}', r"tokenizer_config\.json: field 'model_max_length'"),
+    ("tokenizer_config.json", '{"eos_token": 5}', r"tokenizer_config\.json: field 'eos_token' should be a token"),
+    ("tokenizer_config.json", '{"added_tokens_decoder": {"x": 1}}',
+     r"tokenizer_config\.json: added_tokens_decoder\.x should map a token id"),
+    ("special_tokens_map.json", "[1]", r"special_tokens_map\.json: expected a JSON object"),
+    ("generation_config.json", "{", r"generation_config\.json: not valid JSON"),
+])
+def test_a_damaged_tokenizer_or_generation_config_is_one_line(tmp_path, base_model, capsys, file, content, named):
+    import re
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(base_model, model)
+    (model / file).write_text(content)
+    assert cli.main(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"lmforge: error: {model}/") and re.search(named, line), line
+
+
+def test_a_chat_template_that_does_not_compile_is_named(tmp_path, base_model, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(base_model, model)
+    (model / "chat_template.jinja").write_text("{% if %}")
+    assert cli.main(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1", "--chat"]) == 1
+    assert error_line(capsys).startswith("lmforge: error: the chat template does not compile: ")
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"r": "8"}, r"field 'r': '8' should be a rank, an integer >= 1"),
+    ({"lora_alpha": None}, r"field 'lora_alpha': None should be a positive number"),
+    ({"target_modules": [1]}, r"field 'target_modules': \[1\] should be module names (a string or a list of them)"),
+])
+def test_a_damaged_adapter_is_one_line(tmp_path, base_model, capsys, change, named):
+    from lmforge.checkpoint import load_model
+    from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
+
+    adapter = tmp_path / "adapter"
+    save_adapter(apply_lora(load_model(base_model), LoraSettings(r=2)), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    args = ["merge", "--model", str(base_model), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]
+    assert cli.main(args) == 1
+    assert error_line(capsys) == f"lmforge: error: {adapter / 'adapter_config.json'}: " + named.replace("\\", "")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    assert cli.main(args) == 1
+    assert error_line(capsys).startswith(f"lmforge: error: {adapter / 'adapter_model.safetensors'}: not a readable")
+
+
+def test_a_context_longer_than_the_model_takes_is_refused(base_model, capsys):
+    assert cli.main(["generate", "--model", str(base_model), "--prompt", "x", "--max-len", "100000"]) == 1
+    assert error_line(capsys) == ("lmforge: error: max_len=100000: must be from 2 to the model's "
+                                  "max_position_embeddings (128)")

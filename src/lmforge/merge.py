@@ -31,8 +31,10 @@ class MergeArgs:
 
 
 def base_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype config.json gives the weights (load_model has read the file); float32 if it names none."""
     config = json.loads((model_dir / "config.json").read_text())
-    return _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:

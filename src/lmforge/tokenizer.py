@@ -158,6 +158,39 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be loaded; the message names the file and the field."""
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file}: expected a JSON object")
+    return data
+
+
+def _add_declared_tokens(backend: BackendTokenizer, declared: dict, config_file: Path) -> None:
+    """Tokens that tokenizer_config.json declares (`added_tokens_decoder`, id -> spec) but tokenizer.json
+    lacks are added, each at its id."""
+    if not isinstance(declared, dict):
+        raise TokenizerError(f"{config_file}: field 'added_tokens_decoder' should be an object")
+    entries = []
+    for index, spec in declared.items():
+        if not (str(index).isdigit() and isinstance(spec, dict) and isinstance(spec.get("content"), str)):
+            raise TokenizerError(f"{config_file}: added_tokens_decoder.{str(index):.20} should map a token id "
+                                 "to an object with its 'content'")
+        entries.append((int(index), spec))
+    for index, spec in sorted(entries, key=lambda entry: entry[0]):
+        if backend.token_to_id(spec["content"]) is None:
+            backend.add_tokens([AddedToken(spec["content"], special=bool(spec.get("special", False)),
+                                           normalized=bool(spec.get("normalized", False)))])
+            if backend.token_to_id(spec["content"]) != index:
+                raise TokenizerError(f"{config_file}: added token {spec['content']!r:.40} should have id {index}")
+
+
 def _token_text(value) -> str | None:
     """A special token as written in tokenizer_config.json: a string, null, or an AddedToken dict."""
     if isinstance(value, dict):
@@ -226,36 +259,41 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer directory. A file that is not what it should be is a TokenizerError naming it (and
+        the field); the chat template, code from the model's author, is compiled only when first used."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (is this a tokenizer or model directory?)")
-        backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exceptions for files it cannot parse
+            raise TokenizerError(f"{path / 'tokenizer.json'}: not a tokenizers file ({e})") from None
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config = _json_object(config_file) if config_file.is_file() else {}
         tokens_map_file = path / "special_tokens_map.json"  # older checkpoints keep the tokens here
         if tokens_map_file.is_file():
-            for key, value in json.loads(tokens_map_file.read_text(encoding="utf-8")).items():
+            for key, value in _json_object(tokens_map_file).items():
                 if config.get(key) is None:
                     config[key] = value
-        # Tokens that tokenizer_config.json declares but tokenizer.json lacks are added with their id.
-        for index, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-            if backend.token_to_id(spec["content"]) is None:
-                backend.add_tokens([AddedToken(spec["content"], special=spec.get("special", False),
-                                               normalized=spec.get("normalized", False))])
-                if backend.token_to_id(spec["content"]) != int(index):
-                    raise ValueError(f"{config_file}: added token {spec['content']!r} should have id {index}")
+        _add_declared_tokens(backend, config.get("added_tokens_decoder") or {}, config_file)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = {t["name"]: t["template"] for t in template}.get("default")
+            named = [t for t in template if isinstance(t, dict)]
+            template = {t.get("name"): t.get("template") for t in named}.get("default")
         if (path / "chat_template.jinja").is_file():  # transformers >= 4.43 writes it to its own file
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{config_file}: field 'chat_template' should be a string")
         max_length = config.get("model_max_length", MODEL_MAX_LENGTH)
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or not max_length >= 1:
+            raise TokenizerError(f"{config_file}: field 'model_max_length': {max_length!r:.40} is not a length")
+        special = {}
+        for name in ("eos_token", "bos_token", "pad_token"):
+            special[name] = _token_text(config.get(name))
+            if special[name] is not None and not isinstance(special[name], str):
+                raise TokenizerError(f"{config_file}: field '{name}' should be a token (a string)")
         return cls(
-            backend=backend,
-            eos_token=_token_text(config.get("eos_token")),
-            bos_token=_token_text(config.get("bos_token")),
-            pad_token=_token_text(config.get("pad_token")),
-            chat_template=template,
+            backend=backend, **special, chat_template=template,
             # transformers writes a huge sentinel when a tokenizer has no limit
             model_max_length=int(max_length) if max_length < 1e12 else MODEL_MAX_LENGTH,
             config=config,
@@ -390,7 +428,10 @@ class Tokenizer:
     def _template(self) -> jinja2.Template:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template")
-        return compile_template(self.chat_template)
+        try:
+            return compile_template(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"the chat template does not compile: {e.message} (its line {e.lineno})") from None
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
                     **template_kwargs) -> str:

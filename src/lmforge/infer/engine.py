@@ -216,6 +216,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        if max_len is not None and not 2 <= max_len <= model.config.max_position_embeddings:
+            raise ValueError(f"max_len={max_len}: must be from 2 to the model's max_position_embeddings "
+                             f"({model.config.max_position_embeddings})")
         self.max_len = max_len or min(model.config.max_position_embeddings, DEFAULT_MAX_LEN)
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids if eos_ids is not None else default_eos_ids(model, tokenizer)
@@ -706,5 +709,9 @@ def generation_eos_ids(path: str | Path) -> set[int]:
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return set()
-    value = json.loads(file.read_text()).get("eos_token_id")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    value = config.get("eos_token_id") if isinstance(config, dict) else None
     return {i for i in (value if isinstance(value, list) else [] if value is None else [value]) if isinstance(i, int)}

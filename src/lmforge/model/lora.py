@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -279,14 +280,33 @@ def read_adapter_settings(path: str | Path) -> LoraSettings:
     file = Path(path) / "adapter_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no adapter_config.json (is this a PEFT adapter directory?)")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object")
     _unsupported(config, file)
     targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    checks = [("r", _is_number(config.get("r"), integer=True) and config["r"] >= 1, "a rank, an integer >= 1"),
+              ("lora_alpha", _is_number(config.get("lora_alpha")) and config["lora_alpha"] > 0, "a positive number"),
+              ("lora_dropout", _is_number(config.get("lora_dropout") or 0.0) and 0 <= (config.get("lora_dropout")
+                                                                                      or 0.0) <= 1, "in [0, 1]"),
+              ("target_modules", isinstance(targets, list) and all(isinstance(t, str) for t in targets),
+               "module names (a string or a list of them)")]
+    for key, ok, what in checks:
+        if not ok:
+            raise ValueError(f"{file}: field '{key}': {config.get(key)!r:.40} should be {what}")
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
     return LoraSettings(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-                        target_modules=[targets] if isinstance(targets, str) else list(targets),
-                        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
-                        init=init)
+                        target_modules=list(targets), use_rslora=bool(config.get("use_rslora")),
+                        use_dora=bool(config.get("use_dora")), init=init)
+
+
+def _is_number(value, integer: bool = False) -> bool:
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -301,7 +321,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing")
     tensors = {}
-    for key, t in load_file(str(file)).items():
+    try:
+        saved = load_file(str(file))
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    for key, t in saved.items():
         if not key.startswith(_PREFIX):
             raise ValueError(f"{file}: unexpected tensor '{key}' (expected names starting {_PREFIX})")
         tensors[key[len(_PREFIX):].replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")] = t
