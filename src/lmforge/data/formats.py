@@ -293,10 +293,10 @@ def _text_chunks(text: str) -> Iterator[tuple[str, bool]]:
             yield line[start:start + LINE_READ_BYTES], start == 0
 
 
-def _cut_inside_line(text: str) -> int:
-    """The last place where a piece may end inside a line (see above), or 0."""
-    end = len(text) - 1  # a space at j needs a character after it
-    while (j := text.rfind(" ", 1, end)) > 0:
+def _cut_inside_line(text: str, start: int, end: int) -> int:
+    """The last place in text[start + 1:end] where a piece may end inside a line (see above), or 0."""
+    end = min(end, len(text) - 1)  # a space at j needs a character after it
+    while (j := text.rfind(" ", start + 1, end)) > start:
         if not text[j - 1].isspace() and not text[j + 1].isspace():
             return j
         end = j
@@ -305,7 +305,8 @@ def _cut_inside_line(text: str) -> int:
 
 def _pieces(chunks: Iterable[tuple[str, bool]], piece_bytes: int) -> Iterator[str]:
     """The chunks joined into pieces of about `piece_bytes` characters, cut only where allowed (see above):
-    at line starts, or inside a line once a piece has grown to twice that without one."""
+    at line starts, or, once a piece has grown to twice that without one, inside its line, every piece_bytes
+    to 2 * piece_bytes characters where it can be (further on where it cannot, at HARD_CUT_BYTES at most)."""
     held: list[str] = []
     size = 0
     for chunk, starts_line in chunks:
@@ -314,13 +315,18 @@ def _pieces(chunks: Iterable[tuple[str, bool]], piece_bytes: int) -> Iterator[st
             held, size = [], 0
         held.append(chunk)
         size += len(chunk)
-        if size >= 2 * piece_bytes:
-            text = "".join(held)
-            cut = _cut_inside_line(text) or (len(text) if size >= HARD_CUT_BYTES else 0)
-            if cut:
-                yield text[:cut]
-                text = text[cut:]
-            held, size = [text], len(text)
+        if size < 2 * piece_bytes:
+            continue
+        text, start = "".join(held), 0
+        while len(text) - start >= 2 * piece_bytes:
+            cut = _cut_inside_line(text, start, start + 2 * piece_bytes) or _cut_inside_line(text, start, len(text))
+            if not cut:
+                if len(text) - start < HARD_CUT_BYTES:
+                    break
+                cut = start + HARD_CUT_BYTES
+            yield text[start:cut]
+            start = cut
+        held, size = [text[start:]], len(text) - start
     if size:
         yield "".join(held)
 
