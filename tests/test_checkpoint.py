@@ -193,5 +193,5 @@ def test_truncated_or_garbage_weights_and_bad_json_are_named(tmp_path):
     with pytest.raises(ConfigFieldError, match=r"config\.json: expected a JSON object"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 1')
-    with pytest.raises(ConfigFieldError, match=r"config\.json: invalid JSON"):
+    with pytest.raises(ConfigFieldError, match=r"config\.json: not valid JSON"):
         load_model(tmp_path)

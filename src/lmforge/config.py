@@ -10,11 +10,12 @@ handled in `from_hf` / `to_hf` below, nowhere else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lmforge.files import read_json
 
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3",
@@ -444,10 +445,7 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json (is this a model directory?)")
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigFieldError(f"{file}: invalid JSON: {e}") from None
+    d = read_json(file, ConfigFieldError)
     try:
         return from_hf(d)
     except ConfigFieldError as e:

@@ -44,6 +44,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as BackendTokenizer
 
 from lmforge.data.formats import DataStats, iter_text_pieces
+from lmforge.files import read_json
 from lmforge.settings import parse_args
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -162,16 +163,6 @@ class TokenizerError(ValueError):
     """A tokenizer directory that cannot be loaded; the message names the file and the field."""
 
 
-def _json_object(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{file}: expected a JSON object")
-    return data
-
-
 def _add_declared_tokens(backend: BackendTokenizer, declared: dict, config_file: Path) -> None:
     """Tokens that tokenizer_config.json declares (`added_tokens_decoder`, id -> spec) but tokenizer.json
     lacks are added, each at its id."""
@@ -269,10 +260,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises plain Exceptions for files it cannot parse
             raise TokenizerError(f"{path / 'tokenizer.json'}: not a tokenizers file ({e})") from None
         config_file = path / "tokenizer_config.json"
-        config = _json_object(config_file) if config_file.is_file() else {}
+        config = read_json(config_file, TokenizerError) if config_file.is_file() else {}
         tokens_map_file = path / "special_tokens_map.json"  # older checkpoints keep the tokens here
         if tokens_map_file.is_file():
-            for key, value in _json_object(tokens_map_file).items():
+            for key, value in read_json(tokens_map_file, TokenizerError).items():
                 if config.get(key) is None:
                     config[key] = value
         _add_declared_tokens(backend, config.get("added_tokens_decoder") or {}, config_file)

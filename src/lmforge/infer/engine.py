@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import json
 import logging
 import queue
 import threading
@@ -49,6 +48,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.config import PRESETS, preset
+from lmforge.files import read_json
 from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import DistributionError, SamplerState, SamplingParams, choose_tokens, token_logprobs
@@ -709,9 +709,5 @@ def generation_eos_ids(path: str | Path) -> set[int]:
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return set()
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    value = config.get("eos_token_id") if isinstance(config, dict) else None
+    value = read_json(file).get("eos_token_id")
     return {i for i in (value if isinstance(value, list) else [] if value is None else [value]) if isinstance(i, int)}

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.checkpoint import _to_disk_name, atomic_directory_write
+from lmforge.files import read_json
 
 ALL_LINEAR = "all-linear"
 _PREFIX = "base_model.model."  # what PEFT puts before a module name in the adapter file
@@ -280,12 +281,7 @@ def read_adapter_settings(path: str | Path) -> LoraSettings:
     file = Path(path) / "adapter_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no adapter_config.json (is this a PEFT adapter directory?)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+    config = read_json(file)
     _unsupported(config, file)
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets

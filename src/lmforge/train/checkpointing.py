@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import CheckpointError
+from lmforge.files import read_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -82,7 +83,7 @@ def load_state(directory: Path, name: str, device: torch.device | str = "cpu") -
         tensors = load_file(str(tensor_file), device=str(device))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{tensor_file}: cannot be read as safetensors ({e})") from None
-    skeleton = read_json(json_file)
+    skeleton = read_json(json_file, CheckpointError, kind=None)
     used: set[str] = set()
 
     def decode(value):
@@ -112,15 +113,6 @@ def _hashable(key, file: Path):
     if isinstance(key, (list, dict)):
         raise CheckpointError(f"{file}: a dict key must be a number or a string, got {key!r:.60}")
     return key
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 # -- RNG states as plain data ---------------------------------------------------------------------------
@@ -180,9 +172,7 @@ def read_trainer_state(path: Path) -> dict:
     if (path / "training_state.pt").is_file():
         raise CheckpointError(f"{path / 'training_state.pt'}: a pickled training state (lmforge before format "
                               f"{FORMAT_VERSION}); it is not loaded, because unpickling a file can run any code")
-    state = read_json(file)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+    state = read_json(file, CheckpointError)
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format {state.get('format')!r}; this lmforge reads format {FORMAT_VERSION}")
     for key, kind in (("step", int), ("tokens_seen", int), ("skipped", int), ("world_size", int), ("files", dict)):
