@@ -38,6 +38,8 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/serve.py --dtype bfloat16
+	$(BIN)/python benchmarks/stop_strings.py
+	$(BIN)/python benchmarks/long_line_memory.py
 
 lint: setup
 	$(BIN)/ruff check .

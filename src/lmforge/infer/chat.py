@@ -27,7 +27,7 @@ from lmforge.settings import parse_args
 class ChatConfig(SamplingOptions):
     system: str | None = field(default=None, metadata={"help": "system prompt"})
     max_new_tokens: int = field(default=512, metadata={"help": "most tokens per reply"})
-    temperature: float = field(default=0.7, metadata={"help": "0 = greedy"})
+    temperature: float = field(default=0.7, metadata={"help": "0 (below 1e-5) = greedy"})
 
 
 def fit_prompt(engine: Engine, system: str | None, history: list[dict], max_new_tokens: int) -> list[int] | None:

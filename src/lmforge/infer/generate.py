@@ -30,7 +30,7 @@ class SamplingOptions:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
     max_len: int | None = field(default=None, metadata={"help": "context length (default min(model's, 2048))"})
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens to generate"})
-    temperature: float = field(default=1.0, metadata={"help": "0 = greedy"})
+    temperature: float = field(default=1.0, metadata={"help": "0 (below 1e-5) = greedy"})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0 = off)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     min_p: float = field(default=0.0, metadata={"help": "drop tokens below min_p x the top probability"})
