@@ -156,7 +156,8 @@ class TrainConfig:
 
 
 class Batches(Protocol):
-    """A resumable stream of training batches."""
+    """A resumable stream of training batches. `state_dict()` holds plain data (numbers, strings, lists,
+    dicts, tensors), which checkpoints store as JSON and safetensors (checkpointing.save_state)."""
 
     def __next__(self) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
