@@ -187,6 +187,10 @@ def test_state_files_round_trip_every_kind_of_value(tmp_path):
     assert back["big"] == 2**70 and back["nan"] == float("inf") and back["text"] == "a"
     with pytest.raises(TypeError, match=r"s\.x: a set cannot be saved"):
         save_state({"x": {1}}, tmp_path, "s")
+    for depth in (900, 100_000):  # too deep for the decoder, or for json itself: named, not a RecursionError
+        (tmp_path / "s.json").write_text('{"ints": ' + "[" * depth + "]" * depth + "}")
+        with pytest.raises(CheckpointError, match=r"s\.json: nested too deeply to be read"):
+            load_state(tmp_path, "s")
 
 
 def test_copied_checkpoint_from_another_run_is_refused(cut, tmp_path):

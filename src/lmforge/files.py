@@ -17,6 +17,8 @@ def read_json(path: Path, error: type[Exception] = ValueError, kind: type | None
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deeply to be read") from None
     if kind is not None and not isinstance(value, kind):
         raise error(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}")
     return value

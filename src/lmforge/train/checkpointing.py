@@ -103,7 +103,10 @@ def load_state(directory: Path, name: str, device: torch.device | str = "cpu") -
             return {_hashable(decode(k), json_file): decode(v) for k, v in value[_ITEMS]}
         return {k: decode(v) for k, v in value.items()}
 
-    state = decode(skeleton)
+    try:
+        state = decode(skeleton)
+    except RecursionError:
+        raise CheckpointError(f"{json_file}: nested too deeply to be read") from None
     if used != set(tensors):
         raise CheckpointError(f"{tensor_file}: holds tensors its {json_file.name} does not refer to")
     return state
