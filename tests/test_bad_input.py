@@ -231,10 +231,10 @@ def test_a_chat_template_that_does_not_compile_is_named(tmp_path, base_model, ca
 ])
 def test_a_damaged_adapter_is_one_line(tmp_path, base_model, capsys, change, named):
     from lmforge.checkpoint import load_model
-    from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
+    from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
 
     adapter = tmp_path / "adapter"
-    save_adapter(apply_lora(load_model(base_model), LoraSettings(r=2)), adapter)
+    save_adapter(apply_lora(load_model(base_model), LoraConfig(r=2)), adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
     args = ["merge", "--model", str(base_model), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]

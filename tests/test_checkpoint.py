@@ -8,7 +8,7 @@ import torch
 
 from lmforge import checkpoint
 from lmforge.checkpoint import CheckpointError, load_model, save_model
-from lmforge.config import ConfigFieldError, ModelConfig, load_config, preset
+from lmforge.config import ModelConfig, ModelConfigError, load_config, preset
 from lmforge.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -96,7 +96,7 @@ def test_crash_between_renames_recovers_previous(tmp_path):
 
 def test_unsupported_model_type_names_the_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-    with pytest.raises(ConfigFieldError, match=r"config\.json: model_type: 'gpt2' is not supported"):
+    with pytest.raises(ModelConfigError, match=r"config\.json: model_type: 'gpt2' is not supported"):
         load_model(tmp_path)
 
 
@@ -114,7 +114,7 @@ def test_unsupported_options_name_the_field(tmp_path, field, value, match):
     if field == "use_sliding_window":
         config["model_type"] = "qwen2"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigFieldError, match=match):
+    with pytest.raises(ModelConfigError, match=match):
         load_model(tmp_path)
 
 
@@ -157,7 +157,7 @@ def test_config_json_fields_of_the_wrong_type_or_range_are_named(tmp_path, chang
     save_model(build_model(CFG), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
-    with pytest.raises(ConfigFieldError, match=match):
+    with pytest.raises(ModelConfigError, match=match):
         load_model(tmp_path)
 
 
@@ -190,8 +190,8 @@ def test_truncated_or_garbage_weights_and_bad_json_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
-    with pytest.raises(ConfigFieldError, match=r"config\.json: expected a JSON object"):
+    with pytest.raises(ModelConfigError, match=r"config\.json: expected a JSON object"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 1')
-    with pytest.raises(ConfigFieldError, match=r"config\.json: not valid JSON"):
+    with pytest.raises(ModelConfigError, match=r"config\.json: not valid JSON"):
         load_model(tmp_path)

@@ -9,7 +9,7 @@ import torch
 from lmforge.config import preset
 from lmforge.infer.cpu_decode import CPUDecoder, unsupported
 from lmforge.model import KVCache, build_model
-from lmforge.model.lora import LoraSettings, apply_lora
+from lmforge.model.lora import LoraConfig, apply_lora
 
 pytestmark = pytest.mark.skipif(CPUDecoder.create(build_model(preset("tiny"), seed=0)) is None,
                                 reason="no C compiler: the decoder is not built")
@@ -196,7 +196,7 @@ def test_models_it_does_not_handle_stay_on_pytorch():
     assert unsupported(build_model(preset("tiny", attention_bias=True), seed=0)) == "QK-norm or biases"
     assert unsupported(build_model(preset("tiny"), seed=0).to(torch.float16)) is not None
     lora = build_model(preset("tiny"), seed=0)
-    apply_lora(lora, LoraSettings(r=4, target_modules=["q_proj"]))
+    apply_lora(lora, LoraConfig(r=4, target_modules=["q_proj"]))
     assert unsupported(lora) == "wrapped (LoRA) projections"
 
 

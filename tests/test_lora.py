@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -15,8 +16,8 @@ from lmforge.cli import main as cli_main
 from lmforge.config import ModelConfig, preset
 from lmforge.model import build_model
 from lmforge.model.lora import (
+    LoraConfig,
     LoraLinear,
-    LoraSettings,
     apply_lora,
     load_adapter,
     lora_modules,
@@ -30,15 +31,15 @@ CFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediat
                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True, o_proj_bias=True,
                   mlp_bias=True, tie_word_embeddings=False, max_position_embeddings=64)
 VARIANTS = {
-    "lora": LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "rslora": LoraSettings(r=4, alpha=8, target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True),
-    "dora": LoraSettings(r=4, alpha=8, target_modules=["all-linear"], use_dora=True),
+    "lora": LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora": LoraConfig(r=4, alpha=8, target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True),
+    "dora": LoraConfig(r=4, alpha=8, target_modules=["all-linear"], use_dora=True),
 }
 
 
-def peft_config(s: LoraSettings, **kw) -> LoraConfig:
+def peft_config(s: LoraConfig, **kw) -> PeftLoraConfig:
     targets = "all-linear" if s.target_modules == ["all-linear"] else s.target_modules
-    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets,
+    return PeftLoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets,
                       use_rslora=s.use_rslora, use_dora=s.use_dora, task_type="CAUSAL_LM", **kw)
 
 
@@ -208,7 +209,7 @@ def test_rslora_scaling_and_zero_init_is_identity(base_dir):
 ])
 def test_moe_and_mla_one_step_changes_only_adapters(name, targets, use_dora, expect, tmp_path):
     cfg = preset(name, vocab_size=128, num_hidden_layers=2)
-    model = apply_lora(build_model(cfg, seed=0), LoraSettings(r=2, alpha=4, target_modules=targets,
+    model = apply_lora(build_model(cfg, seed=0), LoraConfig(r=2, alpha=4, target_modules=targets,
                                                               use_dora=use_dora))
     wrapped = set(lora_modules(model))
     for suffix in expect:
@@ -237,7 +238,7 @@ def test_mixtral_adapter_uses_checkpoint_names(tmp_path):
     cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=32,
                       moe_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                       num_experts=2, num_experts_per_tok=1, norm_topk_prob=True)
-    model = apply_lora(build_model(cfg), LoraSettings(r=2, target_modules=["gate_proj"]))
+    model = apply_lora(build_model(cfg), LoraConfig(r=2, target_modules=["gate_proj"]))
     randomize(model.named_parameters(), seed=5)
     save_adapter(model, tmp_path / "a")
     with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
@@ -250,10 +251,10 @@ def test_mixtral_adapter_uses_checkpoint_names(tmp_path):
 
 def test_errors_name_the_problem(base_dir, tmp_path):
     with pytest.raises(ValueError, match="matches no linear layer"):
-        apply_lora(load_model(base_dir), LoraSettings(target_modules=["nonexistent"]))
+        apply_lora(load_model(base_dir), LoraConfig(target_modules=["nonexistent"]))
     with pytest.raises(ValueError, match="r: must be positive"):
-        LoraSettings(r=0)
-    settings = LoraSettings()
+        LoraConfig(r=0)
+    settings = LoraConfig()
     settings.dropout = 1.5  # as a YAML/flag loader sets fields after construction
     with pytest.raises(ValueError, match="dropout: must be in"):
         apply_lora(load_model(base_dir), settings)
@@ -267,7 +268,7 @@ def test_errors_name_the_problem(base_dir, tmp_path):
         load_adapter(load_model(base_dir), tmp_path / "a")
     with pytest.raises(ValueError, match="use_dora=False, unlike"):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
-        load_adapter(apply_lora(load_model(base_dir), LoraSettings(r=4, alpha=8, use_dora=True,
+        load_adapter(apply_lora(load_model(base_dir), LoraConfig(r=4, alpha=8, use_dora=True,
                                                                   target_modules=["q_proj", "v_proj",
                                                                                   "down_proj"])),
                      tmp_path / "a")
@@ -279,7 +280,7 @@ def test_init_choices_match_peft(base_dir):
     """A ~ kaiming-uniform (bound 1/sqrt(in)) or N(0, 1/r), B = 0: PEFT's init_lora_weights True / "gaussian"."""
     torch.manual_seed(0)
     for init in ("kaiming", "gaussian"):
-        model = apply_lora(load_model(base_dir), LoraSettings(r=4, target_modules=["all-linear"], init=init))
+        model = apply_lora(load_model(base_dir), LoraConfig(r=4, target_modules=["all-linear"], init=init))
         a = torch.cat([m.lora_A.flatten() for m in lora_modules(model).values()])
         assert all(not m.lora_B.any() for m in lora_modules(model).values())
         if init == "kaiming":
@@ -288,4 +289,4 @@ def test_init_choices_match_peft(base_dir):
                 assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.9 * bound
         else:
             assert abs(a.std().item() - 1 / 4) < 0.01
-    assert LoraSettings(init="gaussian").init == "gaussian"
+    assert LoraConfig(init="gaussian").init == "gaussian"

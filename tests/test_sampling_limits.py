@@ -1,6 +1,6 @@
 """Hostile sampling requests: stop strings whose checking cost grows with the text, streams of broken
 UTF-8, and temperatures or penalties that turn the logits into NaN. Each must cost bounded work per
-token and give the greedy output, a 400 (BadParam) or a clear error of its own request, never garbage.
+token and give the greedy output, a 400 (SamplingParamError) or a clear error of its own request, never garbage.
 """
 
 import math
@@ -19,9 +19,9 @@ from lmforge.infer.sampling import (
     MAX_STOP_STRINGS,
     MIN_REPETITION_PENALTY,
     SAMPLING_EPS,
-    BadParam,
     DistributionError,
     SamplerState,
+    SamplingParamError,
     apply_penalties,
     choose_tokens,
     draw,
@@ -67,11 +67,11 @@ class Pieces:
 def test_stop_strings_are_bounded():
     SamplingParams(stop=["x" * MAX_STOP_CHARS] * MAX_STOP_STRINGS).validate(100)
     for stop in (["x"] * (MAX_STOP_STRINGS + 1), ["x" * (MAX_STOP_CHARS + 1)], [""], [3]):
-        with pytest.raises(BadParam, match="stop") as error:
+        with pytest.raises(SamplingParamError, match="stop") as error:
             SamplingParams(stop=stop).validate(100)
         assert error.value.field == "stop"
     # the issue's request (200 strings of 4000 characters): refused, and the message does not echo it whole
-    with pytest.raises(BadParam) as error:
+    with pytest.raises(SamplingParamError) as error:
         SamplingParams(stop=["a" * 4000] * 200).validate(100)
     assert len(str(error.value)) < 300
 
@@ -195,7 +195,7 @@ def test_tokens_that_each_end_inside_a_character_are_shown_as_they_complete():
                                  dict(temperature=math.inf), dict(top_p=math.nan), dict(presence_penalty=math.nan)])
 def test_out_of_range_values_are_a_bad_param(engine, bad):
     name = next(iter(bad))
-    with pytest.raises(BadParam) as error:
+    with pytest.raises(SamplingParamError) as error:
         engine.submit([1, 2], SamplingParams(**bad))
     assert error.value.field == name
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lmforge.cli import main as cli_main
-from lmforge.settings import ConfigError, format_help, parse_args, parse_args_or_raise
+from lmforge.settings import OptionError, format_help, parse_args, parse_args_or_raise
 
 
 @dataclass
@@ -42,17 +42,17 @@ def test_yaml_then_flags(tmp_path):
     (["--steps"], "--steps needs a value"),
 ])
 def test_bad_flags_name_the_key(argv, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(OptionError, match=message):
         parse_args_or_raise(Stage, argv)
 
 
 def test_bad_yaml_key_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  learning_rate: 1\n")
-    with pytest.raises(ConfigError, match=r"unknown option 'optim\.learning_rate' in .*bad\.yaml"):
+    with pytest.raises(OptionError, match=r"unknown option 'optim\.learning_rate' in .*bad\.yaml"):
         parse_args_or_raise(Stage, ["--config", str(path)])
     path.write_text("steps: [1, 2]\n")
-    with pytest.raises(ConfigError, match=r"steps: .* in .*bad\.yaml"):
+    with pytest.raises(OptionError, match=r"steps: .* in .*bad\.yaml"):
         parse_args_or_raise(Stage, ["--config", str(path)])
 
 
@@ -88,5 +88,5 @@ def test_resume_alias(tmp_path, stage, capsys):
     cfg = parse_args_or_raise(cls, ["--config", str(recipe)])
     assert (cfg.train.resume, cfg.train.steps) == ("auto", 7)
     assert "--resume  the same as --train.resume" in format_help(cls, "lmforge " + stage)
-    with pytest.raises(ConfigError, match="unknown option '--resumes'"):
+    with pytest.raises(OptionError, match="unknown option '--resumes'"):
         parse_args_or_raise(cls, ["--resumes", "auto"])

@@ -19,7 +19,7 @@ import yaml
 from lmforge.checkpoint import load_model
 from lmforge.cli import main as cli
 from lmforge.model.lora import load_adapter
-from lmforge.settings import ConfigError, parse_args_or_raise
+from lmforge.settings import OptionError, parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import pretrain, sft
 from lmforge.train.checkpointing import complete_checkpoints
@@ -82,12 +82,12 @@ def test_every_recipe_parses():
 
 
 def test_config_errors_name_the_bad_key(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="train.optim.lrr"):
+    with pytest.raises(OptionError, match="train.optim.lrr"):
         parse_args_or_raise(pretrain.PretrainConfig, ["--train.optim.lrr", "1e-3"])
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(OptionError, match="train.precision"):
         parse_args_or_raise(pretrain.PretrainConfig, ["--train.precision", "fp8"])
     (tmp_path / "bad.yaml").write_text("train:\n  stpes: 10\n")
-    with pytest.raises(ConfigError, match=r"train\.stpes.*bad\.yaml"):
+    with pytest.raises(OptionError, match=r"train\.stpes.*bad\.yaml"):
         parse_args_or_raise(sft.SFTConfig, ["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(SystemExit):
         cli(["sft", "--lora.rank", "8"])

@@ -4,7 +4,7 @@ Modules are imported only when their command runs, so `lmforge generate` never p
 training code, and a missing optional extra only matters to the command that needs it.
 
 Bad input ends a command with one line, `lmforge: error: MESSAGE`, and exit status 1: the errors that
-input causes (ValueError and its kinds: DataError, CheckpointError, ConfigFieldError, ...; OSError: a
+input causes (ValueError and its kinds: DataError, CheckpointError, ModelConfigError, ...; OSError: a
 file missing or unreadable; FloatingPointError: a non-finite loss) carry a message naming the file, line or field, and a
 traceback would only bury it. LMFORGE_DEBUG=1 shows the traceback too.
 """

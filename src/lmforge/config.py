@@ -34,8 +34,9 @@ ARCHITECTURES = {
 }
 
 
-class ConfigFieldError(ValueError):
-    """A config.json that lmforge cannot represent; the message names the field."""
+class ModelConfigError(ValueError):
+    """A model's config.json that lmforge cannot represent or that is malformed; the message names the field.
+    A command's own options are settings.OptionError's."""
 
 
 # Integer fields and their smallest allowed value; _OPTIONAL_INTS may also be None (absent).
@@ -152,37 +153,37 @@ class ModelConfig:
             if value is None and name in _OPTIONAL_INTS:
                 continue
             if not _is_int(value) or value < low:
-                raise ConfigFieldError(f"{name}: {value!r:.40} is not an integer >= {low}")
+                raise ModelConfigError(f"{name}: {value!r:.40} is not an integer >= {low}")
         for name, positive in _FLOAT_FIELDS.items():
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ConfigFieldError(f"{name}: {value!r:.40} is not a {'positive' if positive else 'non-negative'} "
+                raise ModelConfigError(f"{name}: {value!r:.40} is not a {'positive' if positive else 'non-negative'} "
                                        "number")
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
             if value is not None and not all(_is_int(i) for i in ids):
-                raise ConfigFieldError(f"{name}: {value!r:.40} is not a token id" + (" or a list of them" if
+                raise ModelConfigError(f"{name}: {value!r:.40} is not a token id" + (" or a list of them" if
                                                                                      name == "eos_token_id" else ""))
         if not isinstance(self.mlp_only_layers, list) or not all(_is_int(i) for i in self.mlp_only_layers):
-            raise ConfigFieldError(f"mlp_only_layers: {self.mlp_only_layers!r:.40} is not a list of layer indices")
+            raise ModelConfigError(f"mlp_only_layers: {self.mlp_only_layers!r:.40} is not a list of layer indices")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
-                raise ConfigFieldError(f"rope_scaling: {self.rope_scaling!r:.40} is not an object")
+                raise ModelConfigError(f"rope_scaling: {self.rope_scaling!r:.40} is not an object")
             for key, value in self.rope_scaling.items():
                 numeric = key not in ("rope_type", "type", "truncate")
                 if numeric and not (_is_number(value) and math.isfinite(value) and value > 0) and value is not None:
-                    raise ConfigFieldError(f"rope_scaling.{key}: {value!r:.40} is not a positive number")
+                    raise ModelConfigError(f"rope_scaling.{key}: {value!r:.40} is not a positive number")
             needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                                        "original_max_position_embeddings"],
                       "yarn": ["original_max_position_embeddings"]}.get(self.rope_type, [])
             for key in needed:
                 if not self.rope_scaling.get(key):
-                    raise ConfigFieldError(f"rope_scaling.{key}: missing (rope_type {self.rope_type} needs it)")
+                    raise ModelConfigError(f"rope_scaling.{key}: missing (rope_type {self.rope_type} needs it)")
 
     def validate(self) -> None:
         def bad(name, why):
-            raise ConfigFieldError(f"{name}: {why}")
+            raise ModelConfigError(f"{name}: {why}")
 
         if self.rope_dim % 2:
             bad("qk_rope_head_dim" if self.is_mla else "head_dim", f"{self.rope_dim}: RoPE rotates pairs of "
@@ -240,43 +241,43 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in ROPE_TYPES:
-        raise ConfigFieldError(f"rope_scaling.rope_type: '{rope_type}' is not supported; supported: "
+        raise ModelConfigError(f"rope_scaling.rope_type: '{rope_type}' is not supported; supported: "
                                f"{', '.join(ROPE_TYPES)}")
     if params.get("partial_rotary_factor", 1.0) != 1.0 or d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigFieldError("partial_rotary_factor: only 1.0 is supported")
+        raise ModelConfigError("partial_rotary_factor: only 1.0 is supported")
     if rope_type == "default":
         return theta, None
     return theta, {"rope_type": rope_type, **params}
 
 
 def from_hf(d: dict) -> ModelConfig:
-    """Read a Hugging Face config.json dict. Raises ConfigFieldError naming any field we cannot honour."""
+    """Read a Hugging Face config.json dict. Raises ModelConfigError naming any field we cannot honour."""
     if not isinstance(d, dict):
-        raise ConfigFieldError(f"expected a JSON object, got {type(d).__name__}")
+        raise ModelConfigError(f"expected a JSON object, got {type(d).__name__}")
     try:
         return _from_hf(d)
     except KeyError as e:
-        raise ConfigFieldError(f"{e.args[0]}: missing from config.json") from None
+        raise ModelConfigError(f"{e.args[0]}: missing from config.json") from None
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigFieldError):
+        if isinstance(e, ModelConfigError):
             raise
-        raise ConfigFieldError(f"a field has the wrong type: {e}") from None
+        raise ModelConfigError(f"a field has the wrong type: {e}") from None
 
 
 def _from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in _FAMILY:
-        raise ConfigFieldError(f"model_type: '{model_type}' is not supported; supported: "
+        raise ModelConfigError(f"model_type: '{model_type}' is not supported; supported: "
                                f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     fam = _FAMILY[model_type]
     if d.get("hidden_act", "silu") != "silu":
-        raise ConfigFieldError(f"hidden_act: '{d['hidden_act']}' is not supported (only silu)")
+        raise ModelConfigError(f"hidden_act: '{d['hidden_act']}' is not supported (only silu)")
     if d.get("use_sliding_window"):
-        raise ConfigFieldError("use_sliding_window: per-layer sliding windows (Qwen) are not supported")
+        raise ModelConfigError("use_sliding_window: per-layer sliding windows (Qwen) are not supported")
     rope_theta, rope_scaling = _rope_from_hf(d)
     unknown_moe = d.get("topk_method") not in (None, "noaux_tc", "greedy", "group_limited_greedy")
     if unknown_moe:
-        raise ConfigFieldError(f"topk_method: '{d['topk_method']}' is not supported")
+        raise ModelConfigError(f"topk_method: '{d['topk_method']}' is not supported")
 
     num_heads = d["num_attention_heads"]
     kw: dict[str, Any] = dict(
@@ -322,11 +323,11 @@ def _from_hf(d: dict) -> ModelConfig:
                   router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001))
     elif moe == "deepseek":
         if d.get("attention_bias"):
-            raise ConfigFieldError("attention_bias: DeepSeek-V3 attention biases are not supported")
+            raise ModelConfigError("attention_bias: DeepSeek-V3 attention biases are not supported")
         if d.get("moe_layer_freq", 1) != 1:
-            raise ConfigFieldError("moe_layer_freq: only 1 is supported")
+            raise ModelConfigError("moe_layer_freq: only 1 is supported")
         if d.get("scoring_func", "sigmoid") not in ("sigmoid", "softmax"):
-            raise ConfigFieldError(f"scoring_func: '{d['scoring_func']}' is not supported")
+            raise ModelConfigError(f"scoring_func: '{d['scoring_func']}' is not supported")
         kw.update(num_experts=d.get("n_routed_experts") or d.get("num_local_experts", 0),
                   num_experts_per_tok=d.get("num_experts_per_tok", 8),
                   moe_intermediate_size=d.get("moe_intermediate_size", 0),
@@ -376,7 +377,7 @@ def to_hf(cfg: ModelConfig) -> dict:
         d["rope_scaling"].pop("rope_theta")
 
     def unsupported(name, value):
-        raise ConfigFieldError(f"{name}: {value!r} cannot be written as model_type '{cfg.model_type}'")
+        raise ModelConfigError(f"{name}: {value!r} cannot be written as model_type '{cfg.model_type}'")
 
     # Attention options the family can express.
     if fam["qkv_bias"] is None:
@@ -445,11 +446,11 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json (is this a model directory?)")
-    d = read_json(file, ConfigFieldError)
+    d = read_json(file, ModelConfigError)
     try:
         return from_hf(d)
-    except ConfigFieldError as e:
-        raise ConfigFieldError(f"{file}: {e}") from None
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{file}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

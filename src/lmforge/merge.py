@@ -22,7 +22,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass
-class MergeArgs:
+class MergeConfig:
     model: str = field(default="", metadata={"help": "the base model's HF directory"})
     adapter: str = field(default="", metadata={"help": "a PEFT LoRA/DoRA adapter directory"})
     out: str = field(default="", metadata={"help": "where to write the merged HF directory"})
@@ -47,7 +47,7 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(MergeArgs, argv, prog="lmforge merge", description=__doc__)
+    args = parse_args(MergeConfig, argv, prog="lmforge merge", description=__doc__)
     for name in ("model", "adapter", "out"):
         if not getattr(args, name):
             print(f"lmforge merge: error: --{name} is required", file=sys.stderr)

@@ -32,8 +32,9 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A bad option: the message names the key (and the file, when it came from one)."""
+class OptionError(ValueError):
+    """A bad option of a command (a field of its config dataclass, from a flag or a YAML file): the message
+    names the key (and the file, when it came from one). A model's config.json is config.ModelConfigError's."""
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -69,12 +70,12 @@ def _type_name(tp) -> str:
 
 
 def _convert(value: Any, tp, key: str):
-    """Coerce a YAML or command-line value to the field's type; raise ConfigError naming the key."""
+    """Coerce a YAML or command-line value to the field's type; raise OptionError naming the key."""
     inner, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional or inner is Any:
             return None
-        raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+        raise OptionError(f"{key}: null is not allowed (expected {_type_name(tp)})")
     origin = typing.get_origin(inner)
     try:
         if inner is Any:
@@ -84,7 +85,7 @@ def _convert(value: Any, tp, key: str):
             for c in choices:
                 if value == c or str(value) == str(c):
                     return c
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+            raise OptionError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         if origin in (list, tuple):
             (arg, *_) = typing.get_args(inner) or (str,)
             if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str):
@@ -96,7 +97,7 @@ def _convert(value: Any, tp, key: str):
             return [_convert(v, arg, key) for v in value]
         if origin is dict or inner is dict:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+                raise OptionError(f"{key}: expected a mapping, got {value!r}")
             return value
         if inner is bool:
             if isinstance(value, bool):
@@ -106,23 +107,23 @@ def _convert(value: Any, tp, key: str):
                 return True
             if s in ("0", "false", "no", "off"):
                 return False
-            raise ConfigError(f"{key}: {value!r} is not a boolean")
+            raise OptionError(f"{key}: {value!r} is not a boolean")
         if inner is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ConfigError(f"{key}: {value!r} is not an integer")
+                raise OptionError(f"{key}: {value!r} is not an integer")
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if inner is float:
             if isinstance(value, bool):
-                raise ConfigError(f"{key}: {value!r} is not a number")
+                raise OptionError(f"{key}: {value!r} is not a number")
             return float(value)
         if inner is str:
             if isinstance(value, (dict, list)):
-                raise ConfigError(f"{key}: expected a string, got {value!r}")
+                raise OptionError(f"{key}: expected a string, got {value!r}")
             return str(value)
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
+        if isinstance(e, OptionError):
             raise
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}") from None
+        raise OptionError(f"{key}: {value!r} is not a valid {_type_name(tp)}") from None
     return value
 
 
@@ -130,21 +131,21 @@ def apply_dict(obj, data: dict, prefix: str = "", source: str = "") -> None:
     """Set fields of dataclass `obj` from a nested dict, checking every key."""
     where = f" in {source}" if source else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}{where}: expected a mapping, got {data!r}")
+        raise OptionError(f"{prefix.rstrip('.') or 'config'}{where}: expected a mapping, got {data!r}")
     fields = _fields(type(obj))
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         path = prefix + key
         if key not in fields:
-            raise ConfigError(f"unknown option '{path}'{where}; valid here: {', '.join(fields)}")
+            raise OptionError(f"unknown option '{path}'{where}; valid here: {', '.join(fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             apply_dict(current, value, path + ".", source)
         else:
             try:
                 setattr(obj, key, _convert(value, fields[key].type, path))
-            except ConfigError as e:
-                raise ConfigError(f"{e}{where}") from None
+            except OptionError as e:
+                raise OptionError(f"{e}{where}") from None
 
 
 def set_path(obj, dotted: str, value: Any, source: str = "") -> None:
@@ -154,7 +155,7 @@ def set_path(obj, dotted: str, value: Any, source: str = "") -> None:
     for p in parents:
         fields = _fields(type(target))
         if p not in fields or not dataclasses.is_dataclass(getattr(target, p)):
-            raise ConfigError(f"unknown option '{walked + p}'" + (f" in {source}" if source else ""))
+            raise OptionError(f"unknown option '{walked + p}'" + (f" in {source}" if source else ""))
         target, walked = getattr(target, p), walked + p + "."
     apply_dict(target, {leaf: value}, walked, source)
 
@@ -171,7 +172,7 @@ def _range_text(f: dataclasses.Field) -> str:
 
 
 def check_ranges(obj, prefix: str = "") -> None:
-    """Every number within the range its field's metadata gives; raises ConfigError naming the option."""
+    """Every number within the range its field's metadata gives; raises OptionError naming the option."""
     for name, f in _fields(type(obj)).items():
         value = getattr(obj, name)
         if dataclasses.is_dataclass(value):
@@ -181,7 +182,7 @@ def check_ranges(obj, prefix: str = "") -> None:
         if value is None or (low is None and high is None):
             continue
         if (low is not None and value < low) or (high is not None and value > high):
-            raise ConfigError(f"{prefix}{name}: {value} is out of range ({_range_text(f)})")
+            raise OptionError(f"{prefix}{name}: {value} is out of range ({_range_text(f)})")
 
 
 def format_help(cls, prog: str, description: str = "") -> str:
@@ -230,7 +231,7 @@ def parse_args(cls, argv: list[str] | None = None, prog: str = "lmforge", descri
         raise SystemExit(0)
     try:
         return parse_args_or_raise(cls, argv, positional)
-    except ConfigError as e:
+    except OptionError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -240,15 +241,15 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise ConfigError("--config needs a YAML file")
+            raise OptionError("--config needs a YAML file")
         path = Path(argv[i + 1])
         del argv[i : i + 2]
         if not path.is_file():
-            raise ConfigError(f"--config: no such file: {path}")
+            raise OptionError(f"--config: no such file: {path}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise OptionError(f"{path}: invalid YAML: {e}") from None
         if isinstance(data, dict):
             for alias, dotted in _aliases(cls).items():
                 if alias in data:
@@ -262,7 +263,7 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
                 set_path(cfg, positional, arg)
                 i += 1
                 continue
-            raise ConfigError(f"unexpected argument '{arg}' (options are --name VALUE)")
+            raise OptionError(f"unexpected argument '{arg}' (options are --name VALUE)")
         key = arg[2:]
         value: str | None = None
         if "=" in key:
@@ -284,10 +285,10 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
             set_path(cfg, key, values)
         elif not values:
             if inner is not bool:
-                raise ConfigError(f"--{key} needs a value")
+                raise OptionError(f"--{key} needs a value")
             set_path(cfg, key, True)
         elif len(values) > 1:
-            raise ConfigError(f"--{key} takes one value, got {len(values)}: {' '.join(values)}")
+            raise OptionError(f"--{key} takes one value, got {len(values)}: {' '.join(values)}")
         else:
             set_path(cfg, key, values[0])
     check_ranges(cfg)
@@ -300,8 +301,8 @@ def _field_type(cfg, dotted: str):
     for p in parents:
         target = getattr(target, p, None)
         if not dataclasses.is_dataclass(target):
-            raise ConfigError(f"unknown option '--{dotted}'")
+            raise OptionError(f"unknown option '--{dotted}'")
     fields = _fields(type(target))
     if leaf not in fields:
-        raise ConfigError(f"unknown option '--{dotted}'; valid here: {', '.join(fields)}")
+        raise OptionError(f"unknown option '--{dotted}'; valid here: {', '.join(fields)}")
     return fields[leaf].type

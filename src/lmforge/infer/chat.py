@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 from lmforge.infer.engine import Engine
-from lmforge.infer.generate import SamplingOptions
+from lmforge.infer.generate import SamplingConfig
 from lmforge.infer.sampling import SamplingParams
 from lmforge.settings import parse_args
 
 
 @dataclass
-class ChatConfig(SamplingOptions):
+class ChatConfig(SamplingConfig):
     system: str | None = field(default=None, metadata={"help": "system prompt"})
     max_new_tokens: int = field(default=512, metadata={"help": "most tokens per reply"})
     temperature: float = field(default=0.7, metadata={"help": "0 (below 1e-5) = greedy"})

@@ -17,11 +17,11 @@ from typing import Literal
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.settings import ConfigError, parse_args
+from lmforge.settings import OptionError, parse_args
 
 
 @dataclass
-class SamplingOptions:
+class SamplingConfig:
     """Model and sampling flags shared by `generate` and `chat`."""
 
     model: str = field(default="", metadata={"help": "model directory, or a preset name (random weights)"})
@@ -52,7 +52,7 @@ class SamplingOptions:
             try:
                 bias[int(token)] = float(value)
             except ValueError:
-                raise ConfigError(f"--logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
+                raise OptionError(f"--logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
         return SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
@@ -63,13 +63,13 @@ class SamplingOptions:
         """The model's engine; what is wrong with the model directory is an error naming the file
         (`lmforge` prints it as one line)."""
         if not self.model:
-            raise ConfigError("--model is required (a model directory or a preset name)")
+            raise OptionError("--model is required (a model directory or a preset name)")
         return Engine.from_pretrained(self.model, dtype=self.dtype, device=self.device,
                                       tokenizer=self.tokenizer, max_batch_size=1, max_len=self.max_len)
 
 
 @dataclass
-class GenerateConfig(SamplingOptions):
+class GenerateConfig(SamplingConfig):
     prompt: str = field(default="", metadata={"help": "the text to continue"})
     chat: bool = field(default=False, metadata={"help": "send the prompt as a user message, in the chat template"})
     logprobs: bool = field(default=False, metadata={

@@ -42,7 +42,7 @@ class DistributionError(ValueError):
     above zero): the model's output for that sample is broken, and sampling from it would give garbage."""
 
 
-class BadParam(ValueError):
+class SamplingParamError(ValueError):
     """A sampling parameter out of range; `field` names it (the server's error reports it as `param`)."""
 
     def __init__(self, field: str, message: str):
@@ -74,7 +74,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int) -> None:
-        """Raise BadParam (a ValueError) naming the first bad field."""
+        """Raise SamplingParamError (a ValueError) naming the first bad field."""
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
@@ -102,7 +102,7 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 # reprlib: a value can be a long list of long strings, not worth echoing whole
-                raise BadParam(name, f"{name}={reprlib.repr(getattr(self, name))}: {why}")
+                raise SamplingParamError(name, f"{name}={reprlib.repr(getattr(self, name))}: {why}")
 
     @property
     def greedy(self) -> bool:

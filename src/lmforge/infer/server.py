@@ -96,7 +96,7 @@ from lmforge.infer.openai_api import (
     parse_request,
     server_error,
 )
-from lmforge.infer.sampling import BadParam
+from lmforge.infer.sampling import SamplingParamError
 from lmforge.settings import parse_args
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class Server:
     def submit(self, prompt: list[int], params: SamplingParams):
         try:
             return self.engine.submit(prompt, params)
-        except BadParam as e:  # a sampling parameter out of range (its message names it)
+        except SamplingParamError as e:  # a sampling parameter out of range (its message names it)
             raise APIError(400, f"Invalid value for '{e.field}': {excerpt(str(e), 200)}", e.field,
                            "invalid_value") from None
         except ValueError as e:  # the engine's other checks (its message names the problem)

@@ -48,7 +48,7 @@ _PREFIX = "base_model.model."  # what PEFT puts before a module name in the adap
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     r: int = field(default=8, metadata={"help": "adapter rank", "min": 1})
     alpha: float = field(default=16.0, metadata={"help": "scale: alpha/r (alpha/sqrt(r) with use_rslora)",
                                                                "min": 0})
@@ -79,7 +79,7 @@ class LoraSettings:
 class LoraLinear(nn.Module):
     """A frozen linear layer plus a low-rank (LoRA) or magnitude-and-direction (DoRA) update."""
 
-    def __init__(self, base: nn.Linear, settings: LoraSettings):
+    def __init__(self, base: nn.Linear, settings: LoraConfig):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter objects: names and storage unchanged
@@ -174,7 +174,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+def apply_lora(model: nn.Module, settings: LoraConfig) -> nn.Module:
     """Wrap the targeted linear layers in place; freeze everything but the adapters."""
     settings.validate()
     if lora_modules(model):
@@ -212,7 +212,7 @@ def _disk_name(model: nn.Module, name: str) -> str:
     return _to_disk_name(name + ".weight", model.config).removesuffix(".weight")
 
 
-def adapter_config(settings: LoraSettings, model: nn.Module, base_model_path: str | None = None) -> dict:
+def adapter_config(settings: LoraConfig, model: nn.Module, base_model_path: str | None = None) -> dict:
     """adapter_config.json as PEFT writes it (the fields LoRA/DoRA use; PEFT fills the rest with defaults)."""
     # The adapted modules' full names, as PEFT writes all-linear: exact for every family and
     # independent of how the modules were chosen (PEFT matches a full name to itself).
@@ -276,8 +276,8 @@ def _unsupported(config: dict, file: Path) -> None:
             raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only {expected!r})")
 
 
-def read_adapter_settings(path: str | Path) -> LoraSettings:
-    """LoraSettings from a PEFT adapter_config.json (targets as written there)."""
+def read_adapter_settings(path: str | Path) -> LoraConfig:
+    """LoraConfig from a PEFT adapter_config.json (targets as written there)."""
     file = Path(path) / "adapter_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no adapter_config.json (is this a PEFT adapter directory?)")
@@ -295,7 +295,7 @@ def read_adapter_settings(path: str | Path) -> LoraSettings:
         if not ok:
             raise ValueError(f"{file}: field '{key}': {config.get(key)!r:.40} should be {what}")
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
-    return LoraSettings(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+    return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
                         target_modules=list(targets), use_rslora=bool(config.get("use_rslora")),
                         use_dora=bool(config.get("use_dora")), init=init)
 

@@ -26,7 +26,7 @@ from lmforge.checkpoint import load_model, save_model
 from lmforge.config import PRESETS, preset
 from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
 from lmforge.model import build_model
-from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
+from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
@@ -34,7 +34,7 @@ from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Traine
 
 
 @dataclass
-class FreezeSettings:
+class FreezeConfig:
     layers: list[int] = field(default_factory=lambda: [-1], metadata={
         "help": "method freeze: indices of the blocks to train (negative counts from the end)"})
     modules: list[str] = field(default_factory=list, metadata={
@@ -60,8 +60,8 @@ class SFTConfig:
                                                                  "min": 1})
     packed: bool = field(default=False, metadata={"help": "pack several samples per row of max_len tokens"})
     method: Literal["full", "lora", "dora", "freeze"] = field(default="full", metadata={"help": "what is trained"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    freeze: FreezeSettings = field(default_factory=FreezeSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     merge: bool = field(default=False, metadata={"help": "lora/dora: also write RUN_DIR/merged, the merged model"})
     chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss",
                                                                         "min": 1})
