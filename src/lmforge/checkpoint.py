@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmforge.config import ModelConfig, load_config, to_hf
+from lmforge.config import PRESETS, ModelConfig, load_config, preset, to_hf
 from lmforge.model import Transformer, build_model
 
 TOKENIZER_FILES = (
@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.json's names
 
 # Mixtral's expert MLP names on disk, in the order (gate, up, down).
 _MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -88,7 +88,7 @@ def _disk_shapes(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tu
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 # -- saving -------------------------------------------------------------------------------------
@@ -294,6 +294,18 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
                     with torch.no_grad():
                         params[name].copy_(get())
     return model
+
+
+def model_from(name: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int | None = 0, **preset_overrides) -> Transformer:
+    """What a command's `--model` names: a model directory's weights (`load_model`), or a preset (`tiny`,
+    `small`, ...) freshly initialised with `seed`, its config given `preset_overrides` (the vocabulary of the
+    tokenizer it will use, its token ids). A directory of that name wins over a preset."""
+    if Path(name).is_dir():
+        return load_model(name, dtype=dtype, device=device)
+    if str(name) in PRESETS:
+        return build_model(preset(str(name), **preset_overrides), device=device, dtype=dtype, seed=seed)
+    raise FileNotFoundError(f"model: '{name}' is neither a model directory nor a preset ({', '.join(PRESETS)})")
 
 
 def _skip(name: str, cfg: ModelConfig) -> bool:

@@ -14,11 +14,9 @@ from typing import Literal
 
 import torch
 
-from lmforge.checkpoint import load_model, save_model
+from lmforge.checkpoint import DTYPES, load_model, save_model
 from lmforge.model.lora import load_adapter, merge_lora
 from lmforge.settings import parse_args
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -34,7 +32,7 @@ def base_dtype(model_dir: Path) -> torch.dtype:
     """The dtype config.json gives the weights (load_model has read the file); float32 if it names none."""
     config = json.loads((model_dir / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype")
-    return _DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
+    return DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -52,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name):
             print(f"lmforge merge: error: --{name} is required", file=sys.stderr)
             return 2
-    out = merge(args.model, args.adapter, args.out, None if args.dtype == "auto" else _DTYPES[args.dtype])
+    out = merge(args.model, args.adapter, args.out, None if args.dtype == "auto" else DTYPES[args.dtype])
     print(out)
     return 0

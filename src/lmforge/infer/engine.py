@@ -46,13 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.checkpoint import load_model
-from lmforge.config import PRESETS, preset
+from lmforge.checkpoint import DTYPES, model_from
+from lmforge.config import PRESETS
 from lmforge.files import read_json
 from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import DistributionError, SamplerState, SamplingParams, choose_tokens, token_logprobs
-from lmforge.model import KVCache, Transformer, build_model
+from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ DEFAULT_MAX_LEN = 2048
 # 150K vocabulary would otherwise hold 1.2 GB of logits, and as much again for their log-softmax).
 PROMPT_LOGITS_BUDGET = 1 << 26
 PROMPT_LOGITS_CHUNK = 256
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -248,17 +247,12 @@ class Engine:
         with random weights, which then needs `tokenizer` (a directory; the vocabulary follows it)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-        if not Path(path).is_dir() and str(path) in PRESETS:
-            if tokenizer is None:
-                raise ValueError(f"model '{path}' is a preset with random weights: give a tokenizer directory too")
-            tok = Tokenizer.from_dir(tokenizer)
-            model = build_model(preset(str(path), vocab_size=tok.vocab_size), device=device, dtype=DTYPES[dtype])
-            return cls(model, tok, **kw)
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"{path}: not a model directory nor a preset ({', '.join(PRESETS)})")
-        model = load_model(path, dtype=DTYPES[dtype], device=device)
+        if not Path(path).is_dir() and str(path) in PRESETS and tokenizer is None:
+            raise ValueError(f"model '{path}' is a preset with random weights: give a tokenizer directory too")
         tok = Tokenizer.from_dir(tokenizer or path)
-        kw.setdefault("eos_ids", default_eos_ids(model, tok) | generation_eos_ids(path))
+        model = model_from(path, device=device, dtype=DTYPES[dtype], vocab_size=tok.vocab_size)
+        if Path(path).is_dir():
+            kw.setdefault("eos_ids", default_eos_ids(model, tok) | generation_eos_ids(path))
         return cls(model, tok, **kw)
 
     # -- public API ---------------------------------------------------------------------------------

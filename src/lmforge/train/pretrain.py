@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
-from lmforge.checkpoint import load_model, save_model
-from lmforge.config import PRESETS, preset
+from lmforge.checkpoint import model_from, save_model
+from lmforge.config import PRESETS
 from lmforge.data.pretrain import Manifest, PretrainLoader
-from lmforge.model import build_model, flops_per_token
+from lmforge.model import flops_per_token
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
@@ -68,13 +67,8 @@ class LoaderBatches:
 
 
 def build(cfg: PretrainConfig, manifest: Manifest, device: torch.device):
-    if cfg.model in PRESETS:
-        model_cfg = preset(cfg.model, vocab_size=manifest.vocab_size, eos_token_id=manifest.eos_id,
-                           pad_token_id=manifest.eos_id)
-        return build_model(model_cfg, device=device, seed=cfg.train.seed)
-    if not Path(cfg.model).is_dir():
-        raise FileNotFoundError(f"model: '{cfg.model}' is neither a preset ({', '.join(PRESETS)}) nor a directory")
-    model = load_model(cfg.model, device=device)
+    model = model_from(cfg.model, device=device, seed=cfg.train.seed, vocab_size=manifest.vocab_size,
+                       eos_token_id=manifest.eos_id, pad_token_id=manifest.eos_id)
     if model.config.vocab_size < manifest.vocab_size:
         raise ValueError(f"model: {cfg.model} has {model.config.vocab_size} token embeddings, the data's "
                          f"tokenizer {manifest.vocab_size}")

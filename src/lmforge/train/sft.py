@@ -22,10 +22,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lmforge.checkpoint import load_model, save_model
-from lmforge.config import PRESETS, preset
+from lmforge.checkpoint import model_from, save_model
 from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
-from lmforge.model import build_model
 from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
@@ -110,13 +108,8 @@ def freeze_except(model: torch.nn.Module, layers: list[int], modules: list[str])
 
 
 def build(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
-    if cfg.model in PRESETS:
-        model = build_model(preset(cfg.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
-                                   pad_token_id=tokenizer.pad_id), device=device, seed=cfg.train.seed)
-    elif Path(cfg.model).is_dir():
-        model = load_model(cfg.model, device=device)
-    else:
-        raise FileNotFoundError(f"model: '{cfg.model}' is neither a model directory nor a preset")
+    model = model_from(cfg.model, device=device, seed=cfg.train.seed, vocab_size=tokenizer.vocab_size,
+                       eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if cfg.method in ("lora", "dora"):
         apply_lora(model, replace(cfg.lora, use_dora=cfg.method == "dora" or cfg.lora.use_dora))
     elif cfg.method == "freeze":
