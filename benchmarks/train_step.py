@@ -109,7 +109,7 @@ def worker(spec: dict) -> dict:
     implementation alone for one step (gradients and optimizer state exist after it), for its peak RSS.
     Every worker first applies the Trainer's CPU malloc setting (`keep_freed_memory`): it is
     process-wide, so the baseline runs with it too."""
-    from lmforge.train.trainer import keep_freed_memory
+    from lmforge.train.environment import keep_freed_memory
 
     keep_freed_memory()
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.model import build_model, cpu_kernels
 from lmforge.model.attention import CausalAttentionCPU
 from lmforge.model.rope import apply_rope
+from lmforge.train.environment import keep_freed_memory
 from lmforge.train.objectives import causal_lm_loss
-from lmforge.train.trainer import keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 DTYPES = [torch.float32, torch.bfloat16]

@@ -23,7 +23,7 @@ from lmforge.settings import OptionError, parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import pretrain, sft
 from lmforge.train.checkpointing import complete_checkpoints
-from lmforge.train.trainer import read_metrics
+from lmforge.train.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import base_model, chats, corpus, one_thread  # noqa: E402, F401  (fixtures)

@@ -26,16 +26,20 @@ import random
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lmforge.checkpoint import CheckpointError
 from lmforge.files import read_json
+from lmforge.train.environment import Env
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -253,3 +257,208 @@ def loading(path: Path, what: Callable[[], Any]) -> Any:
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         problem = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else repr(e)
         raise CheckpointError(f"{path}: {problem}") from None
+
+
+# -- what a checkpoint holds: stateful objects ---------------------------------------------------------------
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores: an object whose state is plain data (numbers, strings, lists,
+    tuples, dicts, tensors; see save_state)."""
+
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class RNGState:
+    """This process's random generators (python, numpy, torch, CUDA) as a Stateful."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard of an FSDP DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class TrainedWeights:
+    """The weights training changes, as a Stateful: trainable parameters (their fp32 master copies where the
+    model computes in bf16: `masters` pairs each such parameter with its master) and persistent buffers. The
+    frozen weights are the model directory's; under FSDP each process holds (and saves) its shards."""
+
+    def __init__(self, module: nn.Module, masters: list[tuple[nn.Parameter, nn.Parameter]]):
+        self.module, self.masters = module, masters
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        masters = {id(p): m for p, m in self.masters}
+        params = dict(self.module.named_parameters())
+        state = {}
+        for name, tensor in self.module.state_dict().items():
+            if name in params and not params[name].requires_grad:
+                continue
+            state[name] = masters.get(id(params[name]), tensor) if name in params else tensor
+        return state
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into the model and its masters, checking that every trained tensor is there with
+        this model's shape (copy_ would broadcast a smaller one)."""
+        masters = {id(p): m for p, m in self.masters}
+        params = dict(self.module.named_parameters())
+        current = self.module.state_dict()
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        extra, missing = set(saved) - set(current), trainable - set(saved)
+        if extra or missing:  # e.g. a LoRA run resumed as full fine-tuning, or other target modules
+            raise ValueError("does not fit this model: "
+                             + (f"it has {sorted(extra)[:3]}, which the model lacks; " if extra else "")
+                             + (f"it lacks trainable {sorted(missing)[:3]}" if missing else ""))
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                targets = [current[name]] + ([masters[id(params[name])]] if id(params.get(name)) in masters else [])
+                for target in map(local, targets):
+                    if tuple(target.shape) != tuple(tensor.shape):
+                        raise ValueError(f"does not fit this model: '{name}' has shape {tuple(tensor.shape)}, "
+                                         f"the model's is {tuple(target.shape)}")
+                    target.copy_(tensor)
+
+
+class OptimizerState:
+    """An optimizer as a Stateful whose loading checks its state against the parameters: load_state_dict
+    does not compare shapes (a wrong one fails at the next step, or broadcasts), and under FSDP makes each
+    saved shard a DTensor laid out like its parameter."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, saved: dict) -> None:
+        groups = saved["param_groups"]
+        ids = [i for group in groups for i in group["params"]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"the optimizer state has {len(ids)} parameters, this run trains {len(params)}")
+        by_id = dict(zip(ids, params))
+        state = {}
+        for index, values in saved["state"].items():
+            param, shaped = by_id[index], {}
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.ndim > 0:
+                    if tuple(value.shape) != tuple(local(param).shape):
+                        raise ValueError(f"optimizer state '{key}' of parameter {index} has shape "
+                                         f"{tuple(value.shape)}, the parameter {tuple(local(param).shape)}")
+                    if param is not local(param):  # a DTensor (FSDP): this process's shard of it
+                        from torch.distributed.tensor import DTensor
+
+                        value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                                   shape=param.shape, stride=param.stride())
+                shaped[key] = value
+            state[index] = shaped
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- saving, loading, resuming ------------------------------------------------------------------------------
+
+@dataclass
+class Checkpointer:
+    """Writes and restores RUN_DIR/checkpoint-NNNNNN directories (the layout in the module docstring).
+
+    write_weights(dir)  called on every process; rank 0 writes the model directory into `dir` (creating it)
+    shared              {name: Stateful} the processes share: saved once (rank 0), or under FSDP (`sharded`)
+                        each process its shards; restored on every process
+    per_rank            {name: Stateful} each process's own (RNG, data position), saved and restored per rank
+    progress            the run's counters (a Stateful whose state_dict() has "step"), in trainer_state.json
+    A stage with more to keep (a value head, a reference model's cached log-probs) adds an entry to `shared`
+    or `per_rank`; nothing here changes."""
+
+    run_dir: Path
+    env: Env
+    sharded: bool
+    keep_last: int
+    write_weights: Callable[[Path], Any]
+    shared: dict[str, Stateful]
+    per_rank: dict[str, Stateful]
+    progress: Stateful
+
+    @property
+    def shared_file(self) -> str:
+        return f"training_state_rank{self.env.rank}" if self.sharded else "training_state"
+
+    def save(self) -> Path:
+        env, progress = self.env, self.progress.state_dict()
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{progress['step']:06d}"
+        # Every rank knows this name, so under FSDP all of them can write their shards into it.
+        tmp = self.run_dir / f".{final.name}.tmp"
+        if env.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.write_weights(tmp)
+        if env.is_main and not self.sharded:
+            save_state({name: s.state_dict() for name, s in self.shared.items()}, tmp, self.shared_file)
+        self._barrier()
+        if self.sharded:
+            save_state({name: s.state_dict() for name, s in self.shared.items()}, tmp, self.shared_file)
+        save_state({name: s.state_dict() for name, s in self.per_rank.items()}, tmp, f"rank{env.rank}")
+        self._barrier()
+        if env.is_main:  # written last, with the size of every file: a checkpoint without it is incomplete
+            state = {"format": FORMAT_VERSION, **progress, "world_size": env.world_size, "files": file_sizes(tmp)}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            fsync_files(tmp)
+            if final.exists():  # saving a step again after resuming from an older checkpoint
+                remove_checkpoint(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.run_dir)[:-max(1, self.keep_last)]:
+                remove_checkpoint(old)
+        self._barrier()
+        return final
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything `save` wrote. Raises CheckpointError naming the file (damaged, truncated, or
+        from another run) before or while restoring."""
+        path, env = Path(path), self.env
+        state = read_trainer_state(path)
+        if state["world_size"] != env.world_size:
+            raise CheckpointError(f"resume: {path} was written by {state['world_size']} processes; this run has "
+                                  f"{env.world_size} (resume with the same number)")
+        _restore(self.shared, load_state(path, self.shared_file, env.device), path / f"{self.shared_file}.json")
+        _restore(self.per_rank, load_state(path, f"rank{env.rank}"), path / f"rank{env.rank}.json")
+        loading(path / TRAINER_STATE, lambda: self.progress.load_state_dict(state))
+
+    def resume(self, resume: str | None) -> bool:
+        """Load the checkpoint `resume` names; with `auto`, the newest of the run directory that loads,
+        warning about each damaged one skipped. Every process resumes from the same one. Returns whether a
+        checkpoint was loaded (`auto` in a run directory without any starts afresh)."""
+        candidates = resume_candidates(resume, self.run_dir)
+        for number, path in enumerate(candidates):
+            error = None
+            try:
+                self.load(path)
+            except CheckpointError as e:
+                error = e
+            if self.env.distributed:
+                loaded = torch.tensor(float(error is None), device=self.env.device)
+                dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+                if error is None and not loaded.item():
+                    error = CheckpointError(f"{path}: another process could not load its part")
+            if error is None:
+                return True
+            if resume != "auto" or number == len(candidates) - 1:
+                raise error
+            if self.env.is_main:
+                warn(f"{error}; resuming from {candidates[number + 1].name} instead")
+        return False
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+
+def _restore(entries: dict[str, Stateful], saved: Any, file: Path) -> None:
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file}: expected an object of states")
+    for name, stateful in entries.items():
+        if name not in saved:
+            raise CheckpointError(f"{file}: holds no '{name}' state")
+        loading(file, lambda s=stateful, n=name: s.load_state_dict(saved[n]))

@@ -23,8 +23,9 @@ from lmforge.data.pretrain import Manifest, PretrainLoader
 from lmforge.model import flops_per_token
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.environment import setup_env
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
 
 @dataclass

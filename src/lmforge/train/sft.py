@@ -27,8 +27,9 @@ from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
 from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.environment import setup_env
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
+from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
 
 @dataclass

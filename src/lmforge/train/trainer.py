@@ -1,5 +1,5 @@
-r"""The one training loop of lmforge: pretraining, SFT, LoRA, DPO, reward models, distillation and RL
-all run through `Trainer`.
+r"""The one training loop of lmforge: every training stage (pretraining, SFT with LoRA/DoRA, and the
+post-training stages to come) runs through `Trainer`.
 
 A stage supplies only what differs between stages:
     model       the nn.Module to train (parameters with requires_grad=False stay frozen)
@@ -24,49 +24,22 @@ Checkpoints (train/checkpointing.py): RUN_DIR/checkpoint-NNNNNN/ is a Hugging Fa
 for LoRA, a PEFT adapter directory) with the training state beside the weights, as safetensors and JSON
 (never a pickle); `resume: auto` takes the newest one that loads.
 
-Distributed: the Trainer joins the process group that torchrun describes (NCCL on GPUs, gloo on
-CPUs), each rank reads its own part of the data, and only rank 0 logs and writes files other than
-its own shards of the training state.
-
-Multi-process and multi-node training
-
-Every training command runs unchanged under torchrun; choose replicas (DDP, the default) or sharded
-weights, gradients and optimizer state (FSDP2) with --train.distributed:
-
-    # one machine, 8 GPUs
-    torchrun --nproc_per_node 8 -m lmforge.cli pretrain --config configs/pretrain_small.yaml \
-        --train.distributed fsdp
-
-    # two machines with 8 GPUs each: run this on both, with --node_rank 0 on the first and 1 on the second;
-    # MASTER is the first machine's address, reachable from the second on port 29500
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr MASTER --master_port 29500 \
-        -m lmforge.cli pretrain --config configs/pretrain_small.yaml --train.distributed fsdp
-
-    # CPUs only (gloo): the same, e.g. two processes on one machine
-    torchrun --nproc_per_node 2 -m lmforge.cli pretrain --config configs/pretrain_tiny.yaml --train.device cpu
-
-The global batch is batch_size x grad_accum x number of processes; each process reads its own part of
-the data. Only rank 0 prints, logs and writes the model; with FSDP every rank writes its shard of the
-training state. All nodes must see the same run_dir (a shared file system) for checkpoints and resume.
-On clusters with a scheduler, `torchrun --nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT` lets
-the nodes find each other without fixed ranks. Resume needs the same number of processes as the run
-that wrote the checkpoint.
+Distributed (train/environment.py; the commands are in the README's "Many processes, many machines"):
+the Trainer joins the process group that torchrun describes (NCCL on GPUs, gloo on CPUs), each rank
+reads its own part of the data, and only rank 0 logs (train/metrics.py) and writes files other than its
+own shards of the training state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -75,27 +48,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.checkpoint import CheckpointError, save_model
+from lmforge.checkpoint import save_model
 from lmforge.settings import check_ranges, parse_args
 from lmforge.train.checkpointing import (
     CHECKPOINT_PREFIX,
-    FORMAT_VERSION,
-    TRAINER_STATE,
-    complete_checkpoints,
-    file_sizes,
-    fsync_files,
-    load_state,
-    loading,
+    Checkpointer,
+    OptimizerState,
+    RNGState,
+    TrainedWeights,
     point_final_at,
-    read_trainer_state,
-    remove_checkpoint,
-    remove_stale_temporaries,
-    resume_candidates,
-    rng_state,
-    save_state,
-    set_rng_state,
-    warn,
 )
+from lmforge.train.environment import Env, setup_env
+from lmforge.train.metrics import MetricsLogger
 from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.schedule import lr_at
 
@@ -183,61 +147,6 @@ class TrainResult:
     history: list[dict]  # the training rows of metrics.jsonl of this process's run
 
 
-# -- the distributed environment --------------------------------------------------------------------
-
-@dataclass
-class Env:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_env(device: str = "auto") -> Env:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any, and pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cpu":
-        keep_freed_memory()
-    return Env(rank, world_size, local_rank, dev)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
-
-    A training step allocates and frees the same large activations every step. By default glibc
-    serves blocks above a threshold (128 KiB, rising to at most 32 MiB) with fresh mmaps and unmaps
-    them on free, so every step page-faults its activations in again, zeroed by the kernel: about
-    10% of a CPU step for the `small` preset (BENCHMARKS.md). The same as starting the process with
-    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647. Process-wide; returns
-    whether it applied (False off glibc).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 # -- precision ---------------------------------------------------------------------------------------
 
 def _autocast(env: Env, precision: str):
@@ -264,23 +173,6 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConf
         with contextlib.suppress(RuntimeError, TypeError):
             return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """The matmul FLOP/s this device reaches: the best of a few square matmuls (the MFU denominator)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 # -- the Trainer ----------------------------------------------------------------------------------------
@@ -330,6 +222,11 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.moe_layers = [m for m in self.inner.modules() if hasattr(m, "update_score_bias")
                            and hasattr(getattr(m, "gate", None), "e_score_correction_bias")]
+        # What a checkpoint holds (train/checkpointing.py); a stage with more state adds an entry here.
+        self.checkpointer = Checkpointer(
+            self.run_dir, self.env, self.fsdp, cfg.keep_last, self._write_weights,
+            shared={"model": TrainedWeights(self.inner, self.masters), "optimizer": OptimizerState(self.optimizer)},
+            per_rank={"rng": RNGState(), "data": train_data}, progress=self)
         random.seed(cfg.seed + self.env.rank)
         np.random.seed(cfg.seed + self.env.rank)
         torch.manual_seed(cfg.seed + self.env.rank)
@@ -531,163 +428,28 @@ class Trainer:
         model.load_state_dict(full)
         return model
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """What training changes: trainable parameters (their fp32 masters, if any) and persistent buffers."""
-        masters = {id(p): m for p, m in self.masters}
-        state = {}
-        params = dict(self.inner.named_parameters())
-        for name, tensor in self.inner.state_dict().items():
-            if name in params and not params[name].requires_grad:
-                continue
-            if name in params and id(params[name]) in masters:
-                tensor = masters[id(params[name])]
-            state[name] = tensor.detach()
-        return state
+    def _write_weights(self, directory: Path) -> None:
+        """The checkpoint's model directory (rank 0 writes it; under FSDP every rank takes part in gathering)."""
+        model = self._full_model()
+        if self.env.is_main:
+            self.save_weights(model, directory)
 
-    def shared_state(self) -> dict:
-        """The state every process shares (under FSDP: holds a shard of): trained weights, optimizer."""
-        return {"model": self._trainable_state(), "optimizer": self.optimizer.state_dict()}
+    def state_dict(self) -> dict:
+        """The run's counters, in trainer_state.json, and the fp16 grad scaler's state: the same on every rank
+        (torch.amp agrees on overflows across them)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
+                "precision": self.cfg.precision, "grad_scaler": self.scaler.state_dict() if self.scaler else None}
 
-    def rank_state(self) -> dict:
-        """The state of this process alone: its RNGs and its position in its share of the data."""
-        return {"rng": rng_state(), "data": self.train_data.state_dict()}
-
-    def save_checkpoint(self) -> Path:
-        env = self.env
-        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        # Every rank knows this name, so under FSDP all of them can write their shards into it.
-        tmp = self.run_dir / f".{final.name}.tmp"
-        full_model = self._full_model()
-        if env.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.save_weights(full_model, tmp)  # creates tmp
-            if not self.fsdp:
-                save_state(self.shared_state(), tmp, "training_state")
-        if env.distributed:
-            dist.barrier()
-        if self.fsdp:
-            save_state(self.shared_state(), tmp, f"training_state_rank{env.rank}")
-        save_state(self.rank_state(), tmp, f"rank{env.rank}")
-        if env.distributed:
-            dist.barrier()
-        if env.is_main:
-            # the grad scaler's state is the same on every rank (torch.amp agrees on overflows across them);
-            # written last, with the size of every file: a checkpoint without it is incomplete
-            state = {"format": FORMAT_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
-                     "skipped": self.skipped, "world_size": env.world_size, "precision": self.cfg.precision,
-                     "grad_scaler": self.scaler.state_dict() if self.scaler else None, "files": file_sizes(tmp)}
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-            fsync_files(tmp)
-            if final.exists():  # saving a step again after resuming from an older checkpoint
-                remove_checkpoint(final)
-            tmp.rename(final)
-            for old in complete_checkpoints(self.run_dir)[:-max(1, self.cfg.keep_last)]:
-                remove_checkpoint(old)
-        if env.distributed:
-            dist.barrier()
-        return final
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything `save_checkpoint` wrote. Raises CheckpointError naming the file (damaged,
-        truncated, or from another run) before or while restoring."""
-        path, env = Path(path), self.env
-        state = read_trainer_state(path)
-        if state["world_size"] != env.world_size:
-            raise CheckpointError(f"resume: {path} was written by {state['world_size']} processes; this run has "
-                                  f"{env.world_size} (resume with the same number)")
-        name = f"training_state_rank{env.rank}" if self.fsdp else "training_state"
-        shared = load_state(path, name, env.device)
-        loading(path / f"{name}.json", lambda: self.load_shared_state(shared))
-        ranked = load_state(path, f"rank{env.rank}")
-        loading(path / f"rank{env.rank}.json", lambda: set_rng_state(ranked["rng"]))
-        loading(path / f"rank{env.rank}.json", lambda: self.train_data.load_state_dict(ranked["data"]))
-        if self.scaler and state.get("grad_scaler"):
-            loading(path / TRAINER_STATE, lambda: self.scaler.load_state_dict(state["grad_scaler"]))
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped"]
-
-    def load_shared_state(self, state: dict) -> None:
-        """Copy saved weights into the model (and its fp32 masters) and load the optimizer, checking that
-        every trained tensor is there with this model's shape (under FSDP: this process's shard)."""
-        saved = state["model"]
-        masters = {id(p): m for p, m in self.masters}
-        params = dict(self.inner.named_parameters())
-        current = self.inner.state_dict()
-        trainable = {n for n, p in params.items() if p.requires_grad}
-        extra, missing = set(saved) - set(current), trainable - set(saved)
-        if extra or missing:  # e.g. a LoRA run resumed as full fine-tuning, or other target modules
-            raise ValueError("does not fit this model: "
-                             + (f"it has {sorted(extra)[:3]}, which the model lacks; " if extra else "")
-                             + (f"it lacks trainable {sorted(missing)[:3]}" if missing else ""))
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                targets = [current[name]]
-                if name in params and id(params[name]) in masters:
-                    targets.append(masters[id(params[name])])
-                for target in (_local(t) for t in targets):
-                    if tuple(target.shape) != tuple(tensor.shape):  # copy_ would broadcast a smaller one
-                        raise ValueError(f"does not fit this model: '{name}' has shape {tuple(tensor.shape)}, "
-                                         f"the model's is {tuple(target.shape)}")
-                    target.copy_(tensor)
-        self.optimizer.load_state_dict(self._optimizer_state_for(state["optimizer"]))
-
-    def _optimizer_state_for(self, saved: dict) -> dict:
-        """The saved optimizer state, checked against this run's parameters (load_state_dict does not
-        compare shapes: a wrong one would fail at the next step, or broadcast) and, under FSDP, made
-        shards (DTensors) laid out like their parameters."""
-        groups = saved["param_groups"]
-        ids = [i for group in groups for i in group["params"]]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if len(ids) != len(params):
-            raise ValueError(f"the optimizer state has {len(ids)} parameters, this run trains {len(params)}")
-        by_id = dict(zip(ids, params))
-        state = {}
-        for index, values in saved["state"].items():
-            param = by_id[index]
-            shaped = {}
-            for key, value in values.items():
-                if torch.is_tensor(value) and value.ndim > 0:
-                    if tuple(value.shape) != tuple(_local(param).shape):
-                        raise ValueError(f"optimizer state '{key}' of parameter {index} has shape "
-                                         f"{tuple(value.shape)}, the parameter {tuple(_local(param).shape)}")
-                    if param is not _local(param):  # a DTensor (FSDP): this process's shard of it
-                        from torch.distributed.tensor import DTensor
-
-                        value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
-                                                   shape=param.shape, stride=param.stride())
-                shaped[key] = value
-            state[index] = shaped
-        return {"state": state, "param_groups": groups}
-
-    def resume(self) -> bool:
-        """Load the checkpoint that cfg.resume names; with `auto`, the newest of the run directory that
-        loads, warning about each damaged one skipped. Every process resumes from the same one. Returns
-        whether a checkpoint was loaded (`auto` in a run directory without any starts afresh)."""
-        candidates = resume_candidates(self.cfg.resume, self.run_dir)
-        for number, path in enumerate(candidates):
-            error = None
-            try:
-                self.load_checkpoint(path)
-            except CheckpointError as e:
-                error = e
-            if self.env.distributed:
-                loaded = torch.tensor(float(error is None), device=self.env.device)
-                dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
-                if error is None and not loaded.item():
-                    error = CheckpointError(f"{path}: another process could not load its part")
-            if error is None:
-                return True
-            if self.cfg.resume != "auto" or number == len(candidates) - 1:
-                raise error
-            if self.env.is_main:
-                warn(f"{error}; resuming from {candidates[number + 1].name} instead")
-        return False
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
-        resumed = self.resume()
-        log = _Logger(self, resume_step=self.step if resumed else None)
+        resumed = self.checkpointer.resume(cfg.resume)
+        log = MetricsLogger(self, resume_step=self.step if resumed else None)
         history: list[dict] = []
         last_eval: dict[str, float] = {}
         last_saved = self.step if resumed else -1
@@ -704,12 +466,12 @@ class Trainer:
                     last_eval = self.evaluate()
                     log.write(last_eval)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
+                    self.checkpointer.save()
                     last_saved = self.step
             if self.val_data is not None:
                 last_eval = self.evaluate()
                 log.write(last_eval)
-            final = self.save_checkpoint() if last_saved != self.step else \
+            final = self.checkpointer.save() if last_saved != self.step else \
                 self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
             if env.is_main:
                 point_final_at(final)
@@ -728,11 +490,6 @@ class Trainer:
                            loss_curve=curve, skipped_steps=self.skipped, history=history)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor: its shard of an FSDP DTensor, else the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _checkpoint_block(block: nn.Module) -> None:
     """Recompute this block's activations in the backward pass instead of keeping them (Chen et al.
     2016, arXiv 1604.06174): one block's worth of activations at a time, for one extra forward."""
@@ -748,123 +505,6 @@ def _checkpoint_block(block: nn.Module) -> None:
     block.forward = checkpointed
 
 
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl, without a last line that a killed process left unfinished."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-
-
-
-
-
-# -- logging ----------------------------------------------------------------------------------------------
-
-class _Logger:
-    """Rank 0's outputs: progress bar, metrics.jsonl, TensorBoard, W&B, and the loss curve at the end."""
-
-    def __init__(self, trainer: Trainer, resume_step: int | None):
-        self.trainer, cfg = trainer, trainer.cfg
-        self.active = trainer.env.is_main
-        self.bar = self.tb = self.wandb = None
-        self.peak = None
-        if not self.active:
-            return
-        run_dir = trainer.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = run_dir / "metrics.jsonl"
-        if resume_step is None:
-            self.metrics_path.write_text("")
-        elif self.metrics_path.exists():
-            # Rows past the checkpoint came from the interrupted run (whose last line may be cut off by
-            # the kill); this run writes them again.
-            rows = [row for row in read_metrics(self.metrics_path) if row["step"] <= resume_step]
-            self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        remove_stale_temporaries(run_dir)
-        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), **trainer.log_config},
-                                                        indent=2, default=str))
-        if trainer.flops_per_token:
-            dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else \
-                torch.float16 if cfg.precision == "fp16" else torch.float32
-            self.peak = cfg.peak_flops or measure_peak_flops(trainer.env.device, dtype)
-        if cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training", dynamic_ncols=True)
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if cfg.wandb:
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), name=run_dir.name,
-                                    config={"train": asdict(cfg), **trainer.log_config})
-
-    def train(self, row: dict) -> None:
-        if not self.active:
-            return
-        world = self.trainer.env.world_size
-        if self.peak and self.trainer.flops_per_token:
-            row["mfu"] = row["tokens_per_s"] * self.trainer.flops_per_token / (self.peak * world)
-        if self.bar is not None:
-            post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-            if "mfu" in row:
-                post["mfu"] = f"{100 * row['mfu']:.1f}%"
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(1)
-        if row["step"] % self.trainer.cfg.log_every == 0 or row["step"] == self.trainer.cfg.steps:
-            self.write(row)
-
-    def write(self, row: dict) -> None:
-        if not self.active:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k if k.startswith("val_") else f"train/{k}", v, row["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=row["step"])
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-    def loss_curve(self) -> Path | None:
-        """loss.png: training loss (and validation loss) against the step, from metrics.jsonl."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = read_metrics(self.metrics_path)
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if not train:
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = self.trainer.run_dir / "loss.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return path
 
 
 def stage_main(config_cls: type, run: Callable[[Any], Any], prog: str, description: str):

@@ -1,0 +1,148 @@
+"""What a training run reports: a progress bar, RUN_DIR/metrics.jsonl (one JSON object per logged step
+or evaluation), TensorBoard, Weights & Biases, the model FLOP utilisation (MFU), and at the end the
+loss curve, RUN_DIR/loss.png. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmforge.train.checkpointing import remove_stale_temporaries
+
+if TYPE_CHECKING:
+    from lmforge.train.trainer import Trainer
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The matmul FLOP/s this device reaches: the best of a few square matmuls (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl, without a last line that a killed process left unfinished."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+class MetricsLogger:
+    """Rank 0's outputs: progress bar, metrics.jsonl, TensorBoard, W&B, and the loss curve at the end."""
+
+    def __init__(self, trainer: Trainer, resume_step: int | None):
+        self.trainer, cfg = trainer, trainer.cfg
+        self.active = trainer.env.is_main
+        self.bar = self.tb = self.wandb = None
+        self.peak = None
+        if not self.active:
+            return
+        run_dir = trainer.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.metrics_path.write_text("")
+        elif self.metrics_path.exists():
+            # Rows past the checkpoint came from the interrupted run (whose last line may be cut off by
+            # the kill); this run writes them again.
+            rows = [row for row in read_metrics(self.metrics_path) if row["step"] <= resume_step]
+            self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        remove_stale_temporaries(run_dir)
+        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), **trainer.log_config},
+                                                        indent=2, default=str))
+        if trainer.flops_per_token:
+            dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else \
+                torch.float16 if cfg.precision == "fp16" else torch.float32
+            self.peak = cfg.peak_flops or measure_peak_flops(trainer.env.device, dtype)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training", dynamic_ncols=True)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), name=run_dir.name,
+                                    config={"train": asdict(cfg), **trainer.log_config})
+
+    def train(self, row: dict) -> None:
+        if not self.active:
+            return
+        world = self.trainer.env.world_size
+        if self.peak and self.trainer.flops_per_token:
+            row["mfu"] = row["tokens_per_s"] * self.trainer.flops_per_token / (self.peak * world)
+        if self.bar is not None:
+            post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if "mfu" in row:
+                post["mfu"] = f"{100 * row['mfu']:.1f}%"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        if row["step"] % self.trainer.cfg.log_every == 0 or row["step"] == self.trainer.cfg.steps:
+            self.write(row)
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k if k.startswith("val_") else f"train/{k}", v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def loss_curve(self) -> Path | None:
+        """loss.png: training loss (and validation loss) against the step, from metrics.jsonl."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = read_metrics(self.metrics_path)
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if not train:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.trainer.run_dir / "loss.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
