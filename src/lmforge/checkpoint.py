@@ -11,13 +11,12 @@ family's on-disk names differ from its in-memory ones: Mixtral's experts (w1/w3/
 
 Saves are atomic: everything is written to a temporary directory beside the target, which
 then replaces the target by rename. A crash at any moment leaves the previous checkpoint
-loadable (see `_recover`).
+loadable (files.replace_directory, files.recover_directory).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import PRESETS, ModelConfig, load_config, preset, to_hf
+from lmforge.files import atomic_directory_write, recover_directory
 from lmforge.model import Transformer, build_model
 
 TOKENIZER_FILES = (
@@ -46,7 +46,8 @@ class CheckpointError(ValueError):
 
 # -- names on disk <-> names in memory ----------------------------------------------------------
 
-def _to_disk_name(name: str, cfg: ModelConfig) -> str:
+def to_disk_name(name: str, cfg: ModelConfig) -> str:
+    """A parameter's name in a saved file (the in-memory name, except Mixtral's experts)."""
     if cfg.model_type == "mixtral" and ".mlp." in name:
         name = name.replace(".mlp.", ".block_sparse_moe.")
         name = re.sub(r"\.(gate_proj|up_proj|down_proj)\.", lambda m: f".{_MIXTRAL[m.group(1)]}.", name)
@@ -100,7 +101,7 @@ def state_dict_for_saving(model: Transformer, dtype: torch.dtype | None = None) 
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        out[_to_disk_name(name, cfg)] = t.contiguous().cpu()
+        out[to_disk_name(name, cfg)] = t.contiguous().cpu()
     return out
 
 
@@ -114,44 +115,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
         current[name] = t
         size += nbytes
     return shards + [current]
-
-
-def _recover(path: Path) -> None:
-    """Finish a save that crashed between its two renames: put the previous checkpoint back."""
-    backup = path.with_name(f".{path.name}.old")
-    if backup.exists():
-        if path.exists():
-            shutil.rmtree(backup)
-        else:
-            backup.rename(path)
-
-
-def atomic_directory_write(path: str | Path, write) -> Path:
-    """Call write(tmp_dir) and then make tmp_dir appear at `path` in one step; on any error the
-    temporary directory is removed and whatever was at `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = path.with_name(f".{path.name}.old")
-    if path.exists():
-        path.rename(backup)
-    tmp.rename(path)
-    if backup.exists():
-        shutil.rmtree(backup)
-    return path
 
 
 def save_model(model: Transformer, path: str | Path, *, tokenizer_dir: str | Path | None = None,
@@ -278,7 +241,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     """Load any supported HF model directory (whatever wrote it; sharded or not; fp32/bf16/fp16). The config
     and the weights' headers are checked against each other before anything is allocated (`check_weights`)."""
     path = Path(path)
-    _recover(path)
+    recover_directory(path)
     cfg = load_config(path)
     shapes = read_shapes(weight_files(path))
     check_weights(cfg, shapes, path)

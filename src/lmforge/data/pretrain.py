@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.data.formats import DataError, DataStats, TextPiece, iter_text_pieces, resolve_files
+from lmforge.files import recover_directory, replace_directory, temporary_beside
 from lmforge.settings import parse_args
 from lmforge.tokenizer import Tokenizer
 
@@ -240,7 +241,8 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
     if val_fraction > 0:  # at least about 1/val_fraction pieces, where the text allows
         piece_bytes = min(piece_bytes, max(MIN_PIECE_BYTES, int(total_bytes * val_fraction)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    recover_directory(out)
+    tmp = temporary_beside(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     stats = DataStats()
@@ -281,13 +283,7 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
             bytes=read, skipped=stats.skipped, seconds=round(seconds, 3),
         )
         (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        replace_directory(tmp, out)
     finally:
         if pool is not None:
             pool.terminate()

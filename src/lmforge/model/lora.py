@@ -40,8 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.checkpoint import _to_disk_name, atomic_directory_write
-from lmforge.files import read_json
+from lmforge.checkpoint import to_disk_name
+from lmforge.files import atomic_directory_write, read_json
 
 ALL_LINEAR = "all-linear"
 _PREFIX = "base_model.model."  # what PEFT puts before a module name in the adapter file
@@ -209,7 +209,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def _disk_name(model: nn.Module, name: str) -> str:
     """The module's name as the base checkpoint spells it (Mixtral's experts differ)."""
-    return _to_disk_name(name + ".weight", model.config).removesuffix(".weight")
+    return to_disk_name(name + ".weight", model.config).removesuffix(".weight")
 
 
 def adapter_config(settings: LoraConfig, model: nn.Module, base_model_path: str | None = None) -> dict:

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.checkpoint import CheckpointError
-from lmforge.files import read_json
+from lmforge.files import read_json, remove_directory, replace_directory, temporary_beside
 from lmforge.train.environment import Env
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -216,22 +216,6 @@ def resume_candidates(resume: str | None, run_dir: Path) -> list[Path]:
     return complete_checkpoints(run_dir)[::-1]
 
 
-def fsync_files(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint so that a crash midway never leaves a half-deleted one looking complete."""
-    doomed = path.with_name(f".{path.name}.deleting")
-    if doomed.exists():
-        shutil.rmtree(doomed)
-    path.rename(doomed)
-    shutil.rmtree(doomed)
-
-
 def remove_stale_temporaries(run_dir: Path) -> None:
     """What a killed process left half-written or half-deleted: hidden directories named after checkpoints."""
     for path in run_dir.glob(f".*{CHECKPOINT_PREFIX}*"):
@@ -391,7 +375,7 @@ class Checkpointer:
         env, progress = self.env, self.progress.state_dict()
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{progress['step']:06d}"
         # Every rank knows this name, so under FSDP all of them can write their shards into it.
-        tmp = self.run_dir / f".{final.name}.tmp"
+        tmp = temporary_beside(final, shared=True)
         if env.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.write_weights(tmp)
@@ -405,12 +389,9 @@ class Checkpointer:
         if env.is_main:  # written last, with the size of every file: a checkpoint without it is incomplete
             state = {"format": FORMAT_VERSION, **progress, "world_size": env.world_size, "files": file_sizes(tmp)}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-            fsync_files(tmp)
-            if final.exists():  # saving a step again after resuming from an older checkpoint
-                remove_checkpoint(final)
-            tmp.rename(final)
+            replace_directory(tmp, final)  # (final exists when a step is saved again after resuming before it)
             for old in complete_checkpoints(self.run_dir)[:-max(1, self.keep_last)]:
-                remove_checkpoint(old)
+                remove_directory(old)
         self._barrier()
         return final
 

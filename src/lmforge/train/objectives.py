@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.data.sft import IGNORE_INDEX
 from lmforge.model import cpu_kernels
 
-IGNORE_INDEX = -100  # label of a token that is not trained on (prompt, padding), as in transformers
 DEFAULT_CHUNK = 4096
 
 

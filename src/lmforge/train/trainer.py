@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.checkpoint import save_model
+from lmforge.data.sft import IGNORE_INDEX
 from lmforge.settings import check_ranges, parse_args
 from lmforge.train.checkpointing import (
     CHECKPOINT_PREFIX,
@@ -60,7 +61,6 @@ from lmforge.train.checkpointing import (
 )
 from lmforge.train.environment import Env, setup_env
 from lmforge.train.metrics import MetricsLogger
-from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.schedule import lr_at
 
 
