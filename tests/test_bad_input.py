@@ -13,7 +13,7 @@ import pytest
 
 from lmforge import cli
 from lmforge.data import formats
-from lmforge.data.formats import DataError, builtin_shakespeare, iter_text_pieces, read_records
+from lmforge.data.formats import DataError, builtin_shakespeare, iter_text_pieces, read_with
 from lmforge.data.sft import SFTDataset
 from lmforge.tokenizer import Tokenizer
 
@@ -82,9 +82,9 @@ def test_jsonl_records_over_the_limit_are_named_and_skipped_unread(tmp_path, mon
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "one"}\n' + json.dumps({"text": "y" * 5000}) + '\n{"text": "three"}\n')
     with pytest.raises(DataError, match=r"data\.jsonl, line 2: a line of more than 0 MiB"):
-        list(read_records(path))
+        list(read_with(path, lambda record: record))
     stats = formats.DataStats()
-    assert [r.data["text"] for r in read_records(path, skip_bad=True, stats=stats)] == ["one", "three"]
+    assert [r.data["text"] for r in read_with(path, lambda record: record, True, stats)] == ["one", "three"]
     assert stats.skipped == 1
 
 

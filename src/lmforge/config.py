@@ -9,7 +9,6 @@ handled in `from_hf` / `to_hf` below, nowhere else.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,9 +209,6 @@ class ModelConfig:
                     f"with topk_group {self.topk_group}")
             if self.moe_intermediate_size <= 0:
                 bad("moe_intermediate_size", "must be positive for a MoE model")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------

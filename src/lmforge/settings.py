@@ -160,10 +160,6 @@ def set_path(obj, dotted: str, value: Any, source: str = "") -> None:
     apply_dict(target, {leaf: value}, walked, source)
 
 
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def _range_text(f: dataclasses.Field) -> str:
     low, high = f.metadata.get("min"), f.metadata.get("max")
     if low is not None and high is not None:
@@ -218,25 +214,21 @@ def _aliases(cls) -> dict[str, str]:
     return getattr(cls, "ALIASES", {})
 
 
-def parse_args(cls, argv: list[str] | None = None, prog: str = "lmforge", description: str = "",
-               positional: str | None = None):
-    """Build a `cls` from `--config YAML` and `--dotted.key VALUE` flags.
-
-    `positional`, when given, names the field that a bare leading argument fills
-    (`lmforge eval DIR` style). Exits with status 2 and a message naming the key on error.
-    """
+def parse_args(cls, argv: list[str] | None = None, prog: str = "lmforge", description: str = ""):
+    """Build a `cls` from `--config YAML` and `--dotted.key VALUE` flags. Exits with status 2 and a
+    message naming the key on error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(format_help(cls, prog, description))
         raise SystemExit(0)
     try:
-        return parse_args_or_raise(cls, argv, positional)
+        return parse_args_or_raise(cls, argv)
     except OptionError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
+def parse_args_or_raise(cls, argv: list[str]):
     cfg = cls()
     if "--config" in argv:
         i = argv.index("--config")
@@ -259,10 +251,6 @@ def parse_args_or_raise(cls, argv: list[str], positional: str | None = None):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            if i == 0 and positional:
-                set_path(cfg, positional, arg)
-                i += 1
-                continue
             raise OptionError(f"unexpected argument '{arg}' (options are --name VALUE)")
         key = arg[2:]
         value: str | None = None

@@ -504,11 +504,6 @@ def read_with(files, convert: Callable[[Record], Any], skip_bad: bool = False,
             yield value
 
 
-def read_records(files, skip_bad: bool = False, stats: DataStats | None = None) -> Iterator[Record]:
-    """Every record of every file (paths, globs, builtins), lazily."""
-    return read_with(files, lambda record: record, skip_bad, stats)
-
-
 def chat_converter(format: str = "auto") -> Callable[[Record], list[dict]]:
     """convert(record) -> its conversation (a list of messages), each file's format detected from its first
     record (or `format`); a conversation without an assistant reply is a DataError."""

@@ -159,13 +159,6 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len, w.device, dtype or w.dtype)
 
-    @torch.no_grad()
-    def update_expert_bias(self, rate: float) -> None:
-        """Apply DeepSeek-V3's auxiliary-loss-free bias update to every MoE layer that has the bias."""
-        for layer in self.model.layers:
-            if layer.is_moe and hasattr(layer.mlp.gate, "e_score_correction_bias"):
-                layer.mlp.update_score_bias(rate)
-
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 init: bool = True, seed: int | None = 0) -> Transformer:

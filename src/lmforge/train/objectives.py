@@ -4,11 +4,9 @@ The output projection is the largest activation in a small model's step: B*T row
 logits (8 x 2048 tokens x 151k vocab = 10 GB). Here the logits of at most `chunk_size` tokens exist
 at any moment, in the forward pass and in the backward pass:
 
-- `chunked_cross_entropy` computes, chunk by chunk, the loss *and* its gradients with respect to the
-  hidden states and the output matrix inside the forward pass (the approach of Liger Kernel's fused
-  linear cross-entropy, Hsu et al. 2024, arXiv 2410.10989); backward only scales the stored gradients.
-- `token_logprobs` (for DPO and RL, which need each target token's log-probability) recomputes a
-  chunk's logits in the backward pass with activation checkpointing.
+`chunked_cross_entropy` computes, chunk by chunk, the loss *and* its gradients with respect to the
+hidden states and the output matrix inside the forward pass (the approach of Liger Kernel's fused
+linear cross-entropy, Hsu et al. 2024, arXiv 2410.10989); backward only scales the stored gradients.
 
 A stage's loss function has the signature the Trainer expects: `loss_fn(model, batch) -> (loss, metrics)`;
 `causal_lm_loss` is the one pretraining and SFT use.
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.sft import IGNORE_INDEX
 from lmforge.model import cpu_kernels
@@ -93,34 +90,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                        grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     # max(1, .): a batch with no trained token gives loss 0, not NaN.
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.to(hidden.dtype).T).float()
-    safe = labels.clamp(min=0)  # ignored tokens read class 0, then are zeroed by the caller
-    return logits.gather(-1, safe[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK, **model_kwargs) -> torch.Tensor:
-    """log p(labels[b, t] | input_ids[b, :t+1]) for every position, [B, T] fp32; 0 where labels is -100.
-
-    `labels` are already aligned with `input_ids` (labels[t] is the token after input_ids[t]).
-    Differentiable; each chunk's logits are recomputed in backward instead of kept.
-    """
-    output = model(input_ids, return_hidden=True, **model_kwargs)
-    weight = unwrap_model(model).output_weight
-    hidden = output.hidden.reshape(-1, output.hidden.shape[-1])
-    flat_labels = labels.reshape(-1)
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start:start + chunk_size], flat_labels[start:start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logprobs, h, weight, y, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(h, weight, y))
-    logprobs = torch.cat(pieces).view(labels.shape)
-    return logprobs.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
