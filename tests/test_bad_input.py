@@ -1,11 +1,9 @@
-# ruff: noqa: F811  (pytest fixtures imported from train_helpers are parameters of the tests)
 """Bad or hostile input to the commands that read files: huge lines and samples stay bounded, small corpora
 get a validation split, bad records are skipped with --skip-bad, and every error is one line naming its source."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,9 @@ from lmforge.data.formats import DataError, builtin_shakespeare, iter_text_piece
 from lmforge.data.sft import SFTDataset
 from lmforge.tokenizer import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import base_model, chats, corpus, one_thread  # noqa: E402, F401  (fixtures)
-
 QUIET = ["--train.progress", "false", "--train.peak-flops", "1e11", "--train.device", "cpu"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shakespeare(chars: int) -> str:

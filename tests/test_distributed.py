@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import RandomBatches, tiny_model
 
 from lmforge.checkpoint import load_model
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomBatches, one_thread, tiny_model  # noqa: E402, F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, GLOBAL_BATCH, ACCUM = 4, 4, 2
 

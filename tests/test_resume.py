@@ -6,19 +6,18 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import RandomBatches, tiny_model
 
 from lmforge.checkpoint import CheckpointError
 from lmforge.train.checkpointing import load_state, save_state
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomBatches, one_thread, tiny_model  # noqa: E402, F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupt(Exception):

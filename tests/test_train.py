@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import VOCAB, RandomBatches, tiny_config, tiny_model
 
 from lmforge.model import build_model
 from lmforge.train.checkpointing import complete_checkpoints
@@ -18,8 +17,7 @@ from lmforge.train.objectives import causal_lm_loss, chunked_cross_entropy
 from lmforge.train.schedule import lr_at
 from lmforge.train.trainer import NonFiniteError, OptimConfig, TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import VOCAB, RandomBatches, one_thread, tiny_config, tiny_model  # noqa: E402, F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(run_dir, **kw) -> TrainConfig:

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from train_helpers are parameters of the tests)
 """The stages over the Trainer: `lmforge pretrain` (preset or HF dir, on prepared shards; SIGKILL and
 resume; config errors) and `lmforge sft` (full, freeze, LoRA, DoRA; loss on replies only)."""
 
@@ -25,11 +24,10 @@ from lmforge.train import pretrain, sft
 from lmforge.train.checkpointing import complete_checkpoints
 from lmforge.train.metrics import read_metrics
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import base_model, chats, corpus, one_thread  # noqa: E402, F401  (fixtures)
-
 ROOT = Path(__file__).parents[1]
 QUIET = ["--train.progress", "false", "--train.peak-flops", "1e11", "--train.device", "cpu"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics(run_dir) -> list[dict]:

@@ -1,8 +1,8 @@
-"""Shared pieces of the training tests: a tiny model and a resumable stream of random token batches."""
+"""Shared pieces of the tests: a tiny model, a resumable stream of random token batches, a tiny corpus
+(their fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lmforge.config import ModelConfig
@@ -77,45 +77,3 @@ def make_corpus(directory, chars: int = 120_000):
     prepare(directory / "tokenizer", [str(text_file)], directory / "data", val_fraction=0.1, workers=1,
             piece_bytes=4096, show_progress=False)
     return directory / "tokenizer", directory / "data"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def base_model(corpus, tmp_path_factory):
-    """A tiny HF model dir with the corpus tokenizer (vocab 300) and its chat template."""
-    from lmforge.checkpoint import save_model
-
-    tokenizer, _ = corpus
-    path = tmp_path_factory.mktemp("base") / "model"
-    save_model(tiny_model(vocab_size=300, max_position_embeddings=128), path, tokenizer_dir=tokenizer)
-    return path
-
-
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory):
-    """Arithmetic conversations in OpenAI's messages format, for SFT."""
-    import json
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
-    with open(path, "w") as f:
-        for _ in range(24):
-            a, b = rng.randrange(10), rng.randrange(10)
-            messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": f"{a}+{b}"},
-                        {"role": "assistant", "content": str(a + b)}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine its waits dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
