@@ -37,8 +37,8 @@ class CausalAttentionCPU(torch.autograd.Function):
     PyTorch's CPU flash-attention kernel runs its backward pass at a small fraction of the matmul
     peak; here the whole [T, T] score matrix is formed instead (T is short in CPU training), so
     that every step is one large bf16 matmul (AMX/AVX-512 where the CPU has them) or one softmax
-    pass: for the `small` preset at 8 x 256 this is ~2x faster than the flash kernel, forward plus
-    backward (BENCHMARKS.md). GQA needs no copies of K and V: the G query heads that share a KV head
+    pass, which is faster than the flash kernel for CPU training's short sequences, forward plus
+    backward (BENCHMARKS.md, train_step.py). GQA needs no copies of K and V: the G query heads that share a KV head
     are stacked as G*T rows against that head's T keys. The scale, the causal mask and the softmax
     are one pass of cpu_kernels.causal_softmax (fp32 inside); numerics are those of transformers'
     eager attention in bf16: bf16 scores, softmax in fp32 rounded to bf16.

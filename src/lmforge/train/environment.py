@@ -54,8 +54,8 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large activations every step. By default glibc
     serves blocks above a threshold (128 KiB, rising to at most 32 MiB) with fresh mmaps and unmaps
-    them on free, so every step page-faults its activations in again, zeroed by the kernel: about
-    10% of a CPU step for the `small` preset (BENCHMARKS.md). The same as starting the process with
+    them on free, so every step page-faults its activations in again, zeroed by the kernel: a cost
+    measured in BENCHMARKS.md (train_step.py). The same as starting the process with
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647. Process-wide; returns
     whether it applied (False off glibc).
     """
