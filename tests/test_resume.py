@@ -204,3 +204,36 @@ def test_copied_checkpoint_from_another_run_is_refused(cut, tmp_path):
     with pytest.raises(CheckpointError, match=r"copy/training_state\.json: does not fit this model: it has "
                                               r"\['model\.layers\.0\.self_attn\.q_proj\.lora_A'\]"):
         train(cut, resume=str(tmp_path / "copy"))
+
+
+class Counter:
+    """A stage's own state (say, how many rollouts it has made), with a tensor in it too."""
+
+    def __init__(self):
+        self.count, self.seen = 0, torch.zeros(3)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.seen = state["count"], state["seen"].clone()
+
+
+def test_a_stage_adds_its_own_state_to_what_checkpoints_hold(tmp_path):
+    def trainer(resume=None):
+        cfg = TrainConfig(run_dir=str(tmp_path / "run"), steps=2, save_every=0, eval_every=0, progress=False,
+                          device="cpu", resume=resume)
+        return Trainer(cfg, tiny_model(), causal_lm_loss, RandomBatches(4))
+
+    first, counter = trainer(), Counter()
+    first.checkpointer.shared["counter"] = counter
+    counter.count, counter.seen = 7, torch.tensor([1.0, 2.0, 3.0])
+    first.fit()
+    second, restored = trainer(resume="auto"), Counter()
+    second.checkpointer.shared["counter"] = restored
+    assert second.checkpointer.resume("auto")
+    assert restored.count == 7 and torch.equal(restored.seen, torch.tensor([1.0, 2.0, 3.0]))
+    third = trainer(resume="auto")  # a run that keeps more state than the checkpoint holds: named
+    third.checkpointer.per_rank["missing"] = Counter()
+    with pytest.raises(CheckpointError, match=r"rank0\.json: holds no 'missing' state"):
+        third.checkpointer.resume(str(tmp_path / "run" / "checkpoint-000002"))
