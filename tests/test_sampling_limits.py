@@ -25,6 +25,7 @@ from lmforge.infer.sampling import (
     apply_penalties,
     choose_tokens,
     draw,
+    parse_logit_bias,
 )
 from lmforge.model import build_model
 from lmforge.tokenizer import train_tokenizer
@@ -200,6 +201,22 @@ def test_out_of_range_values_are_a_bad_param(engine, bad):
     assert error.value.field == name
 
 
+@pytest.mark.parametrize("key,value,field", [
+    ("x", 1, "logit_bias"), ("-1", 1, "logit_bias"), ("300", 1, "logit_bias"), ("٣", 1, "logit_bias"),
+    (" 5", 1, "logit_bias"), ("9" * 400, 1, "logit_bias"),
+    ("5", 101, "logit_bias.5"), ("5", True, "logit_bias.5"), ("5", "1", "logit_bias.5"),
+    ("5", math.nan, "logit_bias.5"),
+])
+def test_a_logit_bias_entry_that_is_not_a_token_id_and_a_bias_is_named(key, value, field):
+    """OpenAI's logit_bias (the server's JSON, the command line's TOKEN_ID=BIAS): the first bad entry is named,
+    its key quoted in an excerpt (a client may send a megabyte), the others kept as {token id: bias}."""
+    assert parse_logit_bias({"0": -100, "299": 2.5, "007": 1}, vocab_size=300) == {0: -100.0, 299: 2.5, 7: 1.0}
+    with pytest.raises(SamplingParamError) as error:
+        parse_logit_bias({"1": 1, key: value, "2": "never checked"}, vocab_size=300)
+    assert error.value.field == field and len(str(error.value)) < 150
+    assert (key[:40] if field == "logit_bias" else field) in str(error.value)
+
+
 def test_a_tiny_temperature_is_greedy(engine, tokenizer):
     prompt = tokenizer.encode("The end")
     (greedy,), = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
@@ -271,7 +288,7 @@ def test_nan_logits_fail_their_request_only(engine, tokenizer, monkeypatch):
     assert [len(o.token_ids) for o in victim.outputs] == [3, 3]  # no garbage token after the NaN
     assert [r.error for r in others] == [None, None]
     assert [r.outputs[0].token_ids for r in others] == alone
-    assert engine._running == []
+    assert engine.num_active == 0
     monkeypatch.undo()
     (again,), = engine.generate([prompts[1]], alone_params[0])
     assert again.token_ids == alone[0]

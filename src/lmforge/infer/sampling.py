@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,12 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # Stop strings: OpenAI allows 4. lm-evaluation-harness's `until` lists have a handful, code tasks ~5-10.
 # The Detokenizer's work per token does not grow with them, but their automaton is built per request.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+EXCERPT_CHARS = 40  # the most characters of a client's own text that an error message quotes
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` as an error message may quote it: cut to `limit` characters, saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class DistributionError(ValueError):
@@ -89,9 +96,11 @@ class SamplingParams:
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "must be None or in [0, 20]"),
-            ("stop", len(self.stop) <= MAX_STOP_STRINGS
+            # a list: a string is iterable too, and would stop at each of its characters
+            ("stop", isinstance(self.stop, (list, tuple)) and len(self.stop) <= MAX_STOP_STRINGS
              and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
-             f"must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+             f"must be a list of at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+             "characters"),
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
@@ -111,6 +120,27 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def parse_logit_bias(bias: Mapping[str, object], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias, {"token id": bias}, as SamplingParams takes it: {token id: bias}. The keys are
+    token ids written in decimal (JSON object keys are strings; so are the TOKEN_ID parts of the command
+    line's TOKEN_ID=BIAS), the biases numbers in [-100, 100] (bool is not one, as JSON's true is not 1).
+
+    Raises SamplingParamError naming the first bad entry alone, its field "logit_bias" for a key that is not
+    a token id of this vocabulary and "logit_bias.KEY" for a bad bias: the map may hold one entry per token
+    of the vocabulary, and its keys come from a client (quoted in an excerpt)."""
+    ids = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() and len(key) < 20 else vocab_size
+        if token >= vocab_size:
+            raise SamplingParamError("logit_bias", f"logit_bias: '{excerpt(key)}' is not a token id of this model "
+                                                   f"(0 to {vocab_size - 1})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise SamplingParamError(f"logit_bias.{key}",
+                                     f"logit_bias.{key}={reprlib.repr(value)}: must be a number in [-100, 100]")
+        ids[token] = float(value)
+    return ids
 
 
 class SamplerState:
@@ -172,7 +202,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     if top_p < 1.0:
         probs = logits.softmax(-1)
         # The nucleus is usually small: look among the 256 most likely tokens first, and sort the
-        # whole vocabulary only when they do not reach top_p (a full sort costs ~100 us a row on a CPU).
+        # whole vocabulary (a cost in proportion to its size, every row) only when they do not reach top_p.
         top, order = probs.topk(min(256, probs.shape[-1]))
         if top.sum() < top_p:
             top, order = probs.sort(descending=True)
@@ -191,8 +221,8 @@ def choose_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[int 
     (each drew its one random number, so a seeded sample goes on as if that row were not there)."""
     if all(s.params.greedy and s.seen is None and s.bias is None for s in states):
         # The common case in one op, no per-row tensor work; in NumPy on a CPU because PyTorch
-        # runs an argmax this large on its OpenMP threads, which then spin for ~10 ms waiting for
-        # more work, on the cores the next C decode step needs (engine.py: 30% slower steps).
+        # runs an argmax this large on its OpenMP threads, which then spin waiting for more work,
+        # on the cores the next C decode step needs (BENCHMARKS.md: slower steps in the engine).
         # Both take NaN for the largest value, so `best` is finite only where the whole row's maximum is.
         if logits.device.type == "cpu":
             rows = logits.numpy()
@@ -233,7 +263,7 @@ def _not_finite(largest: float) -> DistributionError:
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from probs [V] by inverting the cumulative distribution at a uniform draw: one
-    random number per token (torch.multinomial draws V exponentials, 30x slower at V=6400). Raises
+    random number per token (torch.multinomial draws V exponentials, one per vocabulary entry). Raises
     DistributionError where the probabilities do not sum to a positive finite number (a NaN or an
     infinite logit makes the softmax all NaN, and the search below would then pick the last token)."""
     cdf = probs.double().cumsum(-1)
