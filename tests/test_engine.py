@@ -241,7 +241,10 @@ def test_prefix_cache_forgets_when_weights_change(tokenizer):
     (alone,), = Engine(model, tokenizer, max_batch_size=2, max_len=64, prefix_cache=False).generate([prompt], params)
     assert changed.outputs[0].token_ids == alone.token_ids
     engine.reset_prefix_cache()
-    assert engine.generate([prompt], params) and engine._cached != {}
+    engine.generate([prompt], params)
+    held = engine.submit(prompt, params)  # what reset_prefix_cache is about to forget
+    run_to_end(engine, held)
+    assert held.cached_tokens == len(prompt) - 1
     engine.reset_prefix_cache()
     after = engine.submit(prompt, params)
     run_to_end(engine, after)
@@ -250,8 +253,7 @@ def test_prefix_cache_forgets_when_weights_change(tokenizer):
 
 def test_n_samples_share_one_prefill(tokenizer):
     model = make_model(tokenizer)
-    engine = Engine(model, tokenizer, max_batch_size=4, max_len=64)
-    engine._cpu_decoder = None  # every forward through the model, so the hook sees them
+    engine = Engine(model, tokenizer, max_batch_size=4, max_len=64, cpu_decoder=False)  # the hook sees every forward
     prefills = []
     hook = model.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1]))
     prompt = tokenizer.encode("The lazy dog")
@@ -281,8 +283,7 @@ def run_until_done(engine, requests):
 @pytest.mark.parametrize("kind", ["dense", "mla"])
 def test_waiting_requests_are_prefilled_in_one_forward(tokenizer, kind):
     model = make_model(tokenizer, kind)
-    engine = Engine(model, tokenizer, max_batch_size=8, max_len=64)
-    engine._cpu_decoder = None  # every forward through the model, so the hook sees them
+    engine = Engine(model, tokenizer, max_batch_size=8, max_len=64, cpu_decoder=False)  # the hook sees every forward
     texts = ["The", "Café, naïve, façade. The quick brown", "日本語", "Numbers 12345.", "🚀 dog"]
     prompts = [tokenizer.encode(t) for t in texts]
     assert len({len(p) for p in prompts}) == len(prompts)  # all of different lengths
@@ -312,8 +313,8 @@ def test_waiting_requests_are_prefilled_in_one_forward(tokenizer, kind):
 
 def test_max_prefill_tokens_splits_a_burst(tokenizer):
     model = make_model(tokenizer)
-    engine = Engine(model, tokenizer, max_batch_size=8, max_len=64, max_prefill_tokens=16)
-    engine._cpu_decoder = None  # decode steps through the model too, so the hook sees them
+    # decode steps through the model too, so the hook sees them
+    engine = Engine(model, tokenizer, max_batch_size=8, max_len=64, max_prefill_tokens=16, cpu_decoder=False)
     prompts = [tokenizer.encode(t) for t in ["The quick", "The lazy dog", "Café, naïve, façade. The quick brown",
                                              "日本", "dog"]]
     lengths = [len(p) for p in prompts]
@@ -537,30 +538,33 @@ def test_cancel_frees_the_row(tokenizer):
         assert engine.num_active == 0
     finally:
         engine.stop()
-    assert engine._running == []
+    assert engine.num_active == 0
 
 
 def test_a_step_wakes_an_event_loop_once(engine, tokenizer, monkeypatch):
     """Requests iterated on one event loop get a step's events in one hand-off to that loop (one
     call_soon_threadsafe, a system call on the engine's thread), not one per token, and each request
     still gets all its events."""
-    import lmforge.infer.engine as engine_module
-
     prompts = [tokenizer.encode(t) for t in ["The lazy", "dog", "Café"]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     expected = [out.token_ids for (out,) in engine.generate(prompts, params)]
     steps, handoffs, events = [], [], []
-    step, send = engine.step, engine_module._send
+    step = engine.step
 
     def counted_step():
         steps.append(1)
         step()
 
-    def counted_send(loop, items):
-        handoffs.append(len(items))
-        send(loop, items)
-
     async def main():
+        loop = asyncio.get_running_loop()
+        handoff = loop.call_soon_threadsafe
+
+        def counted_handoff(callback, *args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():  # the engine's: (request, event) pairs
+                handoffs.append(len(args[0]))
+            return handoff(callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted_handoff)
         requests = [engine.submit(p, params) for p in prompts]
         engine.start()
 
@@ -572,7 +576,6 @@ def test_a_step_wakes_an_event_loop_once(engine, tokenizer, monkeypatch):
         return await asyncio.gather(*(tokens(r) for r in requests))
 
     monkeypatch.setattr(engine, "step", counted_step)
-    monkeypatch.setattr(engine_module, "_send", counted_send)
     try:
         got = asyncio.run(main())
     finally:
@@ -635,10 +638,10 @@ def test_engine_survives_a_failing_step(engine, tokenizer, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(engine.model, "forward", broken)
-        m.setattr(engine, "_cpu_decoder", None)  # its C steps would not call forward
+        m.setattr(engine, "cpu_decoder", None)  # its C steps would not call forward
         with pytest.raises(RuntimeError, match="boom"):
             engine.generate([tokenizer.encode("The")], GREEDY)
-    assert calls.is_set() and engine._running == []
+    assert calls.is_set() and engine.num_active == 0
     (out,), = engine.generate([tokenizer.encode("The")], GREEDY)
     assert len(out.token_ids) == 12
 
@@ -666,9 +669,9 @@ def test_prompts_past_the_c_prefill_limit_go_through_pytorch(tokenizer, monkeypa
     matvecs are fast enough, CPUDecoder.prefills); a batch with a longer prompt goes through the
     model's forward. Both give the tokens of a PyTorch-only engine."""
     model = make_model(tokenizer)
-    fast, slow = Engine(model, tokenizer, max_batch_size=4), Engine(model, tokenizer, max_batch_size=4)
-    slow._cpu_decoder = None
-    monkeypatch.setattr(fast._cpu_decoder, "prefill_max_len", 6)
+    fast = Engine(model, tokenizer, max_batch_size=4)
+    slow = Engine(model, tokenizer, max_batch_size=4, cpu_decoder=False)
+    monkeypatch.setattr(fast.cpu_decoder, "prefill_max_len", 6)
     short, long = tokenizer.encode("dog")[:6], tokenizer.encode("Café, naïve, façade. The quick")
     assert len(long) > 6
     shapes, hook = prefill_recorder(model)
@@ -679,7 +682,7 @@ def test_prompts_past_the_c_prefill_limit_go_through_pytorch(tokenizer, monkeypa
     hook.remove()
     # the model's forward ran for both prompts of the slow engine, and for the fast one's long prompt
     # (its short one too where this CPU's C matvecs are not used for prefill)
-    in_pytorch = [len(long)] if fast._cpu_decoder.prefills else [len(short), len(long)]
+    in_pytorch = [len(long)] if fast.cpu_decoder.prefills else [len(short), len(long)]
     assert sorted(t for _, t in shapes if t > 1) == sorted([len(short), len(long), *in_pytorch])
 
 
@@ -688,10 +691,10 @@ def test_engine_decodes_in_c_when_it_can_and_agrees_with_pytorch(tokenizer):
     different lengths, n=2) through PyTorch's forward give the same tokens (greedy and seeded
     sampling) and log-probs (MoE stays on PyTorch)."""
     model = make_model(tokenizer)
-    fast, slow = Engine(model, tokenizer, max_batch_size=4), Engine(model, tokenizer, max_batch_size=4)
-    slow._cpu_decoder = None
-    assert fast._cpu_decoder is not None
-    assert Engine(make_model(tokenizer, "moe"), tokenizer)._cpu_decoder is None
+    fast = Engine(model, tokenizer, max_batch_size=4)
+    slow = Engine(model, tokenizer, max_batch_size=4, cpu_decoder=False)
+    assert fast.cpu_decoder is not None and slow.cpu_decoder is None
+    assert Engine(make_model(tokenizer, "moe"), tokenizer).cpu_decoder is None
     prompts = [tokenizer.encode(t) for t in ["The quick", "dog", "Café, naïve"]]
     for params in (SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, ignore_eos=True),
                    SamplingParams(max_tokens=12, temperature=0.9, seed=5, n=2, ignore_eos=True)):

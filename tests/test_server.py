@@ -643,7 +643,7 @@ def test_a_failing_generation_is_a_500_and_the_server_recovers(live, monkeypatch
 
     with monkeypatch.context() as patch:
         patch.setattr(live.engine.model, "forward", broken_forward)
-        patch.setattr(live.engine, "_cpu_decoder", None)  # its C steps would not call forward
+        patch.setattr(live.engine, "cpu_decoder", None)  # its C steps would not call forward
         response = httpx.post(live.url + "/v1/chat/completions", json=GOOD_CHAT, timeout=30)
         assert response.status_code == 500
         error = response.json()["error"]

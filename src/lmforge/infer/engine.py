@@ -26,21 +26,18 @@ How a request runs (one function per step, read top to bottom):
 
 `start()` runs steps 2-4 in a background thread (continuous batching: requests join and leave
 between decode steps, so a short request never waits for a long one); without it, `generate` and
-`stream` run the same steps in the caller's thread.
+`stream` run the same steps in the caller's thread. What `submit` returns, the Request a caller
+iterates or awaits, is request.py's; the text API over the engine is llm.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import itertools
 import logging
-import queue
 import threading
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +48,14 @@ from lmforge.config import PRESETS
 from lmforge.files import read_json
 from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.infer.detokenize import Detokenizer
+from lmforge.infer.request import Delta, Outbox, Output, Request, TokenLogprob, send_events
 from lmforge.infer.sampling import DistributionError, SamplerState, SamplingParams, choose_tokens, token_logprobs
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Delta", "Engine", "Output", "Request", "SamplingParams", "TokenLogprob"]
+__all__ = ["Engine", "SamplingParams"]
 
 DEFAULT_MAX_LEN = 2048
 # Prompt log-probs need a vocabulary-sized row of fp32 logits per prompt position: the C prefill returns
@@ -66,119 +64,6 @@ DEFAULT_MAX_LEN = 2048
 # 150K vocabulary would otherwise hold 1.2 GB of logits, and as much again for their log-softmax).
 PROMPT_LOGITS_BUDGET = 1 << 26
 PROMPT_LOGITS_CHUNK = 256
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    text: str
-    logprob: float
-    top: list[tuple[int, str, float]]  # (id, text, logprob), most likely first
-
-
-@dataclass
-class Output:  # one of the n samples of a request
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | None while running (or cancelled)
-    logprobs: list[TokenLogprob] | None
-
-
-@dataclass
-class Delta:  # one streaming event for sample `index`
-    index: int
-    text: str  # new text, never a broken UTF-8 character (held back until complete)
-    token_ids: list[int]  # tokens since the previous event of this sample
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # set on the last event of that sample
-
-
-_DONE = object()  # end of a request's event stream
-
-
-class Request:
-    """A submitted prompt: iterate it (or `aiter` it) for Deltas; `outputs` holds the results."""
-
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams):
-        self.id = f"req-{uuid.uuid4().hex[:16]}"
-        self.prompt = prompt
-        self.prompt_tokens = len(prompt)
-        self.cached_tokens = 0  # of the prompt, found in the prefix cache (not prefilled again)
-        # params.prompt_logprobs: each prompt token's log-prob given those before it (None for the first), set
-        # once the prompt is prefilled, before the first event
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
-        self.params = params
-        self.outputs = [Output(i, "", [], None, [] if params.logprobs else None) for i in range(params.n)]
-        self.cancelled = False
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._engine = engine
-        self._events: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._async_events: asyncio.Queue | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; the batch rows are freed before the next decode step."""
-        self.cancelled = True
-        self._engine._wake()
-
-    def _put(self, event) -> None:  # called by the engine's thread
-        with self._lock:
-            if self._loop is None:
-                self._events.put(event)
-            elif (outbox := self._engine._outbox) is not None:  # sent at the end of the step
-                outbox.setdefault(self._loop, []).append((self, event))
-            else:
-                _send(self._loop, [(self, event)])
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        self.error = error
-        self.done.set()
-        self._put(_DONE)
-
-    def _next(self, event):
-        if event is _DONE:
-            if self.error is not None:
-                raise RuntimeError(f"generation failed: {self.error!r}") from self.error
-            return None
-        return event
-
-    def __iter__(self) -> Iterator[Delta]:
-        """Blocking iteration over events until all n samples finish."""
-        if not self._engine.running:  # nobody else steps the engine: do it here
-            yield from self._engine._drive_stream(self)
-            return
-        while (event := self._next(self._events.get())) is not None:
-            yield event
-
-    async def aiter(self) -> AsyncIterator[Delta]:
-        """Events for asyncio code: the engine's thread hands them to this event loop."""
-        if not self._engine.running:
-            raise RuntimeError("Engine.start() must be called before iterating requests asynchronously")
-        with self._lock:
-            self._loop, self._async_events = asyncio.get_running_loop(), asyncio.Queue()
-            while not self._events.empty():  # anything sent before we switched to asyncio
-                self._async_events.put_nowait(self._events.get_nowait())
-        while (event := self._next(await self._async_events.get())) is not None:
-            yield event
-
-
-def _send(loop: asyncio.AbstractEventLoop, items: list[tuple[Request, object]]) -> None:
-    """Hand events to requests iterated on `loop`, in one wake-up of that loop: one call per step
-    rather than per token (the wake-up is a write to the loop's socket pair, a system call each:
-    measured 13% of the engine thread's time at 16 streams)."""
-    try:
-        loop.call_soon_threadsafe(_deliver, items)
-    except RuntimeError:  # the event loop has closed: nobody is listening any more
-        for request, _ in items:
-            request.cancelled = True
-
-
-def _deliver(items: list[tuple[Request, object]]) -> None:  # on the requests' event loop
-    for request, event in items:
-        request._async_events.put_nowait(event)
 
 
 class _Sample:
@@ -201,14 +86,16 @@ class _Sample:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16,
                  max_len: int | None = None, eos_ids: set[int] | None = None, max_prefill_tokens: int = 2048,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, cpu_decoder: bool = True):
         """`max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
-        that end any output unless `ignore_eos`; by default the tokenizer's and config's eos, and every
-        special token (they mark an end of text or of a turn, never content). `max_prefill_tokens`: the
+        that end any output unless `ignore_eos` (default: `default_eos_ids`). `max_prefill_tokens`: the
         most tokens (rows x longest prompt, padding included) one prefill forward takes, so a burst of
         long prompts holds the running streams up for one such forward per step at most; a prompt
         longer than that is prefilled alone. `prefix_cache`: reuse the cached keys and values of an
-        earlier request whose tokens a new prompt begins with (see the module's docstring)."""
+        earlier request whose tokens a new prompt begins with (see the module's docstring). `cpu_decoder`:
+        decode steps and short prefills in one C call where the model allows (cpu_decode.py); False runs
+        every forward through the model (`self.cpu_decoder` is then None; setting it to None later does
+        the same)."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
         self.model = model.eval()
@@ -222,8 +109,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids if eos_ids is not None else default_eos_ids(model, tokenizer)
         self.cache = model.new_cache(max_batch_size, self.max_len)
-        # Decode steps in one C call where the model allows (cpu_decode.py); else PyTorch's forward.
-        self._cpu_decoder = CPUDecoder.create(model)
+        self.cpu_decoder = CPUDecoder.create(model) if cpu_decoder else None
         self._views: dict[tuple[int, int], KVCache] = {}
         self._running: list[_Sample] = []  # row i of the cache belongs to _running[i]
         self.prefix_cache = prefix_cache
@@ -238,7 +124,7 @@ class Engine:
         self._step_lock = threading.Lock()  # one thread steps the engine at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._outbox: dict | None = None  # during a step: events for asyncio requests, per event loop
+        self._outbox: Outbox | None = None  # during a step: events for asyncio requests, per event loop
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -252,7 +138,7 @@ class Engine:
         tok = Tokenizer.from_dir(tokenizer or path)
         model = model_from(path, device=device, dtype=DTYPES[dtype], vocab_size=tok.vocab_size)
         if Path(path).is_dir():
-            kw.setdefault("eos_ids", default_eos_ids(model, tok) | generation_eos_ids(path))
+            kw.setdefault("eos_ids", default_eos_ids(model, tok, path))
         return cls(model, tok, **kw)
 
     # -- public API ---------------------------------------------------------------------------------
@@ -324,7 +210,8 @@ class Engine:
 
     # -- stepping -----------------------------------------------------------------------------------
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Have the background thread look at the queue now (thread-safe): `Request.cancel` calls it."""
         with self._cond:
             self._cond.notify()
 
@@ -344,16 +231,6 @@ class Engine:
         while not request.done.is_set():
             self.step()
 
-    def _drive_stream(self, request: Request) -> Iterator[Delta]:
-        while True:
-            if request._events.empty():
-                self.step()
-                continue
-            event = request._next(request._events.get_nowait())
-            if event is None:
-                return
-            yield event
-
     @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting requests, drop cancelled ones, decode one token for every running row."""
@@ -366,26 +243,26 @@ class Engine:
                     self._decode()
             except Exception as error:  # fail the requests in flight, keep the engine usable
                 for request in {s.request for s in self._running}:
-                    request._finish(error)
+                    request.finish(error, self._outbox)
                 self._running.clear()
                 self._cached.clear()  # a forward that failed midway may have written any row
                 raise
             finally:
                 outbox, self._outbox = self._outbox, None
                 for loop, items in outbox.items():
-                    _send(loop, items)
+                    send_events(loop, items)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
             for r in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(r)
-                r._finish()
+                r.finish(outbox=self._outbox)
         for i in reversed(range(len(self._running))):
             sample = self._running[i]
             if sample.request.cancelled:
                 self._leave(i)
                 if not sample.request.done.is_set():
-                    sample.request._finish()
+                    sample.request.finish(outbox=self._outbox)
 
     def _admit(self) -> None:
         """Prefill the next waiting requests together: one forward over their right-padded prompts.
@@ -405,45 +282,48 @@ class Engine:
             new = [n - s for n, s in zip(lengths, start)]
             width = max(new)
             cache = self._rows(first, first + len(batch))
-            decoder = self._cpu_decoder
+            decoder = self.cpu_decoder
             # Requests that asked for prompt log-probs need the logits of every prompt position (their
             # prompts were prefilled whole: _claim_cached gave them no cached prefix); the others, of the last.
             scored = [r.params.prompt_logprobs is not None for r in batch]
             prompt_rows: dict[int, torch.Tensor] = {}  # request i's prompt logits, or (PyTorch) hidden states
-            in_c = (decoder is not None and decoder.prefills and width <= decoder.prefill_max_len
-                    and sum(k for k, every in zip(new, scored) if every) * self.vocab_size <= PROMPT_LOGITS_BUDGET)
-            if in_c:
+            prefill_in_c = (decoder is not None and decoder.prefills and width <= decoder.prefill_max_len and
+                            sum(k for k, every in zip(new, scored) if every) * self.vocab_size <= PROMPT_LOGITS_BUDGET)
+            if prefill_in_c:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
-                # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning for ~10 ms on the
-                # cores the next decode steps need, as PyTorch's forward does.
-                ids = [t for r, s in zip(batch, start) for t in r.prompt[s:]]
-                positions = [p for n, s in zip(lengths, start) for p in range(s, n)]
-                rows = [i for i, k in enumerate(new) for _ in range(k)]
-                ends = list(itertools.accumulate(new))
+                # matmuls (cpu_decode.py); it leaves no OpenMP threads spinning on the cores the next
+                # decode steps need, as PyTorch's forward does (BENCHMARKS.md).
+                # Packed: sum(new) tokens, request i's new[i] tokens after those of the requests before it.
+                ids = [t for r, s in zip(batch, start) for t in r.prompt[s:]]  # [sum(new)] token ids
+                positions = [p for n, s in zip(lengths, start) for p in range(s, n)]  # [sum(new)] cache positions
+                rows = [i for i, k in enumerate(new) for _ in range(k)]  # [sum(new)] row of `cache` each writes
+                ends = list(itertools.accumulate(new))  # request i's tokens end at ends[i] in the packing
+                # the packed positions whose logits are wanted: a request's last one, or all of a scored one's
                 wanted = [range(end - k if every else end - 1, end) for end, k, every in zip(ends, new, scored)]
                 out = torch.tensor([t for w in wanted for t in w])
-                logits = decoder(ids, positions, cache, rows=rows, out=out)
+                logits = decoder(ids, positions, cache, rows=rows, out=out)  # [len(out), vocab]
                 got = list(itertools.accumulate(map(len, wanted)))  # request i's rows of logits end at got[i]
                 for i in (i for i, every in enumerate(scored) if every):
                     prompt_rows[i] = logits[got[i] - new[i]:got[i]]
                 logits = logits[[g - 1 for g in got]]
             else:
                 ids = torch.tensor([r.prompt[s:] + [0] * (width - k) for r, s, k in zip(batch, start, new)],
-                                   device=device)
+                                   device=device)  # [len(batch), width], right-padded
                 # padding past a prompt's end writes entries its own later tokens overwrite; capped at
                 # the cache's end, where a row that started late could otherwise run past it
                 positions = (torch.tensor(start, device=device)[:, None] + torch.arange(width, device=device)
                              ).clamp_(max=self.max_len - 1)
+                # hidden states [len(batch), width, hidden_size]
                 hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
                 for i in (i for i, every in enumerate(scored) if every):
                     prompt_rows[i] = hidden[i, :new[i]]
                 last = torch.tensor(new, device=device) - 1
                 logits = self.model.logits(hidden[torch.arange(len(batch), device=device), last]).float()
             for i, rows in prompt_rows.items():
-                batch[i].prompt_logprobs = self._prompt_logprobs(batch[i], rows, hidden=not in_c)
+                batch[i].prompt_logprobs = self._prompt_logprobs(batch[i], rows, hidden=not prefill_in_c)
         except Exception as error:
             for request in batch:
-                request._finish(error)
+                request.finish(error, self._outbox)
             raise
         # Request i's first sample is row first + i; its other samples take the rows after the
         # batch, each starting from a copy of that row's prefilled cache.
@@ -469,6 +349,9 @@ class Engine:
         start = [0] * len(batch)
         if not self.prefix_cache:
             return start
+        # Weights are the same tensors, unchanged, while each parameter keeps its storage and its version:
+        # torch's counter of in-place updates (an optimizer step, load_state_dict's copy_), which has no
+        # public accessor; a new tensor has a new data pointer.
         key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
         if key != self._weights_key:  # new or updated weights: what the rows hold is stale
             self._cached.clear()
@@ -517,8 +400,8 @@ class Engine:
     def _decode(self) -> None:
         k = len(self._running)
         tokens, positions = [s.last_token for s in self._running], [s.position for s in self._running]
-        if self._cpu_decoder is not None:
-            logits = self._cpu_decoder(tokens, positions, self._rows(0, k))
+        if self.cpu_decoder is not None:
+            logits = self.cpu_decoder(tokens, positions, self._rows(0, k))
         else:
             device = self.cache_device
             ids = torch.tensor(tokens, device=device)[:, None]
@@ -573,7 +456,7 @@ class Engine:
             self._leave(self._running.index(sample))
             request = sample.request
             if all(o.finish_reason for o in request.outputs):
-                request._finish()
+                request.finish(outbox=self._outbox)
 
     def _fail(self, errors: dict[Request, DistributionError]) -> None:
         """End these requests with their errors: all their samples leave, and their rows are not offered as a
@@ -583,7 +466,7 @@ class Engine:
                 self._leave(i)
                 self._cached.pop(len(self._running), None)
         for request, error in errors.items():
-            request._finish(error)
+            request.finish(error, self._outbox)
 
     def _logprobs(self, samples, logits, tokens) -> list[TokenLogprob | None]:
         want = [i for i, s in enumerate(samples) if s.request.params.logprobs]
@@ -619,7 +502,7 @@ class Engine:
     def _emit(self, sample: _Sample, text: str, reason: str | None) -> None:
         sample.output.finish_reason = reason
         logprobs = sample.pending_logprobs if sample.request.params.logprobs else None
-        sample.request._put(Delta(sample.index, text, sample.pending_ids, logprobs, reason))
+        sample.request.put(Delta(sample.index, text, sample.pending_ids, logprobs, reason), self._outbox)
         sample.pending_ids, sample.pending_logprobs = [], []
 
     # -- cache rows ---------------------------------------------------------------------------------
@@ -691,17 +574,14 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-def default_eos_ids(model: Transformer, tokenizer: Tokenizer) -> set[int]:
+def default_eos_ids(model: Transformer, tokenizer: Tokenizer, model_dir: str | Path | None = None) -> set[int]:
+    """The token ids that end an output unless `ignore_eos`, those within the vocabulary: every special token
+    (each marks an end of text or of a turn, never content), the tokenizer's eos, the config's eos_token_id,
+    and those a model directory's generation_config.json lists (Llama 3's <|eot_id|> is only there)."""
+    values = [tokenizer.eos_id, model.config.eos_token_id]  # each an id, a list of ids, or None
+    if model_dir is not None and (file := Path(model_dir) / "generation_config.json").is_file():
+        values.append(read_json(file).get("eos_token_id"))
     ids = set(tokenizer.special_ids)
-    for value in (tokenizer.eos_id, model.config.eos_token_id):
-        ids |= set(value if isinstance(value, list) else [] if value is None else [value])
+    for value in values:
+        ids.update(i for i in (value if isinstance(value, list) else [value]) if isinstance(i, int))
     return {i for i in ids if i < model.config.vocab_size}
-
-
-def generation_eos_ids(path: str | Path) -> set[int]:
-    """eos ids listed in a model directory's generation_config.json (e.g. Llama 3's <|eot_id|>)."""
-    file = Path(path) / "generation_config.json"
-    if not file.is_file():
-        return set()
-    value = read_json(file).get("eos_token_id")
-    return {i for i in (value if isinstance(value, list) else [] if value is None else [value]) if isinstance(i, int)}
