@@ -110,6 +110,9 @@ def test_generate_logit_bias(model_dir, engine, capsys):
     assert cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--logit-bias", "x=1"]) == 2
     assert capsys.readouterr().err.endswith("lmforge generate: error: --logit-bias 'x=1': expected TOKEN_ID=BIAS, "
                                             "e.g. 13=-100\n")
+    assert cli(["generate", "--model", str(model_dir), "--prompt", "Hi", "--logit-bias", "1=1", "300=1"]) == 2
+    assert capsys.readouterr().err.endswith("lmforge generate: error: logit_bias: '300' is not a token id of this "
+                                            "model (0 to 299)\n")  # as the server says it (parse_logit_bias)
 
 
 def test_generate_stop_token_ids_ignore_eos_and_logprobs(model_dir, engine, capsys):

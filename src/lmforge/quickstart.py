@@ -24,7 +24,7 @@ import torch
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import preset
 from lmforge.data.pretrain import prepare
-from lmforge.infer.engine import Engine, SamplingParams
+from lmforge.infer.llm import LLM
 from lmforge.model import build_model, flops_per_token, num_parameters
 from lmforge.settings import parse_args
 from lmforge.tokenizer import train_tokenizer
@@ -92,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                           optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.steps // 10))))
     print(f"    validation loss {result.val_loss:.3f}, {result.val_bpb:.3f} bits per byte")
     print(f"    loss curve: {result.loss_curve}")
-    engine = Engine.from_pretrained(result.model_dir)
-    prompt = engine.tokenizer.encode(cfg.prompt)
-    text = engine.generate([prompt], SamplingParams(max_tokens=80, temperature=0.8, top_k=50, seed=cfg.seed))[0][0]
-    print("    sample:\n" + "\n".join("      " + line for line in (cfg.prompt + text.text).splitlines()))
+    text = LLM.load(result.model_dir).generate(cfg.prompt, max_tokens=80, temperature=0.8, top_k=50, seed=cfg.seed)
+    print("    sample:\n" + "\n".join("      " + line for line in (cfg.prompt + text).splitlines()))
 
     model = shlex.quote(str(result.model_dir))
     step(5, "use it")

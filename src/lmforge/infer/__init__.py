@@ -1,5 +1,8 @@
-"""Inference: the engine (KV cache, sampling, batching, streaming) and what runs on it."""
+"""Inference: the engine (KV cache, sampling, batching, streaming), the text API over it, and what runs on it."""
 
-from lmforge.infer.engine import Delta, Engine, Output, Request, SamplingParams, TokenLogprob
+from lmforge.infer.engine import Engine
+from lmforge.infer.llm import LLM
+from lmforge.infer.request import Delta, Output, Request, TokenLogprob
+from lmforge.infer.sampling import SamplingParams
 
-__all__ = ["Delta", "Engine", "Output", "Request", "SamplingParams", "TokenLogprob"]
+__all__ = ["LLM", "Delta", "Engine", "Output", "Request", "SamplingParams", "TokenLogprob"]

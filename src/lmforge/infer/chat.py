@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.generate import SamplingConfig
+from lmforge.infer.llm import encode_prompts
 from lmforge.infer.sampling import SamplingParams
 from lmforge.settings import parse_args
 
@@ -36,7 +37,7 @@ def fit_prompt(engine: Engine, system: str | None, history: list[dict], max_new_
     room = min(max_new_tokens, engine.max_len // 4)
     head = [{"role": "system", "content": system}] if system else []
     for start in range(0, len(history), 2):
-        ids, _ = engine.tokenizer.encode_chat(head + history[start:], add_generation_prompt=True)
+        (ids,) = encode_prompts(engine.tokenizer, [head + history[start:]])
         if len(ids) + room <= engine.max_len:
             return ids
     return None
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(ChatConfig, argv, prog="lmforge chat",
                      description="Chat with a model in the terminal (/reset, /system TEXT, /exit).")
     engine = cfg.engine()
-    params = cfg.sampling_params()
+    params = cfg.sampling_params(engine.vocab_size)
     system, history = cfg.system, []
     print(f"chatting with {cfg.model} ({engine.max_len}-token context). /reset, /system TEXT, /exit", file=sys.stderr)
     while True:

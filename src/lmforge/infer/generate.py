@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.infer.engine import Engine
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams, parse_logit_bias
 from lmforge.settings import OptionError, parse_args
 
 
@@ -45,19 +46,25 @@ class SamplingConfig:
     logit_bias: list[str] = field(default_factory=list, metadata={
         "help": "TOKEN_ID=BIAS entries added to those tokens' logits (OpenAI's logit_bias, -100 bans one)"})
 
-    def sampling_params(self, **extra) -> SamplingParams:
-        bias = {}
-        for entry in self.logit_bias:
-            token, _, value = entry.partition("=")
-            try:
-                bias[int(token)] = float(value)
-            except ValueError:
-                raise OptionError(f"--logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
+    def sampling_params(self, vocab_size: int, **extra) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=list(self.stop),
-            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logit_bias=bias, **extra)
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias_ids(vocab_size), **extra)
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float]:
+        """The --logit-bias TOKEN_ID=BIAS entries as {token id: bias}. Their form is checked here; that each is
+        a token id of the vocabulary and a bias in [-100, 100], by sampling.parse_logit_bias (the server's)."""
+        entries = {}
+        for entry in self.logit_bias:
+            token, _, value = entry.partition("=")
+            try:
+                entries[str(int(token))] = float(value)
+            except ValueError:
+                raise OptionError(f"--logit-bias {entry!r}: expected TOKEN_ID=BIAS, e.g. 13=-100") from None
+        return parse_logit_bias(entries, vocab_size)
 
     def engine(self) -> Engine:
         """The model's engine; what is wrong with the model directory is an error naming the file
@@ -84,17 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(GenerateConfig, argv, prog="lmforge generate",
                      description="Print a completion of --prompt (only the completion, on stdout).")
     started = time.perf_counter()
-    engine = cfg.engine()
-    if cfg.chat:
-        prompt, _ = engine.tokenizer.encode_chat([{"role": "user", "content": cfg.prompt}],
-                                                 add_generation_prompt=True)
-    else:  # add_special_tokens: Llama-style tokenizers put BOS in front
-        tok = engine.tokenizer
-        # An empty prompt means unconditional text: start from BOS, or from the end-of-text token as GPT-2 does.
-        prompt = tok.encode(cfg.prompt, add_special_tokens=True) or [tok.eos_id if tok.bos_id is None else tok.bos_id]
-    try:
-        params = cfg.sampling_params(logprobs=cfg.logprobs or cfg.top_logprobs > 0, top_logprobs=cfg.top_logprobs,
-                                     prompt_logprobs=cfg.prompt_logprobs)
+    llm = LLM(cfg.engine())
+    engine = llm.engine
+    try:  # the prompt as the text API gives it to the model (a Llama tokenizer's BOS in front of a text)
+        prompt = llm.encode([{"role": "user", "content": cfg.prompt}] if cfg.chat else cfg.prompt)
+        params = cfg.sampling_params(engine.vocab_size, logprobs=cfg.logprobs or cfg.top_logprobs > 0,
+                                     top_logprobs=cfg.top_logprobs, prompt_logprobs=cfg.prompt_logprobs)
         request = engine.submit(prompt, params)
     except ValueError as e:
         print(f"lmforge generate: error: {e}", file=sys.stderr)
