@@ -27,6 +27,7 @@ from pydantic import ValidationError  # noqa: E402
 from test_server import HELLO, MODEL, LiveServer, build_model_dir, free_port  # noqa: E402
 
 from lmforge.infer.engine import Engine  # noqa: E402
+from lmforge.infer.guard import allowed_host_names, host_name  # noqa: E402
 from lmforge.infer.openai_api import (  # noqa: E402
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,7 +35,7 @@ from lmforge.infer.openai_api import (  # noqa: E402
     TokenizeRequest,
     excerpt,
 )
-from lmforge.infer.server import DEFAULT_MAX_BODY_BYTES, allowed_host_names, host_name  # noqa: E402
+from lmforge.infer.server import DEFAULT_MAX_BODY_BYTES  # noqa: E402
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}

@@ -1,6 +1,6 @@
 """OpenAI's HTTP API as `lmforge serve` speaks it: the request schemas (with vLLM's extensions), the error
-schema, and the log-probs of answers. The server (server.py) holds the routes; this module holds what they
-parse and how they word what went wrong.
+schema, and the choices of answers with their log-probs. The server (server.py) holds the routes; this module
+holds what they parse, how they word what went wrong, and what they answer.
 
 Parsing is strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an
 error naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not
@@ -8,16 +8,17 @@ given", because OpenAI's schema lets clients send null for any optional paramete
 
 A body is at most `--max-body-bytes`, but a few MB of JSON can hold a million values, so parsing reports one
 error, never one per value: lists stop at their first bad item (`fail_fast`), a model at its first unknown
-field, and `logit_bias` is checked entry by entry by the server (`logit_bias_ids`). Building pydantic's list
-of a million errors took seconds, during which no other request was served. Error messages quote the
-request only in short excerpts, so a huge field is never echoed back.
+field, and `logit_bias` is checked entry by entry, after parsing (`sampling.parse_logit_bias`): pydantic's
+list of errors is built on the event loop, while no other request is served, in time in proportion to the
+errors. Error messages quote the request only in short excerpts (`excerpt`), so a huge field is never
+echoed back.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -25,20 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
-from lmforge.infer.engine import TokenLogprob
+from lmforge.infer.request import Delta, TokenLogprob
+from lmforge.infer.sampling import SamplingParamError, excerpt
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this instead (as vLLM does)
-EXCERPT_CHARS = 40  # the most characters of a request's own text that an error message quotes
 # The engine checks a request's sampling parameters once per prompt of a batch, so their lists are bounded:
-# logit_bias by OpenAI's own limit, stop_token_ids alike (a batch of prompts with a megabyte of either cost
-# minutes of the event loop).
+# logit_bias by OpenAI's own limit, stop_token_ids alike (each of up to --max-prompts prompts carries a copy,
+# so the work grows with prompts x entries).
 MAX_LOGIT_BIAS = 300
 MAX_STOP_TOKEN_IDS = 300
-
-
-def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
-    """`text` as an error message may quote it: cut to `limit` characters, saying how many were left out."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 # -- request schemas ------------------------------------------------------------------------------------------
@@ -89,7 +85,7 @@ class SamplingRequest(Schema):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    # token id (a string) -> bias in [-100, 100], checked entry by entry in Server.logit_bias_ids
+    # token id (a string) -> bias in [-100, 100], checked entry by entry by sampling.parse_logit_bias
     logit_bias: Annotated[dict[str, Any], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None  # an end-user id for the operator's logs; generation does not depend on it
     # vLLM's extensions (its names and meanings): top_k -1 or 0 is off; stop_token_ids end the reply like eos
@@ -151,6 +147,12 @@ def server_error(error: Exception) -> APIError:
                     f"{excerpt(str(error), 500)}", type="server_error")
 
 
+def sampling_error(error: SamplingParamError) -> APIError:
+    """A sampling parameter out of range (sampling.py's checks), naming it as `param`."""
+    return APIError(400, f"Invalid value for '{error.field}': {excerpt(str(error), 200)}", error.field,
+                    "invalid_value")
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -179,7 +181,33 @@ def parse_request(schema: type[Schema], body: bytes) -> Schema:
         raise validation_error(e) from None
 
 
-# -- log-probs in answers ---------------------------------------------------------------------------------------
+# -- answers: choices and their log-probs ----------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """What one sample has produced so far; `offsets[i]` is where token i starts in `text`."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> list[int]:
+        """Append one engine event; returns the text offsets of its tokens. A token's text may be held back
+        (an incomplete UTF-8 character), so offsets advance by each token's text but never past the event's."""
+        start, offsets, used = len(self.text), [], 0
+        for entry in delta.logprobs or []:
+            offsets.append(start + min(used, len(delta.text)))
+            used += len(entry.text)
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        self.offsets += offsets
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        return offsets
 
 
 @functools.cache

@@ -18,7 +18,9 @@ temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logpr
 `extra_body`): top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools,
 response_format, best_of, ...) are refused by name rather than silently ignored. `usage` also gives
 prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
-The schemas and the wording of errors are in openai_api.py.
+The schemas, the wording of errors and the answers' pieces are in openai_api.py. Prompts become token ids
+through llm.encode_prompts, as for `lmforge generate` and the Python API: a chat through the model's template
+(transformers' apply_chat_template ids), a completions text as the text alone (no special tokens added).
 
 Completions also take `echo`: the reply begins with the prompt, and with `logprobs` the prompt's tokens get
 theirs (the first one null), which is how lm-evaluation-harness scores text; with max_tokens 0 the prompt
@@ -31,7 +33,7 @@ that goes away mid-request cancels its engine request, which frees the batch slo
 Rendering a chat, tokenizing and building a JSON answer run in worker threads (the tokenizer releases the
 GIL), so a request of megabytes never holds up the other streams.
 
-What the server refuses (`Guard` before routing, then the handlers before any generation):
+What the server refuses (guard.py's `Guard` before routing, then the handlers before any generation):
 - a Host header other than a loopback name while bound to a loopback address (403): a web page on another
   name could otherwise reach the key-less server by DNS rebinding (as Jupyter and Ollama refuse it);
   `--allowed-hosts` names more;
@@ -54,15 +56,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
-import ipaddress
 import json
 import logging
 import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -73,15 +72,17 @@ try:
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
 except ImportError as e:  # an optional extra: only this command needs it
     raise ImportError(f"lmforge serve needs the `serve` extra: pip install 'lmforge[serve]' ({e})") from None
 
-from lmforge.infer.engine import Delta, Engine, SamplingParams, TokenLogprob
+from lmforge.infer.engine import Engine
+from lmforge.infer.guard import Guard, allowed_host_names
+from lmforge.infer.llm import ChatTemplateError, ContextLengthError, Prompt, encode_prompts
 from lmforge.infer.openai_api import (
     APIError,
     ChatCompletionRequest,
     ChatMessage,
+    Choice,
     CompletionRequest,
     DetokenizeRequest,
     SamplingRequest,
@@ -94,9 +95,11 @@ from lmforge.infer.openai_api import (
     excerpt,
     join_logprobs,
     parse_request,
+    sampling_error,
     server_error,
 )
-from lmforge.infer.sampling import SamplingParamError
+from lmforge.infer.request import aiter_all
+from lmforge.infer.sampling import SamplingParamError, SamplingParams, parse_logit_bias
 from lmforge.settings import parse_args
 
 log = logging.getLogger(__name__)
@@ -104,71 +107,13 @@ log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).parent / "web"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # A 128K-token prompt is ~0.5 MB of English, and at most ~1.5 MB as token ids or as JSON-escaped (\uXXXX) CJK
-# text. Parsing a body holds the interpreter up to ~0.3 s per MB (of the most fragmented JSON: [[1],[1],...]),
-# and tokenizing one takes up to ~200 bytes of memory per character, so the cap bounds both.
+# text. Parsing a body holds the interpreter, and tokenizing it takes memory, in proportion to its size
+# (README's security notes give figures), so the cap bounds both.
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 DEFAULT_MAX_PROMPTS = 1024  # vLLM's default bound on a completions batch (VLLM_MAX_COMPLETION_PROMPTS)
 
 
-# -- one request's choices ------------------------------------------------------------------------
-
-
-@dataclass
-class Choice:
-    """What one sample has produced so far; `offsets[i]` is where token i starts in `text`."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def add(self, delta: Delta) -> list[int]:
-        """Append one engine event; returns the text offsets of its tokens. A token's text may be held back
-        (an incomplete UTF-8 character), so offsets advance by each token's text but never past the event's."""
-        start, offsets, used = len(self.text), [], 0
-        for entry in delta.logprobs or []:
-            offsets.append(start + min(used, len(delta.text)))
-            used += len(entry.text)
-        self.text += delta.text
-        self.token_ids += delta.token_ids
-        self.logprobs += delta.logprobs or []
-        self.offsets += offsets
-        self.finish_reason = delta.finish_reason or self.finish_reason
-        return offsets
-
-
-async def _events(requests: list) -> AsyncIterator[tuple[int, Delta]]:
-    """(request number, Delta) from several engine requests as they come, in one async stream."""
-    if len(requests) == 1:
-        async for delta in requests[0].aiter():
-            yield 0, delta
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(number, request):
-        try:
-            async for delta in request.aiter():
-                await queue.put((number, delta))
-            await queue.put((number, None))
-        except Exception as e:  # surfaces in the consumer, not as an unretrieved task exception
-            await queue.put((number, e))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    try:
-        running = len(requests)
-        while running:
-            number, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is None:
-                running -= 1
-            else:
-                yield number, item
-    finally:
-        for task in tasks:
-            task.cancel()
+# -- waiting on the engine ------------------------------------------------------------------------
 
 
 async def _cancel_on_disconnect(http_request: Request, requests: list) -> None:
@@ -240,33 +185,20 @@ class Server:
         if "" in stop:
             raise APIError(400, "Invalid value for 'stop': a stop sequence cannot be empty.", "stop", "invalid_value")
         self.check_token_ids("stop_token_ids", req.stop_token_ids or [])
+        try:
+            logit_bias = parse_logit_bias(req.logit_bias or {}, self.engine.vocab_size)
+        except SamplingParamError as e:
+            raise sampling_error(e) from None
         return SamplingParams(
             max_tokens=max_tokens, stop=stop, n=req.n or 1, seed=req.seed,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            logit_bias=self.logit_bias_ids(req.logit_bias or {}), stop_token_ids=list(req.stop_token_ids or []),
+            logit_bias=logit_bias, stop_token_ids=list(req.stop_token_ids or []),
             logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=bool(req.ignore_eos),
             prompt_logprobs=prompt_logprobs,
         )
-
-    def logit_bias_ids(self, bias: dict) -> dict[int, float]:
-        """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as {token id: bias}; the error names the first
-        bad entry alone (the map may hold a token per vocabulary entry)."""
-        vocab = self.engine.vocab_size
-        ids = {}
-        for key, value in bias.items():
-            token = int(key) if key.isascii() and key.isdigit() and len(key) < 20 else vocab
-            if token >= vocab:
-                raise APIError(400, f"Invalid value for 'logit_bias': its key '{excerpt(key)}' is not a token id of "
-                               f"this model (0 to {vocab - 1}).", "logit_bias", "invalid_value")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-                param = f"logit_bias.{key}"
-                raise APIError(400, f"Invalid value for '{param}': a bias is a number in [-100, 100].", param,
-                               "invalid_value")
-            ids[token] = float(value)
-        return ids
 
     def check_token_ids(self, param: str, ids: list[int]) -> None:
         """Refuse ids outside the vocabulary, naming the first one (the list may be a megabyte long)."""
@@ -280,39 +212,35 @@ class Server:
         try:
             return self.engine.submit(prompt, params)
         except SamplingParamError as e:  # a sampling parameter out of range (its message names it)
-            raise APIError(400, f"Invalid value for '{e.field}': {excerpt(str(e), 200)}", e.field,
-                           "invalid_value") from None
+            raise sampling_error(e) from None
         except ValueError as e:  # the engine's other checks (its message names the problem)
             raise APIError(400, excerpt(str(e), 200)) from None
 
     # -- prompts: blocking (template, tokenizer), so the handlers run these in worker threads -------------------
 
-    def refuse_too_long(self, text: str, param: str) -> None:
-        """A text that cannot fit the context, told from its length alone (a lower bound on its tokens), so a
-        megabyte prompt is refused at once rather than after tokenizing all of it."""
-        max_len, at_least = self.engine.max_len, self.engine.tokenizer.min_tokens(text)
-        if at_least >= max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt is "
-                           f"at least {at_least} tokens ({len(text)} characters), which leaves no room for a reply.",
-                           param, "context_length_exceeded")
-
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, fit_context: bool = True
-                    ) -> list[int]:
-        """Token ids of a chat rendered with the model's own template: encode_chat's ids, without the assistant
-        mask it also computes by rendering the chat again for each assistant message."""
-        messages = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
-                     "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
-                    for m in messages]
+    def encode(self, prompts: list[Prompt], param: str, fit_context: bool = True, **options) -> list[list[int]]:
+        """llm.encode_prompts (`options`: its add_special_tokens and add_generation_prompt), its errors as 400s
+        naming `param`. With `fit_context`, a text that cannot fit the context is refused from its length
+        alone, so a megabyte prompt is refused at once rather than after tokenizing all of it."""
+        max_len = self.engine.max_len
         try:
-            text = self.engine.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # the template refused these messages (raise_exception), or has none
-            raise APIError(400, f"Invalid 'messages': the chat template cannot render them: {excerpt(str(e), 200)}",
-                           "messages") from None
-        if fit_context:
-            self.refuse_too_long(text, "messages")
-        return self.engine.tokenizer.encode(text)
+            return encode_prompts(self.engine.tokenizer, prompts, max_len=max_len if fit_context else None, **options)
+        except ChatTemplateError as e:
+            raise APIError(400, f"Invalid 'messages': {excerpt(str(e), 250)}", "messages") from None
+        except ContextLengthError as e:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt is "
+                           f"at least {e.at_least} tokens ({e.chars} characters), which leaves no room for a reply.",
+                           param, "context_length_exceeded") from None
 
-    def encode_prompts(self, prompt) -> list[list[int]]:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True, fit_context: bool = True
+                    ) -> list[int]:
+        """Token ids of a chat rendered with the model's own template (transformers' apply_chat_template's)."""
+        chat = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
+                 "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
+                for m in messages]
+        return self.encode([chat], "messages", fit_context, add_generation_prompt=add_generation_prompt)[0]
+
+    def completion_prompts(self, prompt) -> list[list[int]]:
         """A completions prompt (text, texts, token ids, or lists of token ids) as token-id lists."""
         prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         if not prompts:
@@ -320,10 +248,8 @@ class Server:
         if len(prompts) > self.max_prompts:
             raise APIError(400, f"Invalid value for 'prompt': {len(prompts)} prompts; this server takes at most "
                            f"{self.max_prompts} in one request (its --max-prompts).", "prompt", "invalid_value")
-        if isinstance(prompts[0], str):
-            for text in prompts:
-                self.refuse_too_long(text, "prompt")
-            prompts = self.engine.tokenizer.encode_batch(prompts)
+        if isinstance(prompts[0], str):  # the text as sent, no special tokens added (vLLM's add a Llama BOS)
+            prompts = self.encode(prompts, "prompt", add_special_tokens=False)
         for ids in prompts:
             if not ids:
                 raise APIError(400, "Invalid value for 'prompt': a prompt is empty.", "prompt", "invalid_value")
@@ -342,12 +268,12 @@ class Server:
         """Any text the body holds, even one longer than the context (as vLLM's: lm-evaluation-harness
         tokenizes whole documents, then cuts them into windows); its JSON too is built here, in a worker
         thread: a 2 MB text's answer holds a million ids."""
-        tokenizer = self.engine.tokenizer
         if req.prompt is not None:
-            tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            (tokens,) = self.encode([req.prompt], "prompt", False, add_special_tokens=req.add_special_tokens)
         else:
             tokens = self.chat_prompt(req.messages, req.add_generation_prompt, fit_context=False)
-        strings = [tokenizer.backend.id_to_token(t) for t in tokens] if req.return_token_strs else None
+        backend = self.engine.tokenizer.backend
+        strings = [backend.id_to_token(t) for t in tokens] if req.return_token_strs else None
         return JSONResponse({"count": len(tokens), "max_model_len": self.engine.max_len, "tokens": tokens,
                              "token_strs": strings})
 
@@ -372,7 +298,7 @@ class Server:
         req = await self.parse(ChatCompletionRequest, http_request)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
-        prompt = await asyncio.to_thread(self.chat_prompt, req.messages, add_generation_prompt=True)
+        prompt = await asyncio.to_thread(self.chat_prompt, req.messages)
         params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, bool(req.logprobs),
                              req.top_logprobs or 0)
         request = self.submit(prompt, params)
@@ -395,7 +321,7 @@ class Server:
                 for choice in choices:
                     yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
-                async for _, delta in _events([request]):
+                async for _, delta in aiter_all([request]):
                     choices[delta.index].add(delta)
                     yield chunk([{"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                                   "logprobs": logprobs_of(delta.logprobs or []) if delta.logprobs else None,
@@ -415,30 +341,10 @@ class Server:
 
     async def completions(self, http_request: Request):
         req = await self.parse(CompletionRequest, http_request)
-        prompts = await asyncio.to_thread(self.encode_prompts, req.prompt)
-        n = req.n or 1
-        k = req.logprobs or 0
-        # max_tokens 0 with echo, OpenAI's legacy request to score a text: the engine generates one token (its
-        # prefill gives the prompt's log-probs), which the answer leaves out
-        score_only = req.max_tokens == 0
-        if score_only and not req.echo:
-            raise APIError(400, "Invalid value for 'max_tokens': 0 is allowed only with 'echo' (to score the prompt).",
-                           "max_tokens", "invalid_value")
-        max_tokens = 1 if score_only else req.max_tokens
-        scored = k if req.echo and req.logprobs is not None else None  # the echoed prompt's log-probs
-        params = [self.params(req, len(p), max_tokens, req.logprobs is not None, k, scored) for p in prompts]
-        echoes = [""] * len(prompts)  # with echo: each prompt's text
-        if req.echo:
-            echoes = ([req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str)
-                      else [self.engine.tokenizer.decode(p) for p in prompts])
-        requests = []
-        try:
-            for prompt, p in zip(prompts, params):
-                requests.append(self.submit(prompt, p))
-        except APIError:
-            for request in requests:
-                request.cancel()
-            raise
+        prompts = await asyncio.to_thread(self.completion_prompts, req.prompt)
+        requests = self.submit_completions(req, prompts)
+        n, k = req.n or 1, req.logprobs or 0
+        echoes = self.echoes(req, prompts)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         # Choice i*n + j is sample j of prompt i, OpenAI's order for a batch of prompts. An echoed prompt's
         # text starts the choice, so the reply's text offsets count from the prompt's start.
@@ -449,13 +355,13 @@ class Server:
             return completion_logprobs(entries, offsets, k) if req.logprobs is not None else None
 
         def add(number, delta):  # an event of prompt `number` into its choice: (choice, event, text offsets)
-            if score_only:  # max_tokens 0: the one token generated is left out
+            if req.max_tokens == 0:  # scoring the prompt alone: the one token generated is left out
                 delta = replace(delta, text="", token_ids=[], logprobs=[])
             choice = choices[number * n + delta.index]
             return choice, delta, choice.add(delta)
 
         def echoed(number):  # the legacy logprobs of prompt `number`, if echoed and asked for
-            if scored is None:
+            if not (req.echo and req.logprobs is not None):
                 return None
             return echoed_logprobs(prompts[number], requests[number].prompt_logprobs, echoes[number], k,
                                    self.engine.token_text)
@@ -469,7 +375,7 @@ class Server:
 
             async def body():
                 started = set()  # choices whose first chunk (with the echoed prompt, if any) has gone out
-                async for number, event in _events(requests):
+                async for number, event in aiter_all(requests):
                     choice, delta, offsets = add(number, event)
                     text, logprobs = delta.text, logprobs_of(delta.logprobs or [], offsets)
                     if choice.index not in started:
@@ -489,12 +395,41 @@ class Server:
                  "logprobs": join_logprobs(echoed(c.index // n), logprobs_of(c.logprobs, c.offsets)),
                  "finish_reason": c.finish_reason} for c in choices]})
 
+    def submit_completions(self, req: CompletionRequest, prompts: list[list[int]]) -> list:
+        """One engine request per prompt, or none: a prompt the engine refuses cancels those before it. With
+        max_tokens 0 and echo (OpenAI's legacy request to score a text) the engine generates one token, whose
+        prefill gives the prompt's log-probs; the answer leaves it out."""
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "Invalid value for 'max_tokens': 0 is allowed only with 'echo' (to score the prompt).",
+                           "max_tokens", "invalid_value")
+        max_tokens = 1 if req.max_tokens == 0 else req.max_tokens
+        k = req.logprobs or 0
+        scored = k if req.echo and req.logprobs is not None else None  # the echoed prompt's log-probs
+        params = [self.params(req, len(p), max_tokens, req.logprobs is not None, k, scored) for p in prompts]
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params):
+                requests.append(self.submit(prompt, p))
+        except APIError:
+            for request in requests:
+                request.cancel()
+            raise
+        return requests
+
+    def echoes(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """The text each choice opens with: with echo, its prompt's (decoded where it was sent as token ids)."""
+        if not req.echo:
+            return [""] * len(prompts)
+        if isinstance(req.prompt, str):
+            return [req.prompt]
+        return req.prompt if isinstance(req.prompt[0], str) else [self.engine.tokenizer.decode(p) for p in prompts]
+
     async def _collect(self, requests: list, add, http_request: Request) -> None:
         """Run requests to the end, each event given to `add(request number, event)`; a client that leaves
         cancels them."""
         watcher = asyncio.create_task(_cancel_on_disconnect(http_request, requests))
         try:
-            async for number, delta in _events(requests):
+            async for number, delta in aiter_all(requests):
                 add(number, delta)
         finally:
             watcher.cancel()
@@ -536,107 +471,6 @@ def _sse(chunks, requests: list) -> StreamingResponse:
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-# -- what every request passes first ----------------------------------------------------------------------------
-
-
-def host_name(host: str) -> str:
-    """The name in a Host header, without its port, brackets or final dot, lowercased ("[::1]:8000" -> "::1")."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        name, bracket, _ = host[1:].partition("]")
-        name = name if bracket else host
-    else:
-        name, colon, port = host.rpartition(":")
-        name = name if colon and port.isdigit() else host
-    return name.rstrip(".")
-
-
-def is_loopback(name: str) -> bool:
-    """Whether a host name or address means this machine's loopback interface (localhost, 127.0.0.0/8, ::1)."""
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def allowed_host_names(bind_host: str, allowed_hosts: list[str]) -> frozenset[str] | None:
-    """The Host names answered besides loopback ones; None when any is. A server bound to a loopback address
-    answers only loopback names, unless told more (`*`: any); one bound to the network checks only if told."""
-    if "*" in allowed_hosts or not (allowed_hosts or is_loopback(bind_host.strip("[]").lower())):
-        return None
-    return frozenset(host_name(h) for h in allowed_hosts)
-
-
-@dataclass
-class Guard:
-    """ASGI middleware: the checks every request passes before routing, read from its headers alone (so the
-    events of a stream pass through untouched):
-    1. its Host, where `allowed_hosts` is not None: a loopback name or one of them (else 403), so a web page
-       on another name cannot reach a local server through DNS rebinding (Jupyter and Ollama check it too);
-    2. with an API key, its Authorization on every /v1 path (else 401, before 404 or 405, as vLLM answers:
-       a client without the key learns nothing of the routes);
-    3. its body's size: a declared Content-Length over `max_body_bytes` is refused at once, and the body is
-       counted as it arrives (a chunked upload declares none), refused (413) as soon as it passes the cap, so
-       no more than the cap is ever buffered.
-    A client that goes away before its request is answered is one line in the log, not a traceback."""
-
-    app: object
-    api_key: str | None
-    allowed_hosts: frozenset[str] | None
-    max_body_bytes: int
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        refusal = self.refusal(scope["path"], dict(scope["headers"]))
-        if refusal is not None:
-            await refusal.response()(scope, receive, send)
-            return
-        received = 0
-
-        async def receive_within_cap():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise self.too_large()  # answered by the app's APIError handler: nothing was sent yet
-            return message
-
-        try:
-            await self.app(scope, receive_within_cap, send)
-        except ClientDisconnect:
-            host, port = scope.get("client") or ("?", "?")
-            log.warning("%s %s: the client %s:%s closed the connection before the answer", scope["method"],
-                        scope["path"], host, port)
-
-    def refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
-        host = headers.get(b"host")
-        if self.allowed_hosts is not None and host is not None:  # HTTP/1.0 may omit it; browsers never do
-            name = host_name(host.decode("latin-1"))
-            if not (is_loopback(name) or name in self.allowed_hosts):
-                return APIError(403, f"This server does not answer requests for the host '{excerpt(name)}' (its Host "
-                                "header): only loopback names (localhost, 127.0.0.1, [::1]) and those given to "
-                                "--allowed-hosts, so that a web page on another name cannot reach it by DNS "
-                                f"rebinding. To accept this name, start it with --allowed-hosts {excerpt(name)}",
-                                code="host_not_allowed")
-        if self.api_key is not None and path.startswith("/v1"):
-            scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-                return APIError(401, "Incorrect API key provided." if key else "Missing API key: send "
-                                "'Authorization: Bearer KEY'.", code="invalid_api_key")
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return self.too_large()
-        return None
-
-    def too_large(self) -> APIError:
-        return APIError(413, f"The request body is larger than this server takes: {self.max_body_bytes} bytes "
-                        "(its --max-body-bytes).", code="request_too_large")
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, host: str = "127.0.0.1",
