@@ -98,7 +98,7 @@ class KVCache:
             shapes = [shape, shape]
         # One tensor per kind (keys and values; MLA's latent and RoPE key) holds every layer: the
         # Engine moves a row of all layers at once (its prefix cache swaps rows) in one copy per kind
-        # rather than one per layer (measured: a swap of `small`'s 16 buffers by indexing took 740 us).
+        # rather than one per layer, each an op with its own overhead (BENCHMARKS.md: the row swap, both ways).
         self.stores = [torch.zeros((cfg.num_hidden_layers, *s), device=device, dtype=dtype) for s in shapes]
         self.layers = [[store[layer] for store in self.stores] for layer in range(cfg.num_hidden_layers)]
         self.batch_size, self.max_len = batch_size, max_len
