@@ -93,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     llm = LLM(cfg.engine())
     engine = llm.engine
-    try:  # the prompt as the text API gives it to the model (a Llama tokenizer's BOS in front of a text)
-        prompt = llm.encode([{"role": "user", "content": cfg.prompt}] if cfg.chat else cfg.prompt)
+    # The prompt as the text API gives it to the model (a Llama tokenizer's BOS in front of a text). A chat
+    # template that fails is the model's error (lmforge's one line); the prompt's length and the sampling
+    # options are this command's (its usage error, exit 2).
+    prompt = llm.encode([{"role": "user", "content": cfg.prompt}] if cfg.chat else cfg.prompt)
+    try:
         params = cfg.sampling_params(engine.vocab_size, logprobs=cfg.logprobs or cfg.top_logprobs > 0,
                                      top_logprobs=cfg.top_logprobs, prompt_logprobs=cfg.prompt_logprobs)
         request = engine.submit(prompt, params)

@@ -24,7 +24,7 @@ from pathlib import Path
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
 from lmforge.infer.sampling import SamplingParamError, SamplingParams
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, TokenizerError
 
 Prompt = str | list[dict]
 # SamplingParams fields the text API refuses: they ask for what a text does not hold (more samples than one,
@@ -33,7 +33,8 @@ NOT_FOR_TEXT = ("n", "logprobs", "top_logprobs", "prompt_logprobs")
 
 
 class ChatTemplateError(ValueError):
-    """The model's chat template cannot render these messages (it refused them, or the tokenizer has none)."""
+    """The model's chat template cannot render these messages: it refused them, or the tokenizer has none (one
+    that does not compile is the tokenizer directory's TokenizerError)."""
 
 
 class ContextLengthError(ValueError):
@@ -69,6 +70,8 @@ def _render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prom
     raise_exception), or none at all, is a ChatTemplateError."""
     try:
         return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    except TokenizerError:  # the template does not compile: an error of the tokenizer directory, naming it
+        raise
     except Exception as e:  # templates are code from the model's author: any error is theirs to word
         raise ChatTemplateError(f"the chat template cannot render these messages: {e}") from e
 
@@ -101,7 +104,7 @@ class LLM:
     def encode(self, prompt: Prompt) -> list[int]:
         """The token ids the model is given for `prompt`. An empty text means text from nothing: the
         tokenizer's BOS, or its end-of-text token where it has none (GPT-2's unconditional samples)."""
-        ids = encode_prompts(self.tokenizer, [prompt], max_len=self.engine.max_len)[0]
+        (ids,) = encode_prompts(self.tokenizer, [prompt])
         return ids or [self.tokenizer.eos_id if self.tokenizer.bos_id is None else self.tokenizer.bos_id]
 
     def generate(self, prompt: Prompt | list[Prompt], **sampling) -> str | list[str]:

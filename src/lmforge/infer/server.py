@@ -101,6 +101,7 @@ from lmforge.infer.openai_api import (
 from lmforge.infer.request import aiter_all
 from lmforge.infer.sampling import SamplingParamError, SamplingParams, parse_logit_bias
 from lmforge.settings import parse_args
+from lmforge.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class Server:
         max_len = self.engine.max_len
         try:
             return encode_prompts(self.engine.tokenizer, prompts, max_len=max_len if fit_context else None, **options)
-        except ChatTemplateError as e:
+        except (ChatTemplateError, TokenizerError) as e:  # refused by the template, or it does not compile
             raise APIError(400, f"Invalid 'messages': {excerpt(str(e), 250)}", "messages") from None
         except ContextLengthError as e:
             raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt is "
