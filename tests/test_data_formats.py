@@ -13,7 +13,7 @@ from lmforge.data.formats import (
     builtin_shakespeare,
     iter_text_pieces,
     read_conversations,
-    read_records,
+    read_with,
     resolve_files,
 )
 from lmforge.data.preference import read_kto, read_pairs
@@ -208,4 +208,4 @@ def test_resolve_files_and_builtin_shakespeare(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         resolve_files(tmp_path / "missing.txt")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        list(read_records(write_jsonl(tmp_path / "x.csv", [{}])))
+        list(read_with(write_jsonl(tmp_path / "x.csv", [{}]), lambda record: record))
