@@ -41,7 +41,8 @@ class QuickstartConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per step", "min": 1})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence", "min": 1})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate", "min": 0})
-    precision: str = field(default="bf16", metadata={"help": "fp32 | bf16 (autocast; ~4x faster matmuls on CPU)"})
+    precision: str = field(default="bf16", metadata={
+        "help": "fp32 | bf16 (autocast; faster on CPUs with AVX512-BF16 or AMX)"})
     prompt: str = field(default="ROMEO:\n", metadata={"help": "the sample's prompt"})
     seed: int = 0
 
