@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("lmforge.quickstart", "the whole life cycle on the built-in data"),
     "tokenizer": ("lmforge.tokenizer", "train a byte-level BPE tokenizer with chat special tokens"),
     "prepare": ("lmforge.data.pretrain", "tokenize text into memory-mapped pretraining shards"),
+    "tasks": ("lmforge.data.arithmetic", "write the built-in arithmetic word problems (GSM8K format) as JSONL"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
     "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
     "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
