@@ -15,7 +15,9 @@ A stage's loss function has the signature the Trainer expects: `loss_fn(model, b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.sft import IGNORE_INDEX
 from lmforge.model import cpu_kernels
@@ -117,3 +119,114 @@ def with_router_aux_loss(loss: torch.Tensor, output, model: nn.Module, metrics: 
         return loss
     metrics["aux_loss"] = output.aux_loss.detach()
     return loss + coef * output.aux_loss
+
+
+# -- preference optimisation: sequence log-probabilities and the DPO family --------------------------------
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each row of `hidden @ weight.T` (fp32); a target of -100 gives 0."""
+    logits = (hidden @ weight.to(hidden.dtype).T).float()
+    logps = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return logps.masked_fill(targets == IGNORE_INDEX, 0.0)
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """(sum, count, output): over each row, the sum of the log-probabilities of its labelled tokens and
+    their count, [B] fp32 each (the log-likelihood of a completion), and the model's output (for MoE's
+    aux_loss). `labels` are aligned with `input_ids` (Hugging Face style: label t is token t, predicted from
+    the tokens before it; -100 where not scored).
+
+    At most `chunk_size` positions' logits exist at a time: each chunk's logits are recomputed in the
+    backward pass (activation checkpointing) rather than kept, so a DPO step holds what an SFT step holds."""
+    output = model(input_ids, return_hidden=True)
+    weight = unwrap_model(model).output_weight
+    hidden = output.hidden[:, :-1].reshape(-1, output.hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            pieces.append(checkpoint(_chunk_logps, h, weight, y, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(h, weight, y))
+    per_token = torch.cat(pieces).view(labels.shape[0], -1)
+    return per_token.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1).float(), output
+
+
+# What each loss needs: the reference model's log-probabilities, or not (SimPO, CPO, ORPO are reference-free).
+PAIR_LOSSES = {"sigmoid": True, "robust": True, "ipo": True, "hinge": True, "sigmoid_norm": True, "sft": False,
+               "simpo": False, "cpo": False, "orpo": False}
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stably (Mächler 2012)."""
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def pair_loss(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], counts: tuple[torch.Tensor, torch.Tensor],
+              ref_logps: tuple[torch.Tensor, torch.Tensor] | None, beta: float, label_smoothing: float = 0.0,
+              simpo_gamma: float = 0.5) -> torch.Tensor:
+    """The per-pair loss [B] of one of TRL's preference losses, named as TRL names them, from the summed
+    log-probabilities of the chosen and rejected completions (and their token counts, and the reference's):
+
+    sigmoid       DPO (Rafailov et al. 2023, eq. 7): -log σ(β Δ), Δ = (log π/π_ref)(chosen) - (rejected); with
+                  label_smoothing ε, conservative DPO (Mitchell 2023): -(1-ε) log σ(βΔ) - ε log σ(-βΔ)
+    robust        robust DPO (Chowdhury et al. 2024): the two terms of conservative DPO unbiased, ÷ (1 - 2ε)
+    ipo           IPO (Azar et al. 2023, eq. 17) on per-token log-ratios: (Δ/|y| - 1/(2β))²
+    hinge         SLiC (Zhao et al. 2023): max(0, 1 - βΔ)
+    sigmoid_norm  DPO on per-token (length-normalised) log-ratios
+    sft           NLL of the chosen tokens, over the batch's chosen tokens (TRL's "sft" term)
+    simpo         SimPO (Meng et al. 2024, eq. 6), reference-free: -log σ(β(avg_c - avg_r) - γ)
+    cpo           CPO (Xu et al. 2024), reference-free: -log σ(β(log π_c - log π_r)); its NLL term is "sft"
+    orpo          ORPO (Hong et al. 2024, eq. 6-7): NLL(chosen) - β log σ(log odds_c - log odds_r), odds from
+                  per-token (average) log-probabilities, log odds = p - log(1 - e^p) (TRL's ORPOTrainer)
+    """
+    (chosen, rejected), (chosen_n, rejected_n) = logps, counts
+    if loss_type == "sft":
+        return (-chosen.sum() / chosen_n.sum().clamp(min=1)).expand(chosen.shape[0])
+    if loss_type in ("simpo", "orpo", "cpo"):
+        if loss_type == "cpo":
+            return -F.logsigmoid(beta * (chosen - rejected))
+        avg_c, avg_r = chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1)
+        if loss_type == "simpo":
+            return -F.logsigmoid(beta * (avg_c - avg_r) - simpo_gamma)
+        log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+        return -avg_c - beta * F.logsigmoid(log_odds)
+    chosen_ratio, rejected_ratio = chosen - ref_logps[0], rejected - ref_logps[1]
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    if loss_type == "robust":
+        return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+                + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    normalised = chosen_ratio / chosen_n.clamp(min=1) - rejected_ratio / rejected_n.clamp(min=1)
+    if loss_type == "ipo":
+        return (normalised - 1 / (2 * beta)) ** 2
+    if loss_type == "sigmoid_norm":
+        return -F.logsigmoid(beta * normalised)
+    raise ValueError(f"loss_type: unknown '{loss_type}' (one of {', '.join(PAIR_LOSSES)}, or kto)")
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+             desirable: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 8, as TRL's KTOTrainer computes it): per-sample losses [B] and the
+    reference point z. z = max(0, mean(log π/π_ref of mismatched completions)), detached: an estimate of
+    KL(π || π_ref) from each prompt paired with another sample's completion. A desirable completion's loss is
+    1 - σ(β(r - z)), an undesirable one's 1 - σ(β(z - r)), r = log π/π_ref of the completion; each weighted."""
+    shifted = (kl_logps - ref_kl_logps).detach()
+    # over the whole global batch, as TRL gathers it from every process
+    z = (_global_mean(shifted) if torch.distributed.is_initialized() else shifted.mean()).clamp(min=0)
+    ratio = logps - ref_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))
+    return losses, z
+
+
+def _global_mean(values: torch.Tensor) -> torch.Tensor:
+    totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+    torch.distributed.all_reduce(totals)
+    return totals[0] / totals[1]

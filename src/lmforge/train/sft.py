@@ -76,14 +76,20 @@ def shift_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**batch, "labels": shifted}
 
 
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int) -> list[int]:
+    """This process's samples of an epoch, in order: a seeded shuffle per epoch (or none), every
+    world_size-th sample from the rank-th, so the processes share the epoch without overlap."""
+    order = list(range(count))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[rank::world_size]
+
+
 def epoch_batches(samples: list[SFTSample], cfg: SFTConfig, pad_id: int, rank: int, world_size: int,
                   shuffle: bool):
-    """make_batches(epoch) for EpochBatches: a seeded order per epoch, each process every world_size-th sample."""
+    """make_batches(epoch) for EpochBatches: this process's samples of the epoch (epoch_order), batched."""
     def make(epoch: int):
-        order = list(range(len(samples)))
-        if shuffle:
-            random.Random(cfg.train.seed * 1_000_003 + epoch).shuffle(order)
-        mine = [samples[i] for i in order[rank::world_size]]
+        mine = [samples[i] for i in epoch_order(len(samples), cfg.train.seed, epoch, shuffle, rank, world_size)]
         for batch in sft_batches(mine, cfg.batch_size, pad_id, cfg.packed, cfg.max_len):
             yield shift_labels(batch)
     return make
@@ -128,6 +134,14 @@ def read_samples(files: list[str], cfg: SFTConfig, tokenizer: Tokenizer, what: s
     return samples
 
 
+def weights_saver(adapters: bool, base_dir: str | None, tokenizer_dir: str):
+    """How a fine-tuning run's checkpoints hold its weights: a PEFT adapter directory (pointing at the base
+    model directory), or a whole model directory with the tokenizer."""
+    if adapters:
+        return lambda model, path: save_adapter(model, path, base_model_path=base_dir)
+    return lambda model, path: save_model(model, path, tokenizer_dir=tokenizer_dir)
+
+
 def run(cfg: SFTConfig) -> TrainResult:
     check_ranges(cfg)
     if not cfg.data:
@@ -146,12 +160,8 @@ def run(cfg: SFTConfig) -> TrainResult:
     if cfg.val_data:
         val_samples = read_samples(cfg.val_data, cfg, tokenizer, "val_data")
         val_data = lambda: epoch_batches(val_samples, cfg, tokenizer.pad_id, env.rank, env.world_size, False)(0)
-    if adapters:
-        save_weights = lambda m, path: save_adapter(m, path, base_model_path=base_dir)
-    else:
-        save_weights = lambda m, path: save_model(m, path, tokenizer_dir=tokenizer_dir)
     trainer = Trainer(cfg.train, model, lambda m, batch: causal_lm_loss(m, batch, cfg.chunk_size), train,
-                      val_data=val_data, save_weights=save_weights,
+                      val_data=val_data, save_weights=weights_saver(adapters, base_dir, tokenizer_dir),
                       log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
     result = trainer.fit()
     if cfg.merge and env.is_main:

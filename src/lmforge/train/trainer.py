@@ -319,7 +319,7 @@ class Trainer:
             for k, v in metrics.items():
                 v = torch.as_tensor(v, dtype=torch.float32, device=env.device).detach()
                 metric_sums[k] = metric_sums.get(k, 0) + (v if k == "tokens" else v * weight)
-            tokens += batch["input_ids"].numel()
+            tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))  # DPO: chosen_, rejected_
             for total, m in zip(expert_load, self.moe_layers):
                 total += m.expert_load
         if self.masters:
@@ -383,10 +383,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss over every validation batch (weighed by the tokens trained on), its
-        perplexity, and bits per byte: loss / ln 2 / (bytes per token) (as in nanochat's evaluate_bpb),
-        comparable across tokenizers."""
+        perplexity, bits per byte: loss / ln 2 / (bytes per token) (as in nanochat's evaluate_bpb),
+        comparable across tokenizers, and the loss function's other metrics as `val_<name>`, averaged the
+        same way (a preference stage's held-out reward accuracy, say)."""
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        sums: dict[str, torch.Tensor] = {}
         batches = iter(self.val_data())
         while True:
             batch = next(batches, None)
@@ -403,13 +404,23 @@ class Trainer:
             with _autocast(self.env, self.cfg.precision):
                 loss, metrics = self.loss_fn(self.model, batch)
             weight = float(metrics.get("tokens", 1))
-            totals += torch.stack([metrics.get("ce", loss).double() * weight,
-                                   torch.tensor(weight, dtype=torch.float64, device=self.env.device)])
-        if self.env.distributed:
+            cross_entropy = "ce" in metrics  # a language model's loss, whose exp is a perplexity
+            values = {"loss": metrics.get("ce", loss), "weight": torch.ones(()),
+                      **{k: v for k, v in metrics.items() if k not in ("ce", "tokens", "loss", "weight")}}
+            for key, value in values.items():
+                value = torch.as_tensor(value, dtype=torch.float64, device=self.env.device).detach() * weight
+                sums[key] = sums.get(key, 0) + value
+        keys = sorted(sums)  # the same on every rank: the same loss function
+        totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, device=self.env.device)
+        if self.env.distributed and keys:
             dist.all_reduce(totals)
         self.model.train()
-        loss = (totals[0] / totals[1].clamp(min=1)).item()
-        out = {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        means = {k: (total / max(totals[keys.index("weight")].item(), 1)).item() for k, total in zip(keys, totals)}
+        loss = means.get("loss", 0.0)
+        out = {"step": self.step, "val_loss": loss}
+        if keys and cross_entropy:
+            out["val_ppl"] = math.exp(min(loss, 50.0))
+        out.update({f"val_{k}": v for k, v in means.items() if k not in ("loss", "weight")})
         if self.bytes_per_token:
             out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
         return out
