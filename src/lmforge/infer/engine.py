@@ -162,9 +162,14 @@ class Engine:
             self._cond.notify()
         return request
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[Output]]:
-        """Blocking: all prompts run batched; returns each prompt's n outputs."""
-        requests = [self.submit(p, params) for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[Output]]:
+        """Blocking: all prompts run batched; returns each prompt's n outputs. `params`: the same for every
+        prompt, or a list of one per prompt (their own seeds, say)."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"params: {len(each)} for {len(prompts)} prompts")
+        requests = [self.submit(p, q) for p, q in zip(prompts, each)]
         for r in requests:
             if self.running:
                 r.done.wait()
