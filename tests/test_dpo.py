@@ -214,3 +214,25 @@ def test_bad_loss_types_are_named(model_dir, tasks, tmp_path, capsys):
     assert "loss_type: kto trains on unpaired data" in capsys.readouterr().err
     assert cli.main(dpo_args(model_dir, tasks, tmp_path, "--loss-type", "dpo")) == 1
     assert "loss_type: dpo is not one of sigmoid" in capsys.readouterr().err
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(model_dir, tasks, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    single = dpo_args(model_dir, tasks, tmp_path / "one", "--train.save-every", "0")
+    assert cli.main(single) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    two = dpo_args(model_dir, tasks, tmp_path / "two", "--train.save-every", "0", "--batch-size", "2")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "lmforge.cli", *two], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    torch.testing.assert_close(losses("two"), losses("one"), rtol=1e-4, atol=1e-5)  # rounding, grown by 6 steps
+    assert len(losses("one")) == 6
