@@ -236,3 +236,23 @@ def test_two_processes_train_as_one_with_the_same_global_batch(model_dir, tasks,
 
     torch.testing.assert_close(losses("two"), losses("one"), rtol=1e-4, atol=1e-5)  # rounding, grown by 6 steps
     assert len(losses("one")) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_logps_equal_full_logits_in_value_and_gradient(dtype):
+    model = tiny_model(seed=1, tie_word_embeddings=False).to(dtype)
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4], labels[2, :] = -100, -100  # a prompt not scored; a row with nothing scored
+    sums, counts, _ = sequence_logps(model, ids, labels, chunk_size=5)  # 27 positions: 6 chunks
+    (sums * torch.tensor([1.0, -2.0, 3.0])).sum().backward()  # a different upstream gradient per row
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logps = model(ids).logits.float().log_softmax(-1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])
+    full = logps.squeeze(-1).masked_fill(labels[:, 1:] == -100, 0.0).sum(-1)
+    (full * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(sums, full, **tol)
+    assert counts.tolist() == [5.0, 8.0, 0.0] and sums[2].item() == 0.0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name].float(), p.grad.float(), **tol, msg=name)

@@ -123,11 +123,46 @@ def with_router_aux_loss(loss: torch.Tensor, output, model: nn.Module, metrics: 
 
 # -- preference optimisation: sequence log-probabilities and the DPO family --------------------------------
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) of each row of `hidden @ weight.T` (fp32); a target of -100 gives 0."""
-    logits = (hidden @ weight.to(hidden.dtype).T).float()
-    logps = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return logps.masked_fill(targets == IGNORE_INDEX, 0.0)
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target) of each row of `hidden @ weight.T` ([N], fp32; 0 where the target is -100), one chunk of
+    rows at a time. Forward keeps only each row's log-sum-exp; backward recomputes a chunk's logits and turns
+    them into their gradient in place (d log p_t / d logits = onehot(t) - softmax), so one chunk of [rows,
+    vocab] logits exists at a time, as in the chunked cross-entropy, whatever the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        w = weight.to(hidden.dtype)
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = (hidden[start:end] @ w.T).float()
+            lse[start:end] = logits.logsumexp(-1)
+            logps[start:end] = logits.gather(1, targets[start:end].clamp(min=0)[:, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return logps.masked_fill_(targets == IGNORE_INDEX, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        w = weight.to(hidden.dtype)
+        upstream = grad_logps.float().masked_fill(targets == IGNORE_INDEX, 0.0)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h, y, g = hidden[start:end], targets[start:end], upstream[start:end]
+            grad_logits = (h @ w.T).float().sub_(lse[start:end, None]).exp_().mul_(-g[:, None])  # -g softmax
+            rows = (y != IGNORE_INDEX).nonzero().squeeze(1)
+            grad_logits[rows, y[rows]] += g[rows]  # + g onehot
+            grad_logits = grad_logits.to(h.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ w
+            if need_weight:
+                grad_weight += (grad_logits.T @ h).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -135,23 +170,15 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """(sum, count, output): over each row, the sum of the log-probabilities of its labelled tokens and
     their count, [B] fp32 each (the log-likelihood of a completion), and the model's output (for MoE's
     aux_loss). `labels` are aligned with `input_ids` (Hugging Face style: label t is token t, predicted from
-    the tokens before it; -100 where not scored).
-
-    At most `chunk_size` positions' logits exist at a time: each chunk's logits are recomputed in the
-    backward pass (activation checkpointing) rather than kept, so a DPO step holds what an SFT step holds."""
+    the tokens before it; -100 where not scored). At most `chunk_size` positions' logits exist at a time,
+    in forward and in backward (_ChunkedTokenLogps): a DPO step holds what an SFT step holds."""
     output = model(input_ids, return_hidden=True)
     weight = unwrap_model(model).output_weight
-    hidden = output.hidden[:, :-1].reshape(-1, output.hidden.shape[-1])
-    targets = labels[:, 1:].reshape(-1)
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logps, h, weight, y, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(h, weight, y))
-    per_token = torch.cat(pieces).view(labels.shape[0], -1)
-    return per_token.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1).float(), output
+    # position t predicts label t + 1; the last position predicts nothing
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    hidden = output.hidden.reshape(-1, output.hidden.shape[-1])
+    per_token = _ChunkedTokenLogps.apply(hidden, weight, targets.reshape(-1), chunk_size).view(labels.shape)
+    return per_token.sum(-1), (targets != IGNORE_INDEX).sum(-1).float(), output
 
 
 # What each loss needs: the reference model's log-probabilities, or not (SimPO, CPO, ORPO are reference-free).
