@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmforge.config import preset
+from lmforge.infer import cpu_decode
 from lmforge.infer.cpu_decode import CPUDecoder, unsupported
 from lmforge.model import KVCache, build_model
 from lmforge.model.lora import LoraConfig, apply_lora
@@ -222,6 +223,19 @@ def test_portable_paths(monkeypatch, tmp_path, flag, dtype):
     assert decoder.prefill_max_len == 512  # 256 only for bf16 on AMX tiles, where PyTorch's attention wins sooner
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 flag")
+def test_no_c_decoder_without_avx2(monkeypatch, tmp_path):
+    """Built with neither AVX2 nor AVX-512 (as on aarch64 or an older x86), the C step was never
+    measured faster than PyTorch: create returns None, and the Engine decodes with PyTorch."""
+    from lmforge.model import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("LMFORGE_CFLAGS", "-mno-avx2")
+    assert CPUDecoder.create(build_model(preset("tiny"), seed=0)) is None
+    assert list((tmp_path / "kernels").glob("cpu_decode-*.so"))  # it compiled; the rule said no
+
+
 def test_steps_from_several_threads_at_once():
     """The decoder's thread pool runs one step at a time: steps called together from different threads
     (two engines in one process) give the same logits as steps run one after another."""
@@ -262,3 +276,24 @@ def test_one_decoder_for_caches_of_different_lengths():
                        return_hidden=True).hidden
         ref = model.logits(hidden[:, -1]).float()
     torch.testing.assert_close(decoder(torch.tensor([9]), torch.tensor([500]), c_cache), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_c_file_of_another_layout_is_refused_at_load(monkeypatch, tmp_path):
+    """The pointer table's order, the dims and the ABI version are checked when the library is loaded:
+    a C file whose layer slots are in another order than cpu_decode.py builds them in (q and k swapped,
+    which would silently read each weight as the other) is an error naming both layouts."""
+    from lmforge.model import cpu_kernels
+
+    source = cpu_decode._SOURCE.read_text()
+    swapped = source.replace("X(q) X(k)", "X(k) X(q)")
+    assert swapped != source
+    (tmp_path / "infer").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "infer" / "cpu_decode.c").write_text(swapped)
+    header = cpu_decode._SOURCE.parent.parent / "model" / "cpu_common.h"
+    (tmp_path / "model" / "cpu_common.h").write_text(header.read_text())
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_decode, "_SOURCE", tmp_path / "infer" / "cpu_decode.c")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="layer: in_norm k q v"):
+        CPUDecoder.create(build_model(preset("tiny"), seed=0))

@@ -2,11 +2,16 @@
 replace: values and gradients, fp32 and bf16, NaN propagation, bad labels, and the fallback when no
 compiler is available."""
 
+import ctypes
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge.config import preset
+from lmforge.infer import cpu_decode
 from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.model import build_model, cpu_kernels
 from lmforge.model.attention import CausalAttentionCPU
@@ -14,7 +19,7 @@ from lmforge.model.rope import apply_rope
 from lmforge.train.environment import keep_freed_memory
 from lmforge.train.objectives import causal_lm_loss
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
+pytestmark = pytest.mark.skipif(not cpu_kernels.compiled(), reason="no C compiler: the kernels are not built")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -143,7 +148,7 @@ def test_no_compiler_falls_back_to_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(UserWarning, match="CPU kernels unavailable"):
-        assert not cpu_kernels.available()
+        assert not cpu_kernels.compiled()
     x = torch.randn(2, 8, requires_grad=True)
     assert not cpu_kernels.usable(x)
     model = build_model(preset("tiny"), seed=0)
@@ -157,9 +162,68 @@ def test_no_compiler_falls_back_to_pytorch(monkeypatch, tmp_path):
 def test_kernels_compile_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    assert cpu_kernels.available()
+    assert cpu_kernels.compiled()
     built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
     assert len(built) == 1 and not list((tmp_path / "kernels").glob("tmp*"))
+
+
+CPUINFO = """processor\t: {n}
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Processor
+cpu MHz\t\t: {mhz}
+bogomips\t: {bogomips}
+flags\t\t: fpu sse2 avx2 {flags}
+"""
+
+
+def test_the_cache_key_follows_the_cpu_and_compiler_not_the_clock(monkeypatch, tmp_path):
+    """With frequency scaling /proc/cpuinfo's `cpu MHz` changes from one read to the next: the
+    library compiled for the CPU is found again all the same. Other feature flags or another
+    compiler give another file."""
+    def path(mhz="2100.000", flags="avx512f", cc="cc"):
+        info = tmp_path / "cpuinfo"
+        info.write_text("\n".join(CPUINFO.format(n=n, mhz=mhz, bogomips=float(mhz) * 2, flags=flags) for n in range(2)))
+        monkeypatch.setattr(cpu_kernels, "CPUINFO", info)
+        monkeypatch.setenv("CC", cc)
+        return cpu_kernels.library_path(cpu_kernels._SOURCE, cpu_kernels.FLAGS)
+
+    assert path(mhz="2100.000") == path(mhz="3391.998") == path(mhz="800.117")
+    assert path(flags="avx512f") != path(flags="avx512f avx512_bf16")
+    other_cc = tmp_path / "other-cc"
+    other_cc.write_text("#!/bin/sh\necho 'cc (Other) 99.1'\n")
+    other_cc.chmod(0o755)
+    assert path() != path(cc=str(other_cc))
+
+
+def _c_prototypes(source: Path) -> dict[str, tuple[str, list[str]]]:
+    """The exported functions of a C file of lmforge: name -> (result type, parameter declarations).
+    A per-dtype macro's functions (name_##S) are named without the suffix."""
+    found = re.findall(r"^(void|int|long|const char \*)\s*(\w+?)(?:_##S)?\(([^)]*)\)", source.read_text(), re.M)
+    return {name: (result, [] if params.strip() == "void" else params.replace("\\", "").split(","))
+            for result, name, params in found}
+
+
+def _ctype(declaration: str):
+    """The ctypes type matching a C type or parameter declaration (lmforge's C files use only these)."""
+    if "*" in declaration:
+        return ctypes.c_char_p if "char" in declaration else ctypes.c_void_p
+    return {"void": None, "int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float}[declaration.split()[0]]
+
+
+def test_argument_types_match_the_c_prototypes():
+    """What Python declares for each exported C function is what the C file says: a difference would
+    pass arguments of the wrong size or in the wrong place, corrupting memory rather than raising."""
+    kernels = _c_prototypes(cpu_kernels._SOURCE)
+    assert set(kernels) == set(cpu_kernels.ARGTYPES)
+    for name, argtypes in cpu_kernels.ARGTYPES.items():
+        assert [_ctype(p) for p in kernels[name][1]] == argtypes, name
+    decode = _c_prototypes(cpu_decode._SOURCE)
+    assert set(decode) == {*cpu_decode.ARGTYPES, "decode_layout"}
+    for name, (argtypes, restype) in cpu_decode.ARGTYPES.items():
+        assert [_ctype(p) for p in decode[name][1]] == argtypes, name
+        assert _ctype(decode[name][0]) == restype, name
 
 
 def test_keep_freed_memory_applies_on_linux():

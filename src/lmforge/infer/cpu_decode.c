@@ -13,10 +13,16 @@
  *
  * The threads are this file's own small pool, not OpenMP's: the Engine steps from a background
  * thread, and libgomp gives each calling thread its own pool, which on a machine with as many
- * threads as cores makes libgomp fall back to sleeping at every barrier (measured 3x slower).
+ * threads as cores makes libgomp fall back to sleeping at every barrier (BENCHMARKS.md).
  *
- * Weights and cache are T (fp32, or bf16 bits as uint16_t); activations are fp32 throughout, so in
- * bf16 the logits are slightly more exact than PyTorch's, which rounds every intermediate to bf16.
+ * Weights and cache are fp32 or bf16 (uint16_t bits), one `bf16` flag for both; activations are
+ * fp32 throughout, so in bf16 the logits are slightly more exact than PyTorch's, which rounds every
+ * intermediate to bf16.
+ *
+ * The interface with cpu_decode.py: `decode_layout()` names the pointer table's slots and the
+ * `dims` array's entries in order, with DECODE_ABI; cpu_decode.py compares it with its own when it
+ * loads this file and refuses a difference. Bump DECODE_ABI whenever an exported function's
+ * arguments change.
  */
 #include <math.h>
 #include <pthread.h>
@@ -27,6 +33,25 @@
 #include <string.h>
 
 #include "../model/cpu_common.h"
+
+#define DECODE_ABI 2
+
+/* A function of a `bf16` flag (fp32 or bf16 weights and cache) is always inlined where the flag is
+ * a constant: into its typed instances, `name_f32` and `name_bf16`, each compiled to loops with no
+ * test of the flag inside (as a macro per type did), while compiler errors and debuggers see one
+ * real line per statement. */
+#define INLINE static inline __attribute__((always_inline))
+
+/* Element i of a weight, cache or RoPE table: fp32, or bf16 bits. */
+INLINE float ld(const void *p, long i, int bf16) {
+    return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+INLINE void st(void *p, long i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = f2bf(v);
+    else ((float *)p)[i] = v;
+}
+/* The address of element i. */
+INLINE void *at(const void *p, long i, int bf16) { return (char *)p + i * (bf16 ? 2 : 4); }
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__)
@@ -42,7 +67,7 @@ static inline void cpu_relax(void) {
  * back), then sleep on a condition variable. One job at a time (a mutex), so two engines in one
  * process take turns. barrier() synchronises the nt threads of the running job. */
 #define MAX_THREADS 256
-#define SPIN_WAIT 20000  /* pauses (~1 ms) a worker spins before it sleeps */
+#define SPIN_WAIT 20000  /* pauses a worker spins before it sleeps: longer than the Engine's work between steps */
 typedef void (*job_fn)(void *arg, int tid, int nt);
 static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER, wake_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
@@ -118,17 +143,17 @@ static void run(job_fn fn, void *arg, int nt) {
     pthread_mutex_unlock(&run_lock);
 }
 
-/* This thread's share [lo, hi) of n iterations (static schedule). */
-#define SHARE(n, lo, hi) long lo = (n) * tid / nt, hi = (n) * (tid + 1) / nt
+/* The start of thread tid's share of n iterations (static schedule): [part(n, tid), part(n, tid + 1)). */
+INLINE long part(long n, int tid, int nt) { return n * tid / nt; }
 
 /* The first cached position a token at `pos` attends to: the sliding window's start (0: no window). */
-static inline long window_start(long pos, long window) {
+INLINE long window_start(long pos, long window) {
     return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
 }
 
 /* p[first..pos] = exp(p - max), returning their sum: three loops, each vectorised (one loop with
- * the exp and the sum was scalar). */
-static inline float softmax_exp(float *p, long first, long pos) {
+ * the exp and the sum stays scalar). */
+INLINE float softmax_exp(float *p, long first, long pos) {
     float m = -INFINITY, sum = 0.f;
 #pragma omp simd reduction(max:m)
     for (long t = first; t <= pos; t++) m = p[t] > m ? p[t] : m;
@@ -140,8 +165,8 @@ static inline float softmax_exp(float *p, long first, long pos) {
 }
 
 /* Rows of a matvec's input processed together while the weights stream by: as many as fill
- * CHUNK_BYTES, so that they stay in L2 (a prefill has hundreds; measured on `small`, 1024 prompt
- * tokens, fp32: 0.46 s without chunks, 0.21 s with). A multiple of 4, the batch rows of a block. */
+ * CHUNK_BYTES, so that they stay in L2 (a prefill has hundreds). A multiple of 4, the batch rows
+ * of a block. */
 #ifndef CHUNK_BYTES
 #define CHUNK_BYTES (512 * 1024)
 #endif
@@ -150,26 +175,32 @@ static long chunk_rows(long row_bytes) {
     return rows < 16 ? 16 : rows;
 }
 
+/* The most tokens of a prefill's run that attend together (attend_run): its scratch per thread is
+ * RUN_MAX * G * (max_len + head_dim) floats. */
+#define RUN_MAX 16
+
 /* With AVX-512 the matvecs are written in intrinsics, for two reasons.
  * - Prefetch: at batch 16 each block of 4 weight rows serves 4 passes over 4 batch rows; left to
  *   the hardware prefetcher, the first pass waits on memory and the other three leave it idle.
  *   Each pass here also prefetches its share of the next block's cache lines (prefetches never
- *   fault, so the last block may run past its matrix). Measured on `small` in fp32: batch-16 step
- *   8.7 -> 5.8 ms, batch 1 2.55 -> 2.24 ms.
+ *   fault, so the last block may run past its matrix).
  * - bf16: with AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4 and later) a bf16 matvec rounds x to
  *   bf16 (as PyTorch's bf16 path holds its activations) and multiplies pairs of bf16 with
  *   vdpbf16ps, accumulating in fp32: twice the multiply-adds per instruction, no conversion of
  *   the weights. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define PREFETCH_LINES(pf, q) do { for (int e = 0; e < (q); e++) _mm_prefetch((const char *)(pf) + 64 * e, _MM_HINT_T0); } while (0)
 
-static inline __attribute__((always_inline)) void fma_block(const float *w[4], const float *xb[4], const int NB,
-                                                            long in, uintptr_t pf, int q, __m512 acc[4][4]) {
+INLINE void prefetch_lines(uintptr_t pf, int q) {
+    for (int e = 0; e < q; e++) _mm_prefetch((const char *)pf + 64 * e, _MM_HINT_T0);
+}
+
+INLINE void fma_block(const float *w[4], const float *xb[4], const int NB, long in, uintptr_t pf, int q,
+                      __m512 acc[4][4]) {
     for (int r = 0; r < 4; r++)  /* all 16, with NB = 1 too: see reduce_4x4 */
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (long i = 0; i < in; i += 16, pf += 64 * q) {  /* one cache line of each weight row */
-        PREFETCH_LINES(pf, q);
+        prefetch_lines(pf, q);
         __m512 xv[4];
         for (int c = 0; c < NB; c++) xv[c] = _mm512_loadu_ps(xb[c] + i);
         for (int r = 0; r < 4; r++) {
@@ -181,12 +212,12 @@ static inline __attribute__((always_inline)) void fma_block(const float *w[4], c
 
 #if defined(__AVX512BF16__)
 #define HAVE_DP_BF16 1
-static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4], const uint16_t *xb[4], const int NB,
-                                                           long in, uintptr_t pf, int q, __m512 acc[4][4]) {
+INLINE void dp_block(const uint16_t *w[4], const uint16_t *xb[4], const int NB, long in, uintptr_t pf, int q,
+                     __m512 acc[4][4]) {
     for (int r = 0; r < 4; r++)  /* all 16, with NB = 1 too: see reduce_4x4 */
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (long i = 0; i < in; i += 32, pf += 64 * q) {
-        PREFETCH_LINES(pf, q);
+        prefetch_lines(pf, q);
         __m512bh xv[4];
         for (int c = 0; c < NB; c++) xv[c] = (__m512bh)_mm512_loadu_si512(xb[c] + i);
         for (int r = 0; r < 4; r++) {
@@ -197,7 +228,10 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4],
 }
 #else
 #define HAVE_DP_BF16 0
-#define dp_block(w, xb, NB, in, pf, q, acc) ((void)0)
+INLINE void dp_block(const uint16_t *w[4], const uint16_t *xb[4], const int NB, long in, uintptr_t pf, int q,
+                     __m512 acc[4][4]) {  /* never called: the bf16 matvecs check HAVE_DP_BF16 first */
+    (void)w; (void)xb; (void)NB; (void)in; (void)pf; (void)q; (void)acc;
+}
 #endif
 
 /* The 16 sums of acc[r][c] (each over its 16 lanes) as one vector, lane 4c + r: a tree of
@@ -205,7 +239,7 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *w[4],
  * Batch 1 (its other 12 sums zero) goes through it too: each sum's lanes are added in the same order
  * whatever the batch, so a token's outputs are bitwise the same alone, beside other rows and in a
  * prefill (batching and the Engine's prefix cache change no result), at no measured cost. */
-static inline __m512 reduce_4x4(__m512 acc[4][4]) {
+INLINE __m512 reduce_4x4(__m512 acc[4][4]) {
     __m512 s[8], u[4], w[2];
     for (int c = 0; c < 4; c++)  /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
         for (int h = 0; h < 2; h++) {
@@ -230,7 +264,7 @@ static void matvec_blocks(const void *W, int bf16, const void *X, float *y, long
                           int tid, int nt) {
     long elem = bf16 ? 2 : 4, lines = in * elem / 64;
     long chunk = chunk_rows(in * elem);
-    SHARE((out + 3) / 4, lo, hi);
+    long lo = part((out + 3) / 4, tid, nt), hi = part((out + 3) / 4, tid + 1, nt);
     for (long c0 = 0; c0 < B; c0 += chunk)
     for (long jb = lo; jb < hi; jb++) {
         long j0 = jb * 4, c1 = c0 + chunk < B ? c0 + chunk : B, passes = (c1 - c0 + 3) / 4;
@@ -279,22 +313,23 @@ static int amx_usable(void) {
                                                         18 /* XFEATURE_XTILEDATA */) == 0);
     return atomic_load(&ok);
 }
+INLINE int amx_rows(long B) { return B >= AMX_MIN_ROWS && amx_usable(); }
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
 
 /* x [B, in] -> xp: per 16 batch rows (the last padded with zeros), in/2 rows of 16 x (2 bf16). */
 static void amx_pack(const float *x, uint16_t *xp, long B, long in, int tid, int nt) {
     /* A thread's share is whole 1 KB blocks (16 rows x 32 inputs), built on the stack and copied
-     * out: rows split between threads would share every cache line (measured 3x slower). */
+     * out: rows split between threads would share every cache line (BENCHMARKS.md). */
     long chunks = in / 32;
-    SHARE((B + 15) / 16 * chunks, lo, hi);
+    long lo = part((B + 15) / 16 * chunks, tid, nt), hi = part((B + 15) / 16 * chunks, tid + 1, nt);
     for (long u = lo; u < hi; u++) {
         long m0 = u / chunks * 16, i0 = u % chunks * 32;
         uint32_t block[16][16];  /* [pair][row]: inputs i0 + 2j, i0 + 2j + 1 of row m0 + r */
         for (long r = 0; r < 16; r++) {
             const float *xb = x + (m0 + r < B ? m0 + r : 0) * in + i0;
             int real = m0 + r < B;
-            _Pragma("omp simd")
+#pragma omp simd
             for (int j = 0; j < 16; j++)
                 block[j][r] = real ? f2bf(xb[2 * j]) | (uint32_t)f2bf(xb[2 * j + 1]) << 16 : 0;
         }
@@ -302,22 +337,24 @@ static void amx_pack(const float *x, uint16_t *xp, long B, long in, int tid, int
     }
 }
 
-/* Weight rows n0..n0+15 at inputs k0..k0+31 into tile `t`; a last block of fewer rows is copied,
- * padded with zeros, into `tail` first. */
-#define LOAD_W(t, n0)                                                                              \
-    do {                                                                                           \
-        if ((n0) + 16 <= out) {                                                                    \
-            _tile_loadd(t, W + (n0) * in + k0, in * 2);                                            \
-        } else {                                                                                   \
-            for (long r = 0; r < 16; r++)                                                          \
-                for (int i = 0; i < 32; i++) tail[r * 32 + i] = (n0) + r < out ? W[((n0) + r) * in + k0 + i] : 0; \
-            _tile_loadd(t, tail, 64);                                                              \
-        }                                                                                          \
-    } while (0)
+/* Where the tile of weight rows n0..n0+15 at inputs k0..k0+31 is read from, its row stride in
+ * bytes set in *stride: W itself, or for a last block of fewer rows `tail`, the rows copied and
+ * padded with zeros. (The tile number of _tile_loadd must be a literal, hence no load here.) */
+INLINE const uint16_t *weight_tile(const uint16_t *W, long n0, long k0, long in, long out, uint16_t *tail,
+                                   long *stride) {
+    if (n0 + 16 <= out) {
+        *stride = in * 2;
+        return W + n0 * in + k0;
+    }
+    for (long r = 0; r < 16; r++)
+        for (int i = 0; i < 32; i++) tail[r * 32 + i] = n0 + r < out ? W[(n0 + r) * in + k0 + i] : 0;
+    *stride = 64;
+    return tail;
+}
 
 /* Blocks of 2 x 16 weight rows times 2 x 16 batch rows: four accumulator tiles (0-3), two of weights
  * (4, 5) and two of x (6, 7), one tile load per multiply (one block of batch rows: two loads per
- * multiply, as a decode step of up to 16 rows has; a prefill of 64 rows measured 1.5x faster so). */
+ * multiply, as a decode step of up to 16 rows has; a prefill of 64 rows is faster so). */
 static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, long in, long out, int add,
                        int tid, int nt) {
     TileConfig cfg = {0};
@@ -326,7 +363,7 @@ static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, 
     _tile_loadconfig(&cfg);  /* per call: PyTorch's oneDNN may have set its own on this thread */
     float c[4][16][16];  /* [nb + 2 mb][n][m] */
     uint16_t tail[16 * 32];
-    SHARE((out + 15) / 16, lo, hi);
+    long lo = part((out + 15) / 16, tid, nt), hi = part((out + 15) / 16, tid + 1, nt);
     long chunk = (chunk_rows(in * 2) + 31) / 32 * 32;  /* rows of xp that stay in L2 */
     for (long c0 = 0; c0 < B; c0 += chunk)
     for (long jb = lo; jb < hi; jb += 2) {
@@ -337,13 +374,16 @@ static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, 
             const uint16_t *x0 = xp + m0 * in, *x1 = x0 + 16 * in;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (long k0 = 0; k0 < in; k0 += 32) {
+                long stride;
                 _tile_loadd(6, x0 + k0 * 16, 64);
                 if (mblocks == 2) _tile_loadd(7, x1 + k0 * 16, 64);
-                LOAD_W(4, n0);
+                const uint16_t *w0 = weight_tile(W, n0, k0, in, out, tail, &stride);
+                _tile_loadd(4, w0, stride);
                 _tile_dpbf16ps(0, 4, 6);
                 if (mblocks == 2) _tile_dpbf16ps(2, 4, 7);
                 if (nblocks == 2) {
-                    LOAD_W(5, n1);
+                    const uint16_t *w1 = weight_tile(W, n1, k0, in, out, tail, &stride);
+                    _tile_loadd(5, w1, stride);
                     _tile_dpbf16ps(1, 5, 6);
                     if (mblocks == 2) _tile_dpbf16ps(3, 5, 7);
                 }
@@ -364,13 +404,16 @@ static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, 
     }
     _tile_release();
 }
-#undef LOAD_W
-#define AMX_ROWS(B) ((B) >= AMX_MIN_ROWS && amx_usable())
 #else
-#define AMX_ROWS(B) 0
 #define AMX_MIN_ROWS 0
-#define amx_pack(x, xp, B, in, tid, nt) ((void)0)
-#define matvec_amx(W, xp, y, B, in, out, add, tid, nt) ((void)0)
+INLINE int amx_rows(long B) { (void)B; return 0; }
+static void amx_pack(const float *x, uint16_t *xp, long B, long in, int tid, int nt) {
+    (void)x; (void)xp; (void)B; (void)in; (void)tid; (void)nt;
+}
+static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, long in, long out, int add,
+                       int tid, int nt) {
+    (void)W; (void)xp; (void)y; (void)B; (void)in; (void)out; (void)add; (void)tid; (void)nt;
+}
 #endif
 
 /* xh: x in bf16 (packed for AMX when the tiles take it), shared by the threads; `convert` fills it
@@ -379,7 +422,7 @@ static void matvec_amx(const uint16_t *W, const uint16_t *xp, float *y, long B, 
 static int matvec_avx512_bf16(const uint16_t *W, const float *x, float *y, long B, long in, long out, int add,
                               uint16_t *xh, int convert, int tid, int nt) {
     if (!HAVE_DP_BF16 || in % 32) return 0;
-    if (AMX_ROWS(B)) {  /* xh holds x packed for AMX: which layout depends on B and `in` alone */
+    if (amx_rows(B)) {  /* xh holds x packed for AMX: which layout depends on B and `in` alone */
         if (convert) {
             amx_pack(x, xh, B, in, tid, nt);
             barrier(nt);
@@ -388,7 +431,7 @@ static int matvec_avx512_bf16(const uint16_t *W, const float *x, float *y, long 
         return 1;
     }
     if (convert) {
-        SHARE(B * in, lo, hi);
+        long lo = part(B * in, tid, nt), hi = part(B * in, tid + 1, nt);
         for (long i = lo; i < hi; i++) xh[i] = f2bf(x[i]);
         barrier(nt);
     }
@@ -397,393 +440,473 @@ static int matvec_avx512_bf16(const uint16_t *W, const float *x, float *y, long 
 }
 
 static int matvec_avx512_f32(const float *W, const float *x, float *y, long B, long in, long out, int add,
-                             uint16_t *xh, int convert, int tid, int nt) {
-    (void)xh; (void)convert;
+                             int tid, int nt) {
     if (in % 16) return 0;
     matvec_blocks(W, 0, x, y, B, in, out, add, tid, nt);
     return 1;
 }
-#define MATVEC_FAST_bf16 matvec_avx512_bf16
-#define MATVEC_FAST_f32 matvec_avx512_f32
+
+/* The matvec in intrinsics where its sizes allow (1), else 0 and nothing done. */
+INLINE int matvec_fast(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                       int convert, int tid, int nt, int bf16) {
+    return bf16 ? matvec_avx512_bf16(W, x, y, B, in, out, add, xh, convert, tid, nt)
+                : matvec_avx512_f32(W, x, y, B, in, out, add, tid, nt);
+}
 
 /* Attention of the G query heads that share one key/value head, in intrinsics: for each head g,
  * o_g = softmax(scale * K q_g) V over positions first..pos of a row's cache. Keys 16 at a time
  * (bf16 converted to fp32 once for all G heads), their sums gathered by reduce_4x4; then each value
- * row is loaded once for all G heads. (The portable per-head loops below reduced each key's sum
- * lane by lane and converted the cache once per head: ~4x slower at batch 16.) p: G rows of
- * `pstride` scores. */
-static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+ * row is loaded once for all G heads. (The portable per-head loops below reduce each key's sum
+ * lane by lane and convert the cache once per head, which is slower.) p: G rows of `pstride`
+ * scores. */
+INLINE __m512 load16(const void *p, long i, int bf16) {  /* elements i..i+15 as fp32 */
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-static inline const float *keys16_f32(const float *k, long D, float *buf) { (void)D; (void)buf; return k; }
-static inline const float *keys16_bf16(const uint16_t *k, long D, float *buf) {
-    for (long i = 0; i < 16 * D; i += 16) _mm512_storeu_ps(buf + i, load16_bf16(k + i));
+INLINE const float *keys16(const void *k, long D, float *buf, int bf16) {  /* 16 keys as fp32 */
+    if (!bf16) return k;
+    for (long i = 0; i < 16 * D; i += 16) _mm512_storeu_ps(buf + i, load16(k, i, 1));
     return buf;
 }
-#define ATTEND(S, T)                                                                               \
-static int attend_avx512_##S(const float *qg, const T *kb, const T *vb, long first, long pos, long D, \
-                             long G, float scale, float *p, long pstride, float *og) {             \
-    if (D % 16 || D > 256 || G > 16) return 0;                                                     \
-    long nd = D / 16, t = first;                                                                   \
-    float kbuf[16 * 256];                                                                          \
-    for (; t + 16 <= pos + 1; t += 16) {                                                           \
-        const float *kf = keys16_##S(kb + t * D, D, kbuf);                                         \
-        for (long g = 0; g < G; g++) {                                                             \
-            __m512 qv[16], acc[4][4];                                                              \
-            for (long c = 0; c < nd; c++) qv[c] = _mm512_loadu_ps(qg + g * D + 16 * c);            \
-            for (int j = 0; j < 16; j++) {  /* key t + j: its sum lands in lane j */              \
-                __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kf + j * D));                      \
-                for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kf + j * D + 16 * c), a); \
-                acc[j % 4][j / 4] = a;                                                             \
-            }                                                                                      \
-            _mm512_storeu_ps(p + g * pstride + t, _mm512_mul_ps(reduce_4x4(acc), _mm512_set1_ps(scale))); \
-        }                                                                                          \
-    }                                                                                              \
-    for (; t <= pos; t++)                                                                          \
-        for (long g = 0; g < G; g++) {                                                             \
-            __m512 a = _mm512_setzero_ps();                                                        \
-            for (long c = 0; c < nd; c++)                                                          \
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + 16 * c), load16_##S(kb + t * D + 16 * c), a); \
-            p[g * pstride + t] = _mm512_reduce_add_ps(a) * scale;                                  \
-        }                                                                                          \
-    float inv[16];                                                                                 \
-    for (long g = 0; g < G; g++) inv[g] = 1.f / softmax_exp(p + g * pstride, first, pos);          \
-    for (long c = 0; c < nd; c++) {                                                                \
-        __m512 acc[16];                                                                            \
-        for (long g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                                 \
-        for (t = first; t <= pos; t++) {                                                           \
-            __m512 v = load16_##S(vb + t * D + 16 * c);                                            \
-            for (long g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * pstride + t]), v, acc[g]); \
-        }                                                                                          \
-        for (long g = 0; g < G; g++) _mm512_storeu_ps(og + g * D + 16 * c, _mm512_mul_ps(acc[g], _mm512_set1_ps(inv[g]))); \
-    }                                                                                              \
-    return 1;                                                                                      \
+INLINE int attend_fast(const float *qg, const void *kb, const void *vb, long first, long pos, long D, long G,
+                       float scale, float *p, long pstride, float *og, int bf16) {
+    if (D % 16 || D > 256 || G > 16) return 0;
+    long nd = D / 16, t = first;
+    float kbuf[16 * 256];
+    for (; t + 16 <= pos + 1; t += 16) {
+        const float *kf = keys16(at(kb, t * D, bf16), D, kbuf, bf16);
+        for (long g = 0; g < G; g++) {
+            __m512 qv[16], acc[4][4];
+            for (long c = 0; c < nd; c++) qv[c] = _mm512_loadu_ps(qg + g * D + 16 * c);
+            for (int j = 0; j < 16; j++) {  /* key t + j: its sum lands in lane j */
+                __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kf + j * D));
+                for (long c = 1; c < nd; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kf + j * D + 16 * c), a);
+                acc[j % 4][j / 4] = a;
+            }
+            _mm512_storeu_ps(p + g * pstride + t, _mm512_mul_ps(reduce_4x4(acc), _mm512_set1_ps(scale)));
+        }
+    }
+    for (; t <= pos; t++)
+        for (long g = 0; g < G; g++) {
+            __m512 a = _mm512_setzero_ps();
+            for (long c = 0; c < nd; c++)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + 16 * c), load16(kb, t * D + 16 * c, bf16), a);
+            p[g * pstride + t] = _mm512_reduce_add_ps(a) * scale;
+        }
+    float inv[16];
+    for (long g = 0; g < G; g++) inv[g] = 1.f / softmax_exp(p + g * pstride, first, pos);
+    for (long c = 0; c < nd; c++) {
+        __m512 acc[16];
+        for (long g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+        for (t = first; t <= pos; t++) {
+            __m512 v = load16(vb, t * D + 16 * c, bf16);
+            for (long g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * pstride + t]), v, acc[g]);
+        }
+        for (long g = 0; g < G; g++) _mm512_storeu_ps(og + g * D + 16 * c, _mm512_mul_ps(acc[g], _mm512_set1_ps(inv[g])));
+    }
+    return 1;
 }
-ATTEND(f32, float)
-ATTEND(bf16, uint16_t)
-#define ATTEND_FAST_f32 attend_avx512_f32
-#define ATTEND_FAST_bf16 attend_avx512_bf16
 
 /* Attention of a run of R consecutive tokens of one cache row (part of a prompt, in a prefill; one
  * token, R = 1, in a decode step) for one key/value head, as two matrix products instead of R * G
- * vector ones: the scores of all R * G
- * queries against the row's keys by matvec_blocks (the keys as its weight rows: each key loaded
- * once per 4 queries, bf16 keys in vdpbf16ps dot products with the queries rounded to bf16, as
- * PyTorch's bf16 attention holds them), a softmax per query over its own keys (causal: the run's
- * later tokens see more; 0 for the others), then P V in 4 x 4 blocks of queries x 16 dimensions,
- * each value row loaded once per 4 queries. Per token, the vector kernel above re-read every key
- * and value for each query: a 1024-token bf16 prefill of `small` spent 48% of its time there (now
- * 1.37x faster in all). Decode steps gain too, from the bf16 dot products: batch 16 5% (fp32 3%).
- * q, att: the run's first token's q and output rows ([token][H][D]); s: R * G * (max_len + D)
- * floats of scratch. Keys from position kfirst (the sliding window's start for the first token). */
-#define ATTEND_RUN(S, T, BF)                                                                       \
-static int attend_run_##S(const float *q, long H, long kvh, const T *kb, const T *vb, long pos0,  \
-                          long R, long window, long D, long G, float scale, float *s, float *att) { \
-    if (D % 64 || (BF && !HAVE_DP_BF16)) return 0;                                                 \
-    long n = R * G, plast = pos0 + R - 1, nd = D / 16;                                            \
-    long kfirst = window_start(pos0, window), nk = plast - kfirst + 1;                             \
-    float *qx = s + n * nk;                                                                        \
-    for (long i = 0; i < n; i++) {  /* the queries, contiguous: row i = token i / G, head i % G */  \
-        const float *src = q + ((i / G) * H + kvh * G + i % G) * D;                                \
-        if (BF) for (long d = 0; d < D; d++) ((uint16_t *)qx)[i * D + d] = f2bf(src[d]);           \
-        else memcpy(qx + i * D, src, D * sizeof(float));                                           \
-    }                                                                                              \
-    matvec_blocks(kb + kfirst * D, BF, qx, s, n, D, nk, 0, 0, 1);  /* s[i][j] = q_i . k_(kfirst+j) */ \
-    for (long i = 0; i < n; i++) {                                                                 \
-        long pos = pos0 + i / G, lo = window_start(pos, window) - kfirst, hi = pos - kfirst;     \
-        float *p = s + i * nk;                                                                     \
-        for (long t = lo; t <= hi; t++) p[t] *= scale;                                             \
-        float inv = 1.f / softmax_exp(p, lo, hi);                                                  \
-        for (long t = 0; t < lo; t++) p[t] = 0.f;                                                  \
-        for (long t = lo; t <= hi; t++) p[t] *= inv;                                               \
-        for (long t = hi + 1; t < nk; t++) p[t] = 0.f;                                             \
-    }                                                                                              \
-    for (long i0 = 0; i0 < n; i0 += 4) {                                                           \
-        long last = i0 + 3 < n ? i0 + 3 : n - 1, tmax = pos0 + last / G - kfirst + 1;              \
-        const float *pq[4];  /* a short last block repeats its last query (computed, not stored) */ \
-        for (int j = 0; j < 4; j++) pq[j] = s + (i0 + j < n ? i0 + j : n - 1) * nk;                \
-        for (long c0 = 0; c0 < nd; c0 += 4) {                                                      \
-            __m512 acc[4][4];                                                                      \
-            for (int j = 0; j < 4; j++)                                                            \
-                for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();                       \
-            for (long t = 0; t < tmax; t++) {                                                      \
-                const T *vrow = vb + (kfirst + t) * D + 16 * c0;                                   \
-                __m512 v[4];                                                                       \
-                for (int c = 0; c < 4; c++) v[c] = load16_##S(vrow + 16 * c);                      \
-                for (int j = 0; j < 4; j++) {                                                      \
-                    __m512 w = _mm512_set1_ps(pq[j][t]);                                           \
-                    for (int c = 0; c < 4; c++) acc[j][c] = _mm512_fmadd_ps(w, v[c], acc[j][c]);   \
-                }                                                                                  \
-            }                                                                                      \
-            for (int j = 0; j < 4 && i0 + j < n; j++) {                                            \
-                long i = i0 + j;                                                                   \
-                float *o = att + ((i / G) * H + kvh * G + i % G) * D + 16 * c0;                    \
-                for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + 16 * c, acc[j][c]);               \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-    return 1;                                                                                      \
+ * vector ones: the scores of all R * G queries against the row's keys by matvec_blocks (the keys as
+ * its weight rows: each key loaded once per 4 queries, bf16 keys in vdpbf16ps dot products with the
+ * queries rounded to bf16, as PyTorch's bf16 attention holds them), a softmax per query over its
+ * own keys (causal: the run's later tokens see more; 0 for the others), then P V in 4 x 4 blocks of
+ * queries x 16 dimensions, each value row loaded once per 4 queries. Per token, the vector kernel
+ * above re-reads every key and value for each query. Decode steps use it too, for the bf16 dot
+ * products. q, att: the run's first token's q and output rows ([token][H][D]); s: R * G *
+ * (max_len + D) floats of scratch. Keys from position kfirst (the sliding window's start for the
+ * first token). */
+INLINE int attend_run(const float *q, long H, long kvh, const void *kb, const void *vb, long pos0, long R,
+                      long window, long D, long G, float scale, float *s, float *att, int bf16) {
+    if (D % 64 || (bf16 && !HAVE_DP_BF16)) return 0;
+    long n = R * G, plast = pos0 + R - 1, nd = D / 16;
+    long kfirst = window_start(pos0, window), nk = plast - kfirst + 1;
+    float *qx = s + n * nk;
+    for (long i = 0; i < n; i++) {  /* the queries, contiguous: row i = token i / G, head i % G */
+        const float *src = q + ((i / G) * H + kvh * G + i % G) * D;
+        if (bf16) for (long d = 0; d < D; d++) ((uint16_t *)qx)[i * D + d] = f2bf(src[d]);
+        else memcpy(qx + i * D, src, D * sizeof(float));
+    }
+    matvec_blocks(at(kb, kfirst * D, bf16), bf16, qx, s, n, D, nk, 0, 0, 1);  /* s[i][j] = q_i . k_(kfirst+j) */
+    for (long i = 0; i < n; i++) {
+        long pos = pos0 + i / G, lo = window_start(pos, window) - kfirst, hi = pos - kfirst;
+        float *p = s + i * nk;
+        for (long t = lo; t <= hi; t++) p[t] *= scale;
+        float inv = 1.f / softmax_exp(p, lo, hi);
+        for (long t = 0; t < lo; t++) p[t] = 0.f;
+        for (long t = lo; t <= hi; t++) p[t] *= inv;
+        for (long t = hi + 1; t < nk; t++) p[t] = 0.f;
+    }
+    for (long i0 = 0; i0 < n; i0 += 4) {
+        long last = i0 + 3 < n ? i0 + 3 : n - 1, tmax = pos0 + last / G - kfirst + 1;
+        const float *pq[4];  /* a short last block repeats its last query (computed, not stored) */
+        for (int j = 0; j < 4; j++) pq[j] = s + (i0 + j < n ? i0 + j : n - 1) * nk;
+        for (long c0 = 0; c0 < nd; c0 += 4) {
+            __m512 acc[4][4];
+            for (int j = 0; j < 4; j++)
+                for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+            for (long t = 0; t < tmax; t++) {
+                long row = (kfirst + t) * D + 16 * c0;
+                __m512 v[4];
+                for (int c = 0; c < 4; c++) v[c] = load16(vb, row + 16 * c, bf16);
+                for (int j = 0; j < 4; j++) {
+                    __m512 w = _mm512_set1_ps(pq[j][t]);
+                    for (int c = 0; c < 4; c++) acc[j][c] = _mm512_fmadd_ps(w, v[c], acc[j][c]);
+                }
+            }
+            for (int j = 0; j < 4 && i0 + j < n; j++) {
+                long i = i0 + j;
+                float *o = att + ((i / G) * H + kvh * G + i % G) * D + 16 * c0;
+                for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + 16 * c, acc[j][c]);
+            }
+        }
+    }
+    return 1;
 }
-ATTEND_RUN(f32, float, 0)
-ATTEND_RUN(bf16, uint16_t, 1)
-#define ATTEND_RUN_f32 attend_run_f32
-#define ATTEND_RUN_bf16 attend_run_bf16
 #else
-#define MATVEC_FAST_bf16(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
-#define MATVEC_FAST_f32(W, x, y, B, in, out, add, xh, convert, tid, nt) 0
-#define ATTEND_FAST_f32(qg, kb, vb, first, pos, D, G, scale, p, pstride, og) 0
-#define ATTEND_FAST_bf16(qg, kb, vb, first, pos, D, G, scale, p, pstride, og) 0
-#define ATTEND_RUN_f32(q, H, kvh, kb, vb, pos0, R, window, D, G, scale, s, att) 0
-#define ATTEND_RUN_bf16(q, H, kvh, kb, vb, pos0, R, window, D, G, scale, s, att) 0
+/* Without AVX-512: no intrinsics, the portable loops below do it all. */
+INLINE int matvec_fast(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                       int convert, int tid, int nt, int bf16) {
+    (void)W; (void)x; (void)y; (void)B; (void)in; (void)out; (void)add; (void)xh; (void)convert; (void)tid;
+    (void)nt; (void)bf16;
+    return 0;
+}
+INLINE int attend_fast(const float *qg, const void *kb, const void *vb, long first, long pos, long D, long G,
+                       float scale, float *p, long pstride, float *og, int bf16) {
+    (void)qg; (void)kb; (void)vb; (void)first; (void)pos; (void)D; (void)G; (void)scale; (void)p; (void)pstride;
+    (void)og; (void)bf16;
+    return 0;
+}
+INLINE int attend_run(const float *q, long H, long kvh, const void *kb, const void *vb, long pos0, long R,
+                      long window, long D, long G, float scale, float *s, float *att, int bf16) {
+    (void)q; (void)H; (void)kvh; (void)kb; (void)vb; (void)pos0; (void)R; (void)window; (void)D; (void)G;
+    (void)scale; (void)s; (void)att; (void)bf16;
+    return 0;
+}
 #endif
-/* The most tokens of a prefill's run that attend together (attend_run): its scratch per thread is
- * RUN_MAX * G * (max_len + head_dim) floats. */
-#define RUN_MAX 16
 
 
-/* Model layout: the pointer table and sizes cpu_decode.py passes. */
-enum { P_EMBED, P_NORM, P_HEAD, P_LAYERS };
-enum { L_IN_NORM, L_Q, L_K, L_V, L_O, L_POST_NORM, L_GATE, L_UP, L_DOWN, L_KCACHE, L_VCACHE, L_N };
-enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV, D_HEAD_DIM, D_INTER, D_VOCAB, D_MAX_LEN, D_WINDOW, D_N };
+/* -- the model's layout ------------------------------------------------------------------------
+ * The pointer table: the model's slots, then each layer's; `dims`: one long per entry. Each list is
+ * written once, here: it gives the enum below and decode_layout()'s names, which cpu_decode.py
+ * checks against the order it builds the table and dims in. */
+#define MODEL_SLOTS(X) X(embed) X(norm) X(head)
+#define LAYER_SLOTS(X) X(in_norm) X(q) X(k) X(v) X(o) X(post_norm) X(gate) X(up) X(down) X(k_cache) X(v_cache)
+#define DIMS(X) X(layers) X(hidden) X(heads) X(kv_heads) X(head_dim) X(inter) X(vocab) X(max_len) X(window)
+#define AS_MODEL_SLOT(name) P_##name,
+#define AS_LAYER_SLOT(name) L_##name,
+#define AS_DIM(name) D_##name,
+#define AS_WORD(name) " " #name
+#define AS_STRING(x) #x
+#define STRING_OF(x) AS_STRING(x)
+enum { MODEL_SLOTS(AS_MODEL_SLOT) P_LAYERS };
+enum { LAYER_SLOTS(AS_LAYER_SLOT) L_N };
+enum { DIMS(AS_DIM) D_N };
 
-#define DECODE(S, T)                                                                               \
-/* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in], this thread's share of the outputs, then a     \
- * barrier if `sync` (matvecs of the same input, q/k/v and gate/up, need one after the last only). \
- * Blocks of 4 weight rows x 4 batch rows: 16 sums per pass, each weight element loaded once per   \
- * 4 batch rows; a short last block repeats its last row (computed, not stored). */                \
-static void matvec_##S(const T *W, const float *x, float *y, long B, long in, long out, int add,    \
-                       uint16_t *xh, int convert, int sync, int tid, int nt) {                     \
-    if (MATVEC_FAST_##S(W, x, y, B, in, out, add, xh, convert, tid, nt)) {                         \
-        if (sync) barrier(nt);                                                                     \
-        return;                                                                                    \
-    }                                                                                              \
-    SHARE((out + 3) / 4, lo, hi);                                                                  \
-    long chunk = chunk_rows(in * sizeof(float));                                                   \
-    for (long c0 = 0; c0 < B; c0 += chunk)                                                         \
-    for (long jb = lo; jb < hi; jb++) {                                                            \
-        long j0 = jb * 4, c1 = c0 + chunk < B ? c0 + chunk : B;                                    \
-        const T *w0 = W + j0 * in, *w1 = W + (j0 + 1 < out ? j0 + 1 : out - 1) * in;               \
-        const T *w2 = W + (j0 + 2 < out ? j0 + 2 : out - 1) * in;                                  \
-        const T *w3 = W + (j0 + 3 < out ? j0 + 3 : out - 1) * in;                                  \
-        for (long b0 = c0; b0 < c1; b0 += 4) {                                                     \
-            const float *x0 = x + b0 * in, *x1 = x + (b0 + 1 < B ? b0 + 1 : B - 1) * in;           \
-            const float *x2 = x + (b0 + 2 < B ? b0 + 2 : B - 1) * in;                              \
-            const float *x3 = x + (b0 + 3 < B ? b0 + 3 : B - 1) * in;                              \
-            float a[16] = {0};                                                                     \
-            float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;          \
-            float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;          \
-            if (B == 1) {  /* batch 1: one x row, the other three sums unused */                   \
-                _Pragma("omp simd reduction(+:a00, a10, a20, a30)")                                \
-                for (long i = 0; i < in; i++) {                                                    \
-                    float v = x0[i];                                                               \
-                    a00 += LD_##S(w0, i) * v; a10 += LD_##S(w1, i) * v;                            \
-                    a20 += LD_##S(w2, i) * v; a30 += LD_##S(w3, i) * v;                            \
-                }                                                                                  \
-            } else {                                                                               \
-                _Pragma("omp simd reduction(+:a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)") \
-                for (long i = 0; i < in; i++) {                                                    \
-                    float u0 = LD_##S(w0, i), u1 = LD_##S(w1, i), u2 = LD_##S(w2, i), u3 = LD_##S(w3, i); \
-                    float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];                          \
-                    a00 += u0 * v0; a01 += u0 * v1; a02 += u0 * v2; a03 += u0 * v3;                \
-                    a10 += u1 * v0; a11 += u1 * v1; a12 += u1 * v2; a13 += u1 * v3;                \
-                    a20 += u2 * v0; a21 += u2 * v1; a22 += u2 * v2; a23 += u2 * v3;                \
-                    a30 += u3 * v0; a31 += u3 * v1; a32 += u3 * v2; a33 += u3 * v3;                \
-                }                                                                                  \
-            }                                                                                      \
-            a[0] = a00; a[1] = a01; a[2] = a02; a[3] = a03; a[4] = a10; a[5] = a11; a[6] = a12;    \
-            a[7] = a13; a[8] = a20; a[9] = a21; a[10] = a22; a[11] = a23; a[12] = a30; a[13] = a31; \
-            a[14] = a32; a[15] = a33;                                                              \
-            for (int r = 0; r < 4 && j0 + r < out; r++)                                            \
-                for (int c = 0; c < 4 && b0 + c < B; c++) {                                        \
-                    float *dst = y + (b0 + c) * out + j0 + r;                                      \
-                    *dst = add ? *dst + a[r * 4 + c] : a[r * 4 + c];                               \
-                }                                                                                  \
-        }                                                                                          \
-    }                                                                                              \
-    if (sync) barrier(nt);                                                                         \
-}                                                                                                  \
-                                                                                                   \
-static void rmsnorm_rows_##S(const float *x, const T *w, float *y, long B, long n, float eps,       \
-                             int tid, int nt) {                                                    \
-    SHARE(B, lo, hi);                                                                              \
-    for (long b = lo; b < hi; b++) {                                                               \
-        const float *xb = x + b * n; float *yb = y + b * n;                                        \
-        float ss = 0.f;                                                                            \
-        _Pragma("omp simd reduction(+:ss)")  /* else a scalar loop: strict fp order */            \
-        for (long i = 0; i < n; i++) ss += xb[i] * xb[i];                                          \
-        float s = 1.f / sqrtf(ss / (float)n + eps);                                                \
-        for (long i = 0; i < n; i++) yb[i] = xb[i] * s * LD_##S(w, i);                             \
-    }                                                                                              \
-    barrier(nt);                                                                                   \
-}                                                                                                  \
-                                                                                                   \
-/* Rotate-half RoPE of one head in place; c/s the row's cos/sin (repeating across the halves). */  \
-static void rope_head_##S(float *x, const T *c, const T *s, long D) {                              \
-    long half = D / 2;                                                                             \
-    for (long i = 0; i < half; i++) {                                                              \
-        float a = x[i], b = x[i + half];                                                           \
-        x[i] = a * LD_##S(c, i) - b * LD_##S(s, i);                                                \
-        x[i + half] = b * LD_##S(c, i + half) + a * LD_##S(s, i + half);                           \
-    }                                                                                              \
-}                                                                                                  \
-                                                                                                   \
-/* B tokens, token b at position positions[b] of cache row rows[b]; cos/sin [max_len, head_dim]   \
- * tables by position; logits [n_out, vocab] out for the tokens out[0] < out[1] < ... (NULL: all  \
- * B); scratch: scratch_floats.                                                                    \
- * Cache buffers are [B_cache, KV, max_len, head_dim]. A decode step is one token per row; a       \
- * prefill is a row's whole prompt (its keys and values are all written before any attention).    */ \
-typedef struct {                                                                                   \
-    void **ptrs; const long *dims; float eps, scale; const int64_t *tokens, *positions, *rows;      \
-    long B; const T *cos, *sin; const int64_t *out; long n_out; float *logits, *scratch;            \
-    int runs;  /* some token follows the one before it in its row (a prefill) */                   \
-} Step_##S;                                                                                        \
-                                                                                                   \
-/* Attention of one token's G query heads qg (outputs og) over its row's keys kb and values vb up  \
- * to `pos`, where attend_run does not apply: the vector kernel, or portable loops. probs: G *     \
- * max_len floats of scratch. */                                                                   \
-static void attend_one_##S(const float *qg, float *og, const T *kb, const T *vb, long pos, long window, \
-                           long D, long G, long M, float scale, float *probs) {                    \
-    long first = window_start(pos, window);                                                        \
-    if (ATTEND_FAST_##S(qg, kb, vb, first, pos, D, G, scale, probs, M, og)) return;                \
-    for (long g = 0; g < G; g++) {                                                                 \
-        const float *qh = qg + g * D;                                                              \
-        float *p = probs;                                                                          \
-        long t = first;                                                                            \
-        for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */                        \
-            const T *k0 = kb + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;                    \
-            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;                                          \
-            _Pragma("omp simd reduction(+:d0, d1, d2, d3)")                                        \
-            for (long i = 0; i < D; i++) {                                                         \
-                float qi = qh[i];                                                                  \
-                d0 += qi * LD_##S(k0, i); d1 += qi * LD_##S(k1, i);                                \
-                d2 += qi * LD_##S(k2, i); d3 += qi * LD_##S(k3, i);                                \
-            }                                                                                      \
-            p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale;\
-        }                                                                                          \
-        for (; t <= pos; t++) {                                                                    \
-            float dot = 0.f;                                                                       \
-            _Pragma("omp simd reduction(+:dot)")                                                   \
-            for (long i = 0; i < D; i++) dot += qh[i] * LD_##S(kb + t * D, i);                     \
-            p[t] = dot * scale;                                                                    \
-        }                                                                                          \
-        float sum = softmax_exp(p, first, pos);                                                    \
-        float *o = og + g * D;                                                                     \
-        for (long i = 0; i < D; i++) o[i] = 0.f;                                                   \
-        for (long t = first; t <= pos; t++) {                                                      \
-            float w = p[t] / sum;                                                                  \
-            _Pragma("omp simd")                                                                    \
-            for (long i = 0; i < D; i++) o[i] += w * LD_##S(vb + t * D, i);                        \
-        }                                                                                          \
-    }                                                                                              \
-}                                                                                                  \
-                                                                                                   \
-static void step_body_##S(void *arg, int tid, int nt) {                                            \
-    const Step_##S *a = arg;                                                                       \
-    void **ptrs = a->ptrs;                                                                         \
-    const long *dims = a->dims;                                                                    \
-    const int64_t *tokens = a->tokens, *positions = a->positions, *rows = a->rows, *out = a->out;   \
-    const T *cos = a->cos, *sin = a->sin;                                                          \
-    float eps = a->eps, scale = a->scale, *logits = a->logits;                                     \
-    long B = a->B, L = dims[D_LAYERS], Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV];    \
-    long D = dims[D_HEAD_DIM], I = dims[D_INTER], V = dims[D_VOCAB], M = dims[D_MAX_LEN];          \
-    long window = dims[D_WINDOW], G = H / KV;                                                      \
-    float *x = a->scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;                 \
-    float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;  \
-    long pn = RUN_MAX * G * (M + D);  /* per thread: attention weights (and a run's queries) */      \
-    float *probs = up + B * I + tid * pn;                                                          \
-    uint16_t *xh = (uint16_t *)(up + B * I + nt * pn);  /* a matvec's input in bf16 (bf16 weights) */ \
-    const T *embed = (const T *)ptrs[P_EMBED];                                                     \
-    {                                                                                              \
-        SHARE(B, lo, hi);                                                                          \
-        for (long b = lo; b < hi; b++)                                                             \
-            for (long i = 0; i < Hd; i++) x[b * Hd + i] = LD_##S(embed + tokens[b] * Hd, i);       \
-        barrier(nt);                                                                               \
-    }                                                                                              \
-    for (long l = 0; l < L; l++) {                                                                 \
-        void **lp = ptrs + P_LAYERS + l * L_N;                                                     \
-        T *kc = (T *)lp[L_KCACHE], *vc = (T *)lp[L_VCACHE];                                        \
-        rmsnorm_rows_##S(x, (const T *)lp[L_IN_NORM], xn, B, Hd, eps, tid, nt);                    \
-        matvec_##S((const T *)lp[L_Q], xn, q, B, Hd, H * D, 0, xh, 1, 0, tid, nt);                           \
-        matvec_##S((const T *)lp[L_K], xn, k, B, Hd, KV * D, 0, xh, 0, 0, tid, nt);                          \
-        matvec_##S((const T *)lp[L_V], xn, v, B, Hd, KV * D, 0, xh, 0, 1, tid, nt);                          \
-        {   /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */     \
-            SHARE(B * (H + KV), lo, hi);                                                           \
-            for (long bh = lo; bh < hi; bh++) {                                                    \
-                long b = bh / (H + KV), h = bh % (H + KV);                                         \
-                const T *c = cos + positions[b] * D, *s = sin + positions[b] * D;                  \
-                if (h < H) { rope_head_##S(q + (b * H + h) * D, c, s, D); continue; }              \
-                h -= H;                                                                            \
-                float *kh = k + (b * KV + h) * D, *vh = v + (b * KV + h) * D;                      \
-                rope_head_##S(kh, c, s, D);                                                        \
-                long at = ((rows[b] * KV + h) * M + positions[b]) * D;                             \
-                for (long i = 0; i < D; i++) { ST_##S(kc + at, i, kh[i]); ST_##S(vc + at, i, vh[i]); } \
-            }                                                                                      \
-            barrier(nt);                                                                           \
-        }                                                                                          \
-        {   /* Attention per key/value head of runs of consecutive tokens of a row - a prompt's, up \
-             * to RUN_MAX at a time, in a prefill; single tokens in a decode step - dealt out in     \
-             * turn (a prefill's later tokens attend to more). */                                   \
-            long span = a->runs ? RUN_MAX : 1;                                                     \
-            for (long it = tid; it < (B + span - 1) / span * KV; it += nt) {                       \
-                long kvh = it % KV, b = it / KV * span, end = b + span < B ? b + span : B;         \
-                while (b < end) {                                                                  \
-                    long R = 1;                                                                    \
-                    while (b + R < end && rows[b + R] == rows[b] && positions[b + R] == positions[b] + R) R++; \
-                    const T *kb = kc + (rows[b] * KV + kvh) * M * D, *vb = vc + (rows[b] * KV + kvh) * M * D; \
-                    if (!ATTEND_RUN_##S(q + b * H * D, H, kvh, kb, vb, positions[b], R, window, D, G, scale, \
-                                        probs, att + b * H * D))                                   \
-                        for (long e = b; e < b + R; e++)                                           \
-                            attend_one_##S(q + (e * H + kvh * G) * D, att + (e * H + kvh * G) * D, kb, vb, \
-                                           positions[e], window, D, G, M, scale, probs);           \
-                    b += R;                                                                        \
-                }                                                                                  \
-            }                                                                                      \
-            barrier(nt);                                                                           \
-        }                                                                                          \
-        matvec_##S((const T *)lp[L_O], att, x, B, H * D, Hd, 1, xh, 1, 1, tid, nt);  /* residual add */ \
-        rmsnorm_rows_##S(x, (const T *)lp[L_POST_NORM], xn, B, Hd, eps, tid, nt);                  \
-        matvec_##S((const T *)lp[L_GATE], xn, gate, B, Hd, I, 0, xh, 1, 0, tid, nt);                  \
-        matvec_##S((const T *)lp[L_UP], xn, up, B, Hd, I, 0, xh, 0, 1, tid, nt);                      \
-        {                                                                                          \
-            SHARE(B * I, lo, hi);                                                                  \
-            for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + exp_f(-gate[i])) * up[i];     \
-            barrier(nt);                                                                           \
-        }                                                                                          \
-        matvec_##S((const T *)lp[L_DOWN], gate, x, B, I, Hd, 1, xh, 1, 1, tid, nt);  /* residual add */ \
-    }                                                                                              \
-    long n_out = B;                                                                                \
-    if (out) {  /* the output tokens' rows to the front of x, in place, in order (out[i] >= i) */  \
-        n_out = a->n_out;                                                                          \
-        for (long i = 0; i < n_out && tid == 0; i++)                                               \
-            if (out[i] != i) memcpy(x + i * Hd, x + out[i] * Hd, Hd * sizeof(float));              \
-        barrier(nt);                                                                               \
-    }                                                                                              \
-    rmsnorm_rows_##S(x, (const T *)ptrs[P_NORM], xn, n_out, Hd, eps, tid, nt);                     \
-    matvec_##S((const T *)ptrs[P_HEAD], xn, logits, n_out, Hd, V, 0, xh, 1, 1, tid, nt);              \
-}                                                                                                  \
-                                                                                                   \
-void decode_step_##S(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens, \
-                     const int64_t *positions, const int64_t *rows, long B, const T *cos,          \
-                     const T *sin, const int64_t *out, long n_out, float *logits, float *scratch,  \
-                     int nt) {                                                                     \
-    int runs = 0;                                                                                  \
-    for (long b = 1; b < B && !runs; b++) runs = rows[b] == rows[b - 1] && positions[b] == positions[b - 1] + 1; \
-    Step_##S a = {ptrs, dims, eps, scale, tokens, positions, rows, B, cos, sin, out, n_out, logits, scratch, runs}; \
-    run(step_body_##S, &a, nt);                                                                    \
+const char *decode_layout(void) {
+    return "abi " STRING_OF(DECODE_ABI) "; model:" MODEL_SLOTS(AS_WORD) "; layer:" LAYER_SLOTS(AS_WORD)
+           "; dims:" DIMS(AS_WORD);
 }
 
-DECODE(f32, float)
-DECODE(bf16, uint16_t)
+
+/* -- the step ---------------------------------------------------------------------------------- */
+
+/* y[b, j] (+)= sum_i W[j, i] x[b, i], W [out, in], this thread's share of the outputs, then a
+ * barrier if `sync` (matvecs of the same input, q/k/v and gate/up, need one after the last only).
+ * Where the intrinsics do not apply, blocks of 4 weight rows x 4 batch rows: 16 sums per pass, each
+ * weight element loaded once per 4 batch rows; a short last block repeats its last row (computed,
+ * not stored). */
+INLINE void matvec_any(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                       int convert, int sync, int tid, int nt, int bf16) {
+    if (matvec_fast(W, x, y, B, in, out, add, xh, convert, tid, nt, bf16)) {
+        if (sync) barrier(nt);
+        return;
+    }
+    long lo = part((out + 3) / 4, tid, nt), hi = part((out + 3) / 4, tid + 1, nt);
+    long chunk = chunk_rows(in * sizeof(float));
+    for (long c0 = 0; c0 < B; c0 += chunk)
+    for (long jb = lo; jb < hi; jb++) {
+        long j0 = jb * 4, c1 = c0 + chunk < B ? c0 + chunk : B;
+        const void *w0 = at(W, j0 * in, bf16), *w1 = at(W, (j0 + 1 < out ? j0 + 1 : out - 1) * in, bf16);
+        const void *w2 = at(W, (j0 + 2 < out ? j0 + 2 : out - 1) * in, bf16);
+        const void *w3 = at(W, (j0 + 3 < out ? j0 + 3 : out - 1) * in, bf16);
+        for (long b0 = c0; b0 < c1; b0 += 4) {
+            const float *x0 = x + b0 * in, *x1 = x + (b0 + 1 < B ? b0 + 1 : B - 1) * in;
+            const float *x2 = x + (b0 + 2 < B ? b0 + 2 : B - 1) * in;
+            const float *x3 = x + (b0 + 3 < B ? b0 + 3 : B - 1) * in;
+            float a[16] = {0};
+            float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+            float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+            if (B == 1) {  /* batch 1: one x row, the other three sums unused */
+#pragma omp simd reduction(+:a00, a10, a20, a30)
+                for (long i = 0; i < in; i++) {
+                    float v = x0[i];
+                    a00 += ld(w0, i, bf16) * v; a10 += ld(w1, i, bf16) * v;
+                    a20 += ld(w2, i, bf16) * v; a30 += ld(w3, i, bf16) * v;
+                }
+            } else {
+#pragma omp simd reduction(+:a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+                for (long i = 0; i < in; i++) {
+                    float u0 = ld(w0, i, bf16), u1 = ld(w1, i, bf16), u2 = ld(w2, i, bf16), u3 = ld(w3, i, bf16);
+                    float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
+                    a00 += u0 * v0; a01 += u0 * v1; a02 += u0 * v2; a03 += u0 * v3;
+                    a10 += u1 * v0; a11 += u1 * v1; a12 += u1 * v2; a13 += u1 * v3;
+                    a20 += u2 * v0; a21 += u2 * v1; a22 += u2 * v2; a23 += u2 * v3;
+                    a30 += u3 * v0; a31 += u3 * v1; a32 += u3 * v2; a33 += u3 * v3;
+                }
+            }
+            a[0] = a00; a[1] = a01; a[2] = a02; a[3] = a03; a[4] = a10; a[5] = a11; a[6] = a12;
+            a[7] = a13; a[8] = a20; a[9] = a21; a[10] = a22; a[11] = a23; a[12] = a30; a[13] = a31;
+            a[14] = a32; a[15] = a33;
+            for (int r = 0; r < 4 && j0 + r < out; r++)
+                for (int c = 0; c < 4 && b0 + c < B; c++) {
+                    float *dst = y + (b0 + c) * out + j0 + r;
+                    *dst = add ? *dst + a[r * 4 + c] : a[r * 4 + c];
+                }
+        }
+    }
+    if (sync) barrier(nt);
+}
+/* Its typed instances, and the call of the one for `bf16`: the larger functions a step calls are
+ * compiled once per type, as separate functions (inlined into the step at every call, they would
+ * double the file's compile time). */
+static void matvec_f32(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                       int convert, int sync, int tid, int nt) {
+    matvec_any(W, x, y, B, in, out, add, xh, convert, sync, tid, nt, 0);
+}
+static void matvec_bf16(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                        int convert, int sync, int tid, int nt) {
+    matvec_any(W, x, y, B, in, out, add, xh, convert, sync, tid, nt, 1);
+}
+INLINE void matvec(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                   int convert, int sync, int tid, int nt, int bf16) {
+    if (bf16) matvec_bf16(W, x, y, B, in, out, add, xh, convert, sync, tid, nt);
+    else matvec_f32(W, x, y, B, in, out, add, xh, convert, sync, tid, nt);
+}
+
+INLINE void rmsnorm_rows_any(const float *x, const void *w, float *y, long B, long n, float eps, int tid, int nt,
+                             int bf16) {
+    long lo = part(B, tid, nt), hi = part(B, tid + 1, nt);
+    for (long b = lo; b < hi; b++) {
+        const float *xb = x + b * n; float *yb = y + b * n;
+        float ss = 0.f;
+#pragma omp simd reduction(+:ss)  /* else a scalar loop: strict fp order */
+        for (long i = 0; i < n; i++) ss += xb[i] * xb[i];
+        float s = 1.f / sqrtf(ss / (float)n + eps);
+        for (long i = 0; i < n; i++) yb[i] = xb[i] * s * ld(w, i, bf16);
+    }
+    barrier(nt);
+}
+static void rmsnorm_rows_f32(const float *x, const void *w, float *y, long B, long n, float eps, int tid, int nt) {
+    rmsnorm_rows_any(x, w, y, B, n, eps, tid, nt, 0);
+}
+static void rmsnorm_rows_bf16(const float *x, const void *w, float *y, long B, long n, float eps, int tid, int nt) {
+    rmsnorm_rows_any(x, w, y, B, n, eps, tid, nt, 1);
+}
+INLINE void rmsnorm_rows(const float *x, const void *w, float *y, long B, long n, float eps, int tid, int nt,
+                         int bf16) {
+    if (bf16) rmsnorm_rows_bf16(x, w, y, B, n, eps, tid, nt);
+    else rmsnorm_rows_f32(x, w, y, B, n, eps, tid, nt);
+}
+
+/* Rotate-half RoPE of one head in place; c/s the row's cos/sin (repeating across the halves). */
+INLINE void rope_head(float *x, const void *c, const void *s, long D, int bf16) {
+    long half = D / 2;
+    for (long i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * ld(c, i, bf16) - b * ld(s, i, bf16);
+        x[i + half] = b * ld(c, i + half, bf16) + a * ld(s, i + half, bf16);
+    }
+}
+
+/* Attention of one token's G query heads qg (outputs og) over its row's keys kb and values vb up
+ * to `pos`, where attend_run does not apply: the vector kernel, or portable loops. probs: G *
+ * max_len floats of scratch. */
+INLINE void attend_one(const float *qg, float *og, const void *kb, const void *vb, long pos, long window, long D,
+                       long G, long M, float scale, float *probs, int bf16) {
+    long first = window_start(pos, window);
+    if (attend_fast(qg, kb, vb, first, pos, D, G, scale, probs, M, og, bf16)) return;
+    for (long g = 0; g < G; g++) {
+        const float *qh = qg + g * D;
+        float *p = probs;
+        long t = first;
+        for (; t + 4 <= pos + 1; t += 4) {  /* four keys per pass over q */
+            const void *k0 = at(kb, t * D, bf16), *k1 = at(k0, D, bf16), *k2 = at(k1, D, bf16), *k3 = at(k2, D, bf16);
+            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+:d0, d1, d2, d3)
+            for (long i = 0; i < D; i++) {
+                float qi = qh[i];
+                d0 += qi * ld(k0, i, bf16); d1 += qi * ld(k1, i, bf16);
+                d2 += qi * ld(k2, i, bf16); d3 += qi * ld(k3, i, bf16);
+            }
+            p[t] = d0 * scale; p[t + 1] = d1 * scale; p[t + 2] = d2 * scale; p[t + 3] = d3 * scale;
+        }
+        for (; t <= pos; t++) {
+            float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+            for (long i = 0; i < D; i++) dot += qh[i] * ld(kb, t * D + i, bf16);
+            p[t] = dot * scale;
+        }
+        float sum = softmax_exp(p, first, pos);
+        float *o = og + g * D;
+        for (long i = 0; i < D; i++) o[i] = 0.f;
+        for (long t = first; t <= pos; t++) {
+            float w = p[t] / sum;
+#pragma omp simd
+            for (long i = 0; i < D; i++) o[i] += w * ld(vb, t * D + i, bf16);
+        }
+    }
+}
+
+/* Attention of R consecutive tokens of one cache row for key/value head kvh (q, att: the first
+ * token's rows; positions: its position first): as one run where attend_run applies, else token by
+ * token. */
+INLINE void attend_tokens_any(const float *q, float *att, const void *kb, const void *vb, const int64_t *positions,
+                              long R, long H, long kvh, long window, long D, long G, long M, float scale, float *probs,
+                              int bf16) {
+    if (attend_run(q, H, kvh, kb, vb, positions[0], R, window, D, G, scale, probs, att, bf16)) return;
+    for (long e = 0; e < R; e++)
+        attend_one(q + (e * H + kvh * G) * D, att + (e * H + kvh * G) * D, kb, vb, positions[e], window, D, G, M,
+                   scale, probs, bf16);
+}
+static void attend_tokens_f32(const float *q, float *att, const void *kb, const void *vb, const int64_t *positions,
+                              long R, long H, long kvh, long window, long D, long G, long M, float scale, float *probs) {
+    attend_tokens_any(q, att, kb, vb, positions, R, H, kvh, window, D, G, M, scale, probs, 0);
+}
+static void attend_tokens_bf16(const float *q, float *att, const void *kb, const void *vb, const int64_t *positions,
+                               long R, long H, long kvh, long window, long D, long G, long M, float scale, float *probs) {
+    attend_tokens_any(q, att, kb, vb, positions, R, H, kvh, window, D, G, M, scale, probs, 1);
+}
+
+/* B tokens, token b at position positions[b] of cache row rows[b]; cos/sin [max_len, head_dim]
+ * tables by position; logits [n_out, vocab] out for the tokens out[0] < out[1] < ... (NULL: all
+ * B); scratch: scratch_floats.
+ * Cache buffers are [B_cache, KV, max_len, head_dim]. A decode step is one token per row; a
+ * prefill is a row's whole prompt (its keys and values are all written before any attention). */
+typedef struct {
+    void **ptrs; const long *dims; float eps, scale; const int64_t *tokens, *positions, *rows;
+    long B; const void *cos, *sin; const int64_t *out; long n_out; float *logits, *scratch;
+    int runs;  /* some token follows the one before it in its row (a prefill) */
+} Step;
+
+INLINE void step_body(const Step *a, int tid, int nt, int bf16) {
+    void **ptrs = a->ptrs;
+    const long *dims = a->dims;
+    const int64_t *tokens = a->tokens, *positions = a->positions, *rows = a->rows, *out = a->out;
+    float eps = a->eps, scale = a->scale, *logits = a->logits;
+    long B = a->B, L = dims[D_layers], Hd = dims[D_hidden], H = dims[D_heads], KV = dims[D_kv_heads];
+    long D = dims[D_head_dim], I = dims[D_inter], V = dims[D_vocab], M = dims[D_max_len];
+    long window = dims[D_window], G = H / KV;
+    float *x = a->scratch, *xn = x + B * Hd, *q = xn + B * Hd, *k = q + B * H * D;
+    float *v = k + B * KV * D, *att = v + B * KV * D, *gate = att + B * H * D, *up = gate + B * I;
+    long pn = RUN_MAX * G * (M + D);  /* per thread: attention weights (and a run's queries) */
+    float *probs = up + B * I + tid * pn;
+    uint16_t *xh = (uint16_t *)(up + B * I + nt * pn);  /* a matvec's input in bf16 (bf16 weights) */
+    {
+        long lo = part(B, tid, nt), hi = part(B, tid + 1, nt);
+        for (long b = lo; b < hi; b++)
+            for (long i = 0; i < Hd; i++) x[b * Hd + i] = ld(ptrs[P_embed], tokens[b] * Hd + i, bf16);
+        barrier(nt);
+    }
+    for (long l = 0; l < L; l++) {
+        void **lp = ptrs + P_LAYERS + l * L_N;
+        void *kc = lp[L_k_cache], *vc = lp[L_v_cache];
+        rmsnorm_rows(x, lp[L_in_norm], xn, B, Hd, eps, tid, nt, bf16);
+        matvec(lp[L_q], xn, q, B, Hd, H * D, 0, xh, 1, 0, tid, nt, bf16);
+        matvec(lp[L_k], xn, k, B, Hd, KV * D, 0, xh, 0, 0, tid, nt, bf16);
+        matvec(lp[L_v], xn, v, B, Hd, KV * D, 0, xh, 0, 1, tid, nt, bf16);
+        {   /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */
+            long lo = part(B * (H + KV), tid, nt), hi = part(B * (H + KV), tid + 1, nt);
+            for (long bh = lo; bh < hi; bh++) {
+                long b = bh / (H + KV), h = bh % (H + KV);
+                const void *c = at(a->cos, positions[b] * D, bf16), *s = at(a->sin, positions[b] * D, bf16);
+                if (h < H) { rope_head(q + (b * H + h) * D, c, s, D, bf16); continue; }
+                h -= H;
+                float *kh = k + (b * KV + h) * D, *vh = v + (b * KV + h) * D;
+                rope_head(kh, c, s, D, bf16);
+                long where = ((rows[b] * KV + h) * M + positions[b]) * D;
+                for (long i = 0; i < D; i++) { st(kc, where + i, kh[i], bf16); st(vc, where + i, vh[i], bf16); }
+            }
+            barrier(nt);
+        }
+        {   /* Attention per key/value head of runs of consecutive tokens of a row - a prompt's, up to
+             * RUN_MAX at a time, in a prefill; single tokens in a decode step - dealt out in turn (a
+             * prefill's later tokens attend to more). */
+            long span = a->runs ? RUN_MAX : 1;
+            for (long it = tid; it < (B + span - 1) / span * KV; it += nt) {
+                long kvh = it % KV, b = it / KV * span, end = b + span < B ? b + span : B;
+                while (b < end) {
+                    long R = 1;
+                    while (b + R < end && rows[b + R] == rows[b] && positions[b + R] == positions[b] + R) R++;
+                    const void *kb = at(kc, (rows[b] * KV + kvh) * M * D, bf16);
+                    const void *vb = at(vc, (rows[b] * KV + kvh) * M * D, bf16);
+                    (bf16 ? attend_tokens_bf16 : attend_tokens_f32)(q + b * H * D, att + b * H * D, kb, vb,
+                                                                    positions + b, R, H, kvh, window, D, G, M, scale,
+                                                                    probs);
+                    b += R;
+                }
+            }
+            barrier(nt);
+        }
+        matvec(lp[L_o], att, x, B, H * D, Hd, 1, xh, 1, 1, tid, nt, bf16);  /* residual add */
+        rmsnorm_rows(x, lp[L_post_norm], xn, B, Hd, eps, tid, nt, bf16);
+        matvec(lp[L_gate], xn, gate, B, Hd, I, 0, xh, 1, 0, tid, nt, bf16);
+        matvec(lp[L_up], xn, up, B, Hd, I, 0, xh, 0, 1, tid, nt, bf16);
+        {
+            long lo = part(B * I, tid, nt), hi = part(B * I, tid + 1, nt);
+            for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + exp_f(-gate[i])) * up[i];
+            barrier(nt);
+        }
+        matvec(lp[L_down], gate, x, B, I, Hd, 1, xh, 1, 1, tid, nt, bf16);  /* residual add */
+    }
+    long n_out = B;
+    if (out) {  /* the output tokens' rows to the front of x, in place, in order (out[i] >= i) */
+        n_out = a->n_out;
+        for (long i = 0; i < n_out && tid == 0; i++)
+            if (out[i] != i) memcpy(x + i * Hd, x + out[i] * Hd, Hd * sizeof(float));
+        barrier(nt);
+    }
+    rmsnorm_rows(x, ptrs[P_norm], xn, n_out, Hd, eps, tid, nt, bf16);
+    matvec(ptrs[P_head], xn, logits, n_out, Hd, V, 0, xh, 1, 1, tid, nt, bf16);
+}
+/* The step's typed instances, the jobs the thread pool runs. */
+static void step_body_f32(void *arg, int tid, int nt) { step_body(arg, tid, nt, 0); }
+static void step_body_bf16(void *arg, int tid, int nt) { step_body(arg, tid, nt, 1); }
+
+/* One step (see Step) with weights, cache and cos/sin of fp32 (bf16 = 0) or bf16 (1), on nt threads. */
+void decode_step(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens,
+                 const int64_t *positions, const int64_t *rows, long B, const void *cos, const void *sin,
+                 const int64_t *out, long n_out, float *logits, float *scratch, int bf16, int nt) {
+    int runs = 0;
+    for (long b = 1; b < B && !runs; b++) runs = rows[b] == rows[b - 1] && positions[b] == positions[b - 1] + 1;
+    Step a = {ptrs, dims, eps, scale, tokens, positions, rows, B, cos, sin, out, n_out, logits, scratch, runs};
+    run(bf16 ? step_body_bf16 : step_body_f32, &a, nt);
+}
+
+/* The vector instructions this build has: 2 AVX-512, 1 AVX2 with FMA (the portable loops
+ * vectorised for it), 0 neither (aarch64, x86 before AVX2). CPUDecoder.create uses this file only
+ * where it was measured faster than PyTorch, eager or compiled: 1 and 2 (BENCHMARKS.md, "Decode
+ * paths"). */
+int vector_isa(void) {
+#if defined(__AVX512F__)
+    return 2;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* Whether the matvecs of fp32 (bf16 = 0) or bf16 weights over many rows are as fast as PyTorch's
  * matmuls: fp32 with AVX-512, bf16 with AVX512-BF16 (on AMX tiles where there are some). The
- * portable loops are not (2.5x PyTorch's time for 1024 fp32 prompt tokens). The bf16 dot products
- * without AMX beat oneDNN on AMD Zen 4 (`small`, 16 prompts of 64 tokens: 151 ms against 174); on
- * Intel, oneDNN's AMX was 5x faster than they, but there our own AMX path takes the prompts. */
+ * portable loops are not (BENCHMARKS.md). The bf16 dot products without AMX beat oneDNN on AMD
+ * Zen 4; on Intel oneDNN's AMX beats them, but there our own AMX path takes the prompts. */
 int fast_matvec(int bf16) {  /* 0 no, 1 yes, 2 yes on AMX tiles */
 #if defined(__AVX512F__)
-    return bf16 ? (AMX_ROWS(AMX_MIN_ROWS) ? 2 : HAVE_DP_BF16) : 1;
+    return bf16 ? (amx_rows(AMX_MIN_ROWS) ? 2 : HAVE_DP_BF16) : 1;
 #else
     (void)bf16;
     return 0;
@@ -804,10 +927,10 @@ int bad_input(long B, const int64_t *tokens, long vocab, const int64_t *rows, lo
 
 /* Floats of scratch decode_step needs for B tokens and nt threads. */
 long scratch_floats(const long *dims, long B, int nt) {
-    long Hd = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV], D = dims[D_HEAD_DIM], I = dims[D_INTER];
+    long Hd = dims[D_hidden], H = dims[D_heads], KV = dims[D_kv_heads], D = dims[D_head_dim], I = dims[D_inter];
     long widest = Hd > H * D ? Hd : H * D;  /* the longest matvec input, for xh */
     widest = widest > I ? widest : I;
     long padded = (B + 15) / 16 * 16;  /* xh packed for AMX: whole blocks of 16 rows */
-    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * RUN_MAX * (H / KV) * (dims[D_MAX_LEN] + D)
+    return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * RUN_MAX * (H / KV) * (dims[D_max_len] + D)
            + (padded * widest + 1) / 2;
 }

@@ -6,12 +6,13 @@ products and ~150 small ops per token for the `small` preset, each a dispatch of
 final norm, output projection — as one C call, one job for the C file's own thread pool
 (BENCHMARKS.md has the speed-up). The same call prefills: many tokens, each with its own cache
 row and position, logits only for the tokens asked for. The Engine uses that where it is as fast
-as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AVX512-BF16), which also leaves
-no OpenMP threads spinning on the cores the next decode step needs.
+as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AVX512-BF16), which also
+leaves no OpenMP threads spinning on the cores the next decode step needs.
 
 `CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
 or the machine does not fit: not on the CPU, weights not all fp32 or all bf16, MoE or MLA layers,
-biases, QK-norm, LoRA-wrapped projections, no C compiler, or LMFORGE_CPU_KERNELS=0.
+biases, QK-norm, LoRA-wrapped projections, no C compiler, LMFORGE_CPU_KERNELS=0, or a CPU with
+neither AVX2 nor AVX-512, where the C step was never measured faster than PyTorch.
 """
 
 from __future__ import annotations
@@ -33,17 +34,40 @@ _SOURCE = Path(__file__).with_name("cpu_decode.c")
 # thread pool (pthreads), OpenMP only for `omp simd`.
 _FLAGS = [f for f in cpu_kernels.FLAGS if f not in ("-ffp-contract=off", "-fopenmp")] + [
     "-ffp-contract=fast", "-mprefer-vector-width=512", "-fopenmp-simd", "-pthread"]
+
+# The interface with cpu_decode.c, whose decode_layout() returns the same string: checked when the
+# library is loaded, so a change made on one side only is an error there, not wrong pointers in C.
+# The pointer table is MODEL_SLOTS, then LAYER_SLOTS for each layer; `dims` one long per DIMS name.
+# ABI is the C file's DECODE_ABI: bump both when an exported function's arguments change (ARGTYPES).
+ABI = 2
+MODEL_SLOTS = ("embed", "norm", "head")
+LAYER_WEIGHTS = ("in_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")
+LAYER_SLOTS = (*LAYER_WEIGHTS, "k_cache", "v_cache")  # a layer's two KV-cache buffers after its weights
+DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "max_len", "window")
+LAYOUT = f"abi {ABI}; model: {' '.join(MODEL_SLOTS)}; layer: {' '.join(LAYER_SLOTS)}; dims: {' '.join(DIMS)}"
 _p, _L, _f, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+ARGTYPES = {  # name: (argument types, result type)
+    "decode_step": ([_p, _p, _f, _f, _p, _p, _p, _L, _p, _p, _p, _L, _p, _p, _i, _i], None),
+    "scratch_floats": ([_p, _L, _i], _L),
+    "vector_isa": ([], _i),
+    "fast_matvec": ([_i], _i),
+    "bad_input": ([_L, _p, _L, _p, _L, _p, _L], _i),
+}
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Check the library's layout against LAYOUT (raising on a difference), then declare ARGTYPES."""
+    lib.decode_layout.argtypes, lib.decode_layout.restype = [], ctypes.c_char_p
+    layout = lib.decode_layout().decode()
+    if layout != LAYOUT:
+        raise RuntimeError(f"{_SOURCE.name} and {Path(__file__).name} disagree on their interface: the C file "
+                           f"has '{layout}', the Python file expects '{LAYOUT}'")
+    for name, (argtypes, restype) in ARGTYPES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
 
 
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_kernels.load(_SOURCE, _FLAGS,
-                           {"decode_step": [_p, _p, _f, _f, _p, _p, _p, _L, _p, _p, _p, _L, _p, _p, _i]}, "C decode")
-    if lib is not None:
-        lib.scratch_floats.argtypes, lib.scratch_floats.restype = [_p, _L, _i], _L
-        lib.fast_matvec.argtypes, lib.fast_matvec.restype = [_i], _i
-        lib.bad_input.argtypes, lib.bad_input.restype = [_L, _p, _L, _p, _L, _p, _L], _i
-    return lib
+    return cpu_kernels.load(_SOURCE, _FLAGS, _declare, "C decode")
 
 
 def unsupported(model: Transformer) -> str | None:
@@ -72,7 +96,7 @@ def unsupported(model: Transformer) -> str | None:
 
 def _int64s(values: torch.Tensor | list[int] | range, n: int) -> torch.Tensor | ctypes.Array:
     """n int64s for C: a contiguous tensor, or, for a list (the Engine's tokens and positions), a
-    ctypes array - ~0.3 us where building a tensor takes ~5 (more with the caches cold after a step)."""
+    ctypes array, which costs a fraction of building a tensor."""
     if isinstance(values, torch.Tensor):
         return values.reshape(n).to(torch.int64).contiguous()
     return (ctypes.c_int64 * n)(*values)
@@ -82,12 +106,19 @@ def _address(values: torch.Tensor | ctypes.Array) -> int:
     return values.data_ptr() if isinstance(values, torch.Tensor) else ctypes.addressof(values)
 
 
+def _model_weights(model: Transformer) -> list[torch.Tensor]:
+    """The model's slots of the pointer table, in MODEL_SLOTS order."""
+    by_slot = {"embed": model.model.embed_tokens.weight, "norm": model.model.norm.weight, "head": model.output_weight}
+    return [by_slot[slot] for slot in MODEL_SLOTS]
+
+
 def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
-    """A layer's weights in cpu_decode.c's order (its two KV-cache buffers follow them)."""
+    """A layer's weights, in LAYER_WEIGHTS order (its two KV-cache buffers follow them)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-            attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
-            mlp.down_proj.weight]
+    by_slot = {"in_norm": layer.input_layernorm.weight, "q": attn.q_proj.weight, "k": attn.k_proj.weight,
+               "v": attn.v_proj.weight, "o": attn.o_proj.weight, "post_norm": layer.post_attention_layernorm.weight,
+               "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight}
+    return [by_slot[slot] for slot in LAYER_WEIGHTS]
 
 
 class CPUDecoder:
@@ -104,17 +135,14 @@ class CPUDecoder:
         cfg = model.config
         self.model, self.lib = model, lib
         self.dtype = next(model.parameters()).dtype
-        self.step = getattr(lib, f"decode_step_{cpu_kernels.SUFFIX[self.dtype]}")
+        self.bf16 = int(self.dtype == torch.bfloat16)
         # Whether the Engine should prefill in C too: where the C matvecs are as fast as PyTorch's
-        # matmuls for many rows: fp32 with AVX-512, bf16 with AVX512-BF16 (fast_matvec in the C file
-        # has the measurements).
-        kind = lib.fast_matvec(int(self.dtype == torch.bfloat16))
+        # matmuls for many rows: fp32 with AVX-512, bf16 with AVX512-BF16 (fast_matvec in the C file).
+        kind = lib.fast_matvec(self.bf16)
         self.prefills = kind > 0
         # The longest prompt the Engine prefills in C; beyond it PyTorch's attention, on matrix
-        # units, wins over attend_run's vector products. `small`, one prompt, C / PyTorch ms: AMD
-        # Zen 4, bf16: 512 tokens 86 / 121, 2048 tokens 495 / 817; fp32: 178 / 208, 928 / 1134.
-        # Intel with AMX (kind 2), before attend_run: bf16 512 tokens 64 / 49, 2000 tokens 640 / 230;
-        # fp32 151 / 152 and 990 / 700.
+        # units, wins over attend_run's vector products; sooner on a CPU with AMX tiles (kind 2),
+        # which PyTorch's attention uses too (BENCHMARKS.md, "Long prompts").
         self.prefill_max_len = 256 if kind == 2 else 512
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
@@ -123,22 +151,28 @@ class CPUDecoder:
         self._dims: dict[int, ctypes.Array] = {}  # per cache max_len
         self._aranges: dict[int, ctypes.Array] = {}  # rows 0..B-1, a decode step's
         self._scratch = torch.empty(0)  # grown to the largest call so far
-        self._weights = [model.model.embed_tokens.weight, model.model.norm.weight, model.output_weight]
+        self._weights = _model_weights(model)
         self._layer_weights = [_layer_weights(layer) for layer in model.model.layers]
         self._tables: dict[tuple, ctypes.Array] = {}
 
     @classmethod
     def create(cls, model: Transformer) -> CPUDecoder | None:
+        """A decoder for `model`, or None where the Engine should keep PyTorch's forward: a model it
+        does not handle (`unsupported`), no C compiler, or a CPU where the C file builds with neither
+        AVX2 nor AVX-512 (aarch64 among them), where it was never measured against PyTorch. With
+        either, the C step beat PyTorch eager and torch.compile in fp32 and bf16 at batch 1 and 16
+        (tied with compile in fp32 at batch 16 on AVX2; BENCHMARKS.md, "Decode paths")."""
         if unsupported(model) is not None:
             return None
         lib = _library()
-        return None if lib is None else cls(model, lib)
+        return None if lib is None or lib.vector_isa() == 0 else cls(model, lib)
 
     def _table(self, cache: KVCache) -> ctypes.Array:
         """The pointer table of cpu_decode.c for this cache. Looked up by the current data pointers,
         so weights replaced or moved between steps (a trainer updating the policy in RL) are always
-        the ones read; building the key costs ~100 data_ptr() calls (through `map`: a Python
-        generator took ~40 us a step, its code cold after the C step), the table is built once."""
+        the ones read; building the key costs ~100 data_ptr() calls (through `map`, several times
+        faster than a Python generator, whose code is cold after the C step), the table is built
+        once."""
         tensors = list(self._weights)
         for weights, buffers in zip(self._layer_weights, cache.layers):
             tensors += weights
@@ -172,7 +206,7 @@ class CPUDecoder:
         else:
             rows = _int64s(rows, B)
         # the ids, rows and positions checked in C: a loop over B, where six PyTorch reductions
-        # cost ~20 us a step
+        # would cost more than the rest of this wrapper
         bad = self.lib.bad_input(B, _address(tokens), cfg.vocab_size, _address(rows), cache.batch_size,
                                  _address(positions), cache.max_len)
         if bad:
@@ -186,9 +220,10 @@ class CPUDecoder:
         if any(buf.dtype != self.dtype or buf.stride() != cache.layers[0][0].stride() for buf in cache.layers[0]):
             raise ValueError(f"the KV cache must be {self.dtype} like the weights")
         if cache.max_len not in self._dims:
-            self._dims[cache.max_len] = (ctypes.c_long * 9)(
-                cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, cache.max_len, self.window)
+            by_name = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                       "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "inter": cfg.intermediate_size,
+                       "vocab": cfg.vocab_size, "max_len": cache.max_len, "window": self.window}
+            self._dims[cache.max_len] = (ctypes.c_long * len(DIMS))(*(by_name[name] for name in DIMS))
         dims = self._dims[cache.max_len]
         table = self._table(cache)
         cos, sin = self._rope_table(cache.max_len)
@@ -198,7 +233,7 @@ class CPUDecoder:
             scratch = self._scratch = torch.empty(need, dtype=torch.float32)
         n_out = B if out is None else len(out)
         logits = torch.empty(n_out, cfg.vocab_size, dtype=torch.float32)
-        self.step(table, dims, self.eps, self.scale, _address(tokens), _address(positions), _address(rows), B,
-                  cos.data_ptr(), sin.data_ptr(), None if out is None else out.data_ptr(), n_out, logits.data_ptr(),
-                  scratch.data_ptr(), threads)
+        self.lib.decode_step(table, dims, self.eps, self.scale, _address(tokens), _address(positions),
+                             _address(rows), B, cos.data_ptr(), sin.data_ptr(), None if out is None else out.data_ptr(),
+                             n_out, logits.data_ptr(), scratch.data_ptr(), self.bf16, threads)
         return logits

@@ -16,7 +16,7 @@ static inline float rbf(float f) { return bf2f(f2bf(f)); }  /* round a float to 
 
 /* exp(x), written so that it vectorises (glibc's expf does not without -ffast-math): x = n ln2 + r,
  * exp(r) by Cephes' expf polynomial (relative error < 1e-7 over the normal range), 2^n from the
- * exponent bits. Only the integer n is clamped (clamping x costs 2x here): 2^n is then 0 below
+ * exponent bits. Only the integer n is clamped (clamping x too slows the loop): 2^n is then 0 below
  * x ~ -88 and inf above 88.7, and NaN stays NaN. */
 static inline float exp_f(float x) {
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x / ln2) */

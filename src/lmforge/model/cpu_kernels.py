@@ -6,19 +6,27 @@ each PyTorch op is a pass over memory, and autograd runs about ten per RMSNorm. 
 fuse each forward and each backward into one or two passes (measured in BENCHMARKS.md).
 
 `build` compiles a C file of lmforge (this one, and infer/cpu_decode.c) on first use with the
-system's C compiler (`$CC`, default `cc`; `-O3 -march=native -fopenmp` plus `$LMFORGE_CFLAGS`;
-under a second) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`)/kernels, keyed by the source's
-hash, the flags and the CPU, and loads it with ctypes. It links the OpenMP runtime PyTorch itself
+system's C compiler (`$CC`, default `cc`; `-O3 -march=native -fopenmp` plus `$LMFORGE_CFLAGS`)
+into `$LMFORGE_CACHE` (default `~/.cache/lmforge`)/kernels, and loads it with ctypes. The file's
+name is a hash of what the compiled code depends on: the compiler's version, the flags, the source
+and the headers it includes, and the CPU's model and feature flags (what `-march=native` reads;
+not its clock, which changes under frequency scaling). It links the OpenMP runtime PyTorch itself
 loaded, so both share one thread pool; calls use `torch.get_num_threads()` threads.
 
-`available()` is False — and every caller uses the PyTorch ops instead — when there is no
-compiler, off x86-64/aarch64 Linux, or with `LMFORGE_CPU_KERNELS=0`. The functions below take
-contiguous fp32 or bf16 CPU tensors; `usable()` is the check callers make.
+What a caller asks, from the most general to the most particular:
+- `compiled()`: are the kernels built and loaded (compiling them on the first call)? False, after
+  one warning, without a working compiler; False, silently, off x86-64/aarch64 Linux or with
+  `LMFORGE_CPU_KERNELS=0`.
+- `usable(*tensors)`: can a kernel take these tensors (all fp32 or all bf16, on the CPU, not
+  under torch.compile, the kernels compiled)? The check every caller makes before a kernel.
+- `fusable(*linears)`: a choice of the model code, not of C: should these projections of one
+  input run as one matmul on their concatenated weights?
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -27,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +43,11 @@ import torch
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # each C function exists once per dtype
 _loaded: dict[Path, ctypes.CDLL | None] = {}  # per source: the library, or None if it could not be built
+CPUINFO = Path("/proc/cpuinfo")
+# The lines of /proc/cpuinfo that decide what -march=native generates, the CPU's model and feature
+# flags (x86-64, aarch64); not "cpu MHz" or "BogoMIPS", which change with the clock.
+_CPU_FIELDS = {"vendor_id", "cpu family", "model", "model name", "flags",
+               "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features"}
 
 
 def _cache_dir() -> Path:
@@ -45,21 +59,45 @@ def _cache_dir() -> Path:
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
-def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
-    """Compile a C file of lmforge (once per source, flags and CPU; cached) and load it."""
-    cpu = Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0] if Path("/proc/cpuinfo").exists() else b""
-    flags = [*flags, *os.environ.get("LMFORGE_CFLAGS", "").split()]  # e.g. -mno-avx512bf16 to test a fallback
+def _cpu_identity() -> str:
+    """The first processor's model and feature lines of /proc/cpuinfo ("" where there is none)."""
+    if not CPUINFO.exists():
+        return ""
+    first = CPUINFO.read_text(errors="replace").split("\n\n")[0]
+    return "\n".join(line for line in first.splitlines() if line.split(":")[0].strip() in _CPU_FIELDS)
+
+
+@functools.cache
+def _compiler_identity(cc: str) -> str:
+    """`cc --version`'s output (the empty string from a "compiler" that prints none)."""
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
+def _command_flags(flags: list[str]) -> list[str]:
+    return [*flags, *os.environ.get("LMFORGE_CFLAGS", "").split()]  # e.g. -mno-avx512bf16 to test a fallback
+
+
+def library_path(source: Path, flags: list[str]) -> Path:
+    """Where `build` keeps the library of `source` compiled with `flags` on this machine."""
+    flags = _command_flags(flags)
     text = source.read_bytes()
     headers = [(source.parent / h.decode()).read_bytes() for h in re.findall(rb'#include "([^"]+)"', text)]
-    key = hashlib.sha256(b"".join([text, *headers]) + " ".join(flags).encode() + cpu).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{key}.so"
+    parts = [_compiler_identity(os.environ.get("CC", "cc")).encode(), " ".join(flags).encode(), text, *headers,
+             _cpu_identity().encode()]
+    key = hashlib.sha256(b"".join(hashlib.sha256(part).digest() for part in parts)).hexdigest()[:16]
+    return _cache_dir() / f"{source.stem}-{key}.so"
+
+
+def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
+    """Compile a C file of lmforge (once per compiler, flags, source and CPU; cached) and load it."""
+    target = library_path(source, flags)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Compile to a temporary name and rename: processes starting together (DDP ranks, test
         # workers) never load a half-written library.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [os.environ.get("CC", "cc"), *flags, str(source), "-o", tmp]
+        cmd = [os.environ.get("CC", "cc"), *_command_flags(flags), str(source), "-o", tmp]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if out.returncode != 0:
@@ -71,33 +109,34 @@ def build(source: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
-def enabled() -> bool:
-    """Whether compiled CPU code may be used at all: Linux on x86-64/aarch64, LMFORGE_CPU_KERNELS != 0."""
+def _platform_allows() -> bool:
+    """Linux on x86-64 or aarch64 (what the C files are written and tested for), and not switched
+    off with LMFORGE_CPU_KERNELS=0."""
     return (os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0" and sys.platform == "linux"
             and platform.machine() in ("x86_64", "aarch64"))
 
 
-def load(source: Path, flags: list[str], signatures: dict[str, list], what: str) -> ctypes.CDLL | None:
-    """`build` once per process and declare the argument types of each function (`name` -> argtypes,
-    for both dtypes' `name_f32` and `name_bf16`). None, after one warning naming `what`, when it cannot
-    be built (no compiler, no OpenMP, a read-only cache...): the callers then use PyTorch."""
+def load(source: Path, flags: list[str], declare: Callable[[ctypes.CDLL], None], what: str) -> ctypes.CDLL | None:
+    """`build` once per process, then `declare(lib)` (the functions' argument types; a check that
+    the library is the one the caller expects, raising if not). None, after one warning naming
+    `what`, when it cannot be built (no compiler, no OpenMP, a read-only cache...): the callers then
+    use PyTorch."""
     if source not in _loaded:
         lib = None
-        if enabled():
+        if _platform_allows():
             try:
                 lib = build(source, flags)
-                for name, argtypes in signatures.items():
-                    for s in SUFFIX.values():
-                        getattr(lib, f"{name}_{s}").argtypes = argtypes
             except Exception as e:
                 warnings.warn(f"lmforge: {what} unavailable, using PyTorch ops ({e})", stacklevel=3)
                 lib = None
+            if lib is not None:
+                declare(lib)
         _loaded[source] = lib
     return _loaded[source]
 
 
 _p, _L, _f, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-_SIGNATURES = {
+ARGTYPES = {  # each for both dtypes' function, `name_f32` and `name_bf16`
     "rmsnorm_fwd": [_p, _p, _p, _p, _L, _L, _f, _i],
     "rmsnorm_bwd": [_p, _p, _p, _p, _p, _p, _L, _L, _i],
     "rope": [_p, _L, _p, _p, _p, _L, _L, _L, _f, _i],
@@ -109,21 +148,27 @@ _SIGNATURES = {
 }
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    for name, argtypes in ARGTYPES.items():
+        for suffix in SUFFIX.values():
+            getattr(lib, f"{name}_{suffix}").argtypes = argtypes
+
+
 def _library() -> ctypes.CDLL | None:
-    return load(_SOURCE, FLAGS, _SIGNATURES, "CPU kernels")
+    return load(_SOURCE, FLAGS, _declare, "CPU kernels")
 
 
-def available() -> bool:
+def compiled() -> bool:
     """Whether the kernels are compiled and loaded (compiling them on the first call)."""
     return _library() is not None
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """True when the kernels can run on these tensors: on the CPU, all fp32 or all bf16, not being
-    traced by torch.compile (which fuses these ops itself), and the kernels available."""
+    """True when a kernel can take these tensors: on the CPU, all fp32 or all bf16, not being
+    traced by torch.compile (which fuses these ops itself), and the kernels compiled."""
     dtype = tensors[0].dtype
     return (dtype in SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and not torch.compiler.is_compiling() and available())
+            and not torch.compiler.is_compiling() and compiled())
 
 
 def fusable(*linears: torch.nn.Module) -> bool:
@@ -131,7 +176,7 @@ def fusable(*linears: torch.nn.Module) -> bool:
     plain bias-free nn.Linear layers (a LoRA-wrapped one is not), in training (with gradients), and
     not under torch.compile. Callers fuse only on a CPU, where one larger matmul runs closer to the
     peak. Inference does not fuse: decoding is bound by reading the weights, and the concatenation
-    would copy them at every token."""
+    would copy them at every token. (It asks nothing of the C kernels.)"""
     return (torch.is_grad_enabled() and all(type(m) is torch.nn.Linear and m.bias is None for m in linears)
             and not torch.compiler.is_compiling())
 
