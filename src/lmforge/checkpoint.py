@@ -9,6 +9,10 @@ Parameter names are already the HF names, so saving and loading only translate w
 family's on-disk names differ from its in-memory ones: Mixtral's experts (w1/w3/w2 under
 `block_sparse_moe`), and experts stored fused as 3-D tensors (`experts.gate_up_proj`).
 
+A reward model (model/reward.py) is saved as `<Family>ForSequenceClassification` with one label, its head
+`score.weight`, and no generation_config.json (transformers writes none for such a model); `load_model`
+reads causal LMs only, `load_reward_model` reward models, or a causal LM's body under a new head.
+
 Saves are atomic: everything is written to a temporary directory beside the target, which
 then replaces the target by rename. A crash at any moment leaves the previous checkpoint
 loadable (files.replace_directory, files.recover_directory).
@@ -19,15 +23,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmforge.config import PRESETS, ModelConfig, load_config, preset, to_hf
+from lmforge.config import PRESETS, ModelConfig, architecture, load_config, preset, to_hf
 from lmforge.files import atomic_directory_write, recover_directory
 from lmforge.model import Transformer, build_model
+from lmforge.model.reward import RewardModel
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -146,7 +152,8 @@ def save_model(model: Transformer, path: str | Path, *, tokenizer_dir: str | Pat
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if not cfg.num_labels:
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
@@ -194,10 +201,12 @@ _MOE_SIZE_FIELDS = ("moe_intermediate_size", "shared_expert_intermediate_size", 
 _MLA_SIZE_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
-def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...]]], path: Path) -> None:
+def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...]]], path: Path,
+                  new: tuple[str, ...] = ()) -> None:
     """That the weights' headers hold exactly the tensors config.json implies, with its shapes, before any
     memory is allocated: a config.json that is wrong (`hidden_size: 1e9`, one layer too many) is named
-    rather than ending in an allocator error, or in a model built around the wrong sizes."""
+    rather than ending in an allocator error, or in a model built around the wrong sizes. `new`: tensors the
+    caller initialises itself (a new reward head), which the files need not hold."""
     config_file = path / "config.json"
     largest = max((max(shape, default=1) for _, shape in shapes.values()), default=0)
     fields = _SIZE_FIELDS + (_MOE_SIZE_FIELDS if cfg.num_experts else ()) + (_MLA_SIZE_FIELDS if cfg.is_mla else ()) \
@@ -217,7 +226,8 @@ def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...
     if cfg.num_experts > experts:
         raise CheckpointError(f"{config_file}: num_experts {cfg.num_experts}, but the weights hold {experts} experts")
     with torch.device("meta"):  # no memory: only the names and shapes
-        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+        model_class = RewardModel if cfg.num_labels else Transformer
+        expected = {name: tuple(t.shape) for name, t in model_class(cfg).state_dict().items()}
     found: set[str] = set()
     for disk_name, (file, shape) in shapes.items():
         if _skip(disk_name, cfg):
@@ -230,7 +240,7 @@ def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...
                 raise CheckpointError(f"{file}: '{disk_name}' has shape {shape}, {config_file.name} implies "
                                       f"{expected[name]}")
             found.add(name)
-    missing = sorted(set(expected) - found)
+    missing = sorted(set(expected) - found - set(new))
     if missing:
         raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -238,14 +248,43 @@ def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                ) -> Transformer:
-    """Load any supported HF model directory (whatever wrote it; sharded or not; fp32/bf16/fp16). The config
+    """Load any supported HF causal LM directory (whatever wrote it; sharded or not; fp32/bf16/fp16). The config
     and the weights' headers are checked against each other before anything is allocated (`check_weights`)."""
     path = Path(path)
     recover_directory(path)
     cfg = load_config(path)
+    if cfg.num_labels:
+        raise CheckpointError(f"{path}: a reward model ({architecture(cfg)}), not a language model; "
+                              "load_reward_model loads it")
     shapes = read_shapes(weight_files(path))
     check_weights(cfg, shapes, path)
     model = build_model(cfg, device=device, dtype=dtype, init=False)
+    _copy_weights(model, shapes)
+    return model
+
+
+def load_reward_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      seed: int | None = 0) -> RewardModel:
+    """A reward model directory (`<Family>ForSequenceClassification`, one label), or a causal LM directory
+    whose body starts a new reward model (TRL's usual start: the SFT model): its output layer is left out and
+    the `score` head drawn with `seed` (RewardModel.init_score), as AutoModelForSequenceClassification does."""
+    path = Path(path)
+    recover_directory(path)
+    cfg = load_config(path)
+    new_head = cfg.num_labels is None
+    cfg = replace(cfg, num_labels=1)
+    shapes = read_shapes(weight_files(path))
+    check_weights(cfg, shapes, path, new=("score.weight",) if new_head else ())
+    model = build_model(cfg, device=device, dtype=dtype, init=False, model_class=RewardModel)
+    _copy_weights(model, shapes)
+    if new_head:
+        model.init_score(seed)
+    return model
+
+
+def _copy_weights(model: Transformer, shapes: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
+    """Fill a model built with init=False from the checked files (`shapes`, from read_shapes)."""
+    cfg = model.config
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for file in sorted({file for file, _ in shapes.values()}):
@@ -256,18 +295,22 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
                 for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
                     with torch.no_grad():
                         params[name].copy_(get())
-    return model
 
 
 def model_from(name: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int | None = 0, **preset_overrides) -> Transformer:
+               seed: int | None = 0, reward: bool = False, **preset_overrides) -> Transformer:
     """What a command's `--model` names: a model directory's weights (`load_model`), or a preset (`tiny`,
     `small`, ...) freshly initialised with `seed`, its config given `preset_overrides` (the vocabulary of the
-    tokenizer it will use, its token ids). A directory of that name wins over a preset."""
+    tokenizer it will use, its token ids). A directory of that name wins over a preset. `reward`: a
+    RewardModel instead (`load_reward_model`, or the preset with a score head)."""
     if Path(name).is_dir():
+        if reward:
+            return load_reward_model(name, dtype=dtype, device=device, seed=seed)
         return load_model(name, dtype=dtype, device=device)
     if str(name) in PRESETS:
-        return build_model(preset(str(name), **preset_overrides), device=device, dtype=dtype, seed=seed)
+        cfg = preset(str(name), **preset_overrides, **({"num_labels": 1} if reward else {}))
+        return build_model(cfg, device=device, dtype=dtype, seed=seed,
+                           model_class=RewardModel if reward else Transformer)
     raise FileNotFoundError(f"model: '{name}' is neither a model directory nor a preset ({', '.join(PRESETS)})")
 
 
@@ -275,7 +318,7 @@ def _skip(name: str, cfg: ModelConfig) -> bool:
     """Tensors a checkpoint may carry that this model does not use."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
-    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+    if name == "lm_head.weight" and (cfg.tie_word_embeddings or cfg.num_labels):  # a reward model has no lm_head
         return True
     m = re.match(r"model\.layers\.(\d+)\.", name)
     # DeepSeek-V3 ships its multi-token-prediction module as extra layers past num_hidden_layers.

@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
+SEQUENCE_CLASSIFICATION = "ForSequenceClassification"  # a reward model's class: LlamaForSequenceClassification, ...
 
 
 class ModelConfigError(ValueError):
@@ -45,8 +46,9 @@ _INT_FIELDS = {
     "num_experts_per_tok": 0, "moe_intermediate_size": 0, "n_group": 1, "topk_group": 1, "n_shared_experts": 0,
     "shared_expert_intermediate_size": 0, "first_k_dense_replace": 0, "decoder_sparse_step": 1,
     "kv_lora_rank": 1, "q_lora_rank": 1, "qk_rope_head_dim": 1, "qk_nope_head_dim": 0, "v_head_dim": 1,
+    "num_labels": 1,
 }
-_OPTIONAL_INTS = {"head_dim", "sliding_window", "kv_lora_rank", "q_lora_rank"}
+_OPTIONAL_INTS = {"head_dim", "sliding_window", "kv_lora_rank", "q_lora_rank", "num_labels"}
 # Float fields: True where 0 is not allowed either.
 _FLOAT_FIELDS = {"rms_norm_eps": True, "rope_theta": True, "routed_scaling_factor": True,
                  "router_aux_loss_coef": False, "initializer_range": False}
@@ -108,8 +110,11 @@ class ModelConfig:
     # Token ids and init.
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
+    pad_token_id: int | None = None  # a reward model scores each sequence at its last token that is not this one
     initializer_range: float = 0.02
+    # The head: None, a causal LM's output layer (`<Family>ForCausalLM`); 1, a reward model's scalar `score`
+    # head (`<Family>ForSequenceClassification` with one label; model/reward.py).
+    num_labels: int | None = None
 
     def __post_init__(self):
         self.validate_types()
@@ -209,6 +214,8 @@ class ModelConfig:
                     f"with topk_group {self.topk_group}")
             if self.moe_intermediate_size <= 0:
                 bad("moe_intermediate_size", "must be positive for a MoE model")
+        if self.num_labels not in (None, 1):
+            bad("num_labels", f"{self.num_labels}: only a one-output score head (a reward model) is supported")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +304,7 @@ def _from_hf(d: dict) -> ModelConfig:
         eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"),
         initializer_range=d.get("initializer_range", 0.02),
+        num_labels=_num_labels(d),
     )
     if fam["qkv_bias"] is None:  # Llama/Qwen3: one attention_bias for q, k, v and o
         kw["attention_bias"] = kw["o_proj_bias"] = bool(d.get("attention_bias", False))
@@ -340,13 +348,29 @@ def _from_hf(d: dict) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def _num_labels(d: dict) -> int | None:
+    """A sequence classifier's outputs, counted as transformers counts them (its id2label, else num_labels,
+    else 2); None for a causal LM."""
+    architectures = d.get("architectures") or []
+    if not any(str(name).endswith(SEQUENCE_CLASSIFICATION) for name in architectures):
+        return None
+    labels = d.get("id2label")
+    return len(labels) if isinstance(labels, dict) and labels else d.get("num_labels", 2)
+
+
+def architecture(cfg: ModelConfig) -> str:
+    """The transformers class of cfg's model: `<Family>ForCausalLM`, or `<Family>ForSequenceClassification`."""
+    causal = ARCHITECTURES[cfg.model_type]
+    return causal.replace("ForCausalLM", SEQUENCE_CLASSIFICATION) if cfg.num_labels else causal
+
+
 def to_hf(cfg: ModelConfig) -> dict:
     """The config.json transformers expects for cfg.model_type (with both RoPE spellings, so that
     transformers 4 and 5, vLLM and llama.cpp's converter all read it)."""
     fam = _FAMILY[cfg.model_type]
     rope_parameters = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type, **(cfg.rope_scaling or {})}
     d: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "architectures": [architecture(cfg)],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -371,6 +395,9 @@ def to_hf(cfg: ModelConfig) -> dict:
     }
     if d["rope_scaling"]:
         d["rope_scaling"].pop("rope_theta")
+    if cfg.num_labels:  # as transformers writes them; it counts the labels from id2label
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
 
     def unsupported(name, value):
         raise ModelConfigError(f"{name}: {value!r} cannot be written as model_type '{cfg.model_type}'")

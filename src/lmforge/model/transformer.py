@@ -161,11 +161,12 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                init: bool = True, seed: int | None = 0) -> Transformer:
+                init: bool = True, seed: int | None = 0, model_class: type[Transformer] = Transformer) -> Transformer:
     """Build on the meta device (no memory, no wasted init), then allocate on `device` in `dtype`.
-    With init=False the weights are left uninitialised for a checkpoint to fill."""
+    With init=False the weights are left uninitialised for a checkpoint to fill. `model_class`: Transformer
+    or a subclass with another head (model/reward.py's RewardModel)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = model_class(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
     if init:
         model.init_weights(seed)
