@@ -549,9 +549,10 @@ def test_a_step_wakes_an_event_loop_once(engine, tokenizer, monkeypatch):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     expected = [out.token_ids for (out,) in engine.generate(prompts, params)]
     steps, handoffs, events = [], [], []
-    step = engine.step
+    step, iterating = engine.step, threading.Event()
 
-    def counted_step():
+    def counted_step():  # the engine's thread waits for the requests to be iterated on the event loop: else
+        iterating.wait(30)  # a fast engine may finish them first, and their events are then drained, not handed off
         steps.append(1)
         step()
 
@@ -573,7 +574,11 @@ def test_a_step_wakes_an_event_loop_once(engine, tokenizer, monkeypatch):
             events.append(len(deltas) + 1)  # and the end of the stream
             return [t for d in deltas for t in d.token_ids]
 
-        return await asyncio.gather(*(tokens(r) for r in requests))
+        tasks = [asyncio.create_task(tokens(r)) for r in requests]
+        for _ in range(3):  # each task runs to its first await: its request has taken this loop
+            await asyncio.sleep(0)
+        iterating.set()
+        return await asyncio.gather(*tasks)
 
     monkeypatch.setattr(engine, "step", counted_step)
     try:
