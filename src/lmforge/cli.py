@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
     "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
     "dpo": ("lmforge.train.dpo", "preference optimisation: DPO and its family (TRL's losses), KTO"),
+    "reward": ("lmforge.train.reward", "reward model: a scalar score head trained on preference pairs"),
     "distill": ("lmforge.train.distill", "knowledge distillation from a teacher: offline KL/JSD or on-policy (GKD)"),
     "rejection": ("lmforge.train.rejection", "rejection sampling: n completions per prompt, the best kept as SFT data"),
     "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
