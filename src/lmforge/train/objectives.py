@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.sft import IGNORE_INDEX
 from lmforge.model import cpu_kernels
