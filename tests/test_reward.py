@@ -201,6 +201,14 @@ def test_lora_adapter_holds_the_trained_head_and_loads_in_peft(model_dir, tasks,
     ids = torch.tensor([[5, 9, 40, 41, 42, 7], [5, 9, 12, 13, pad_id, pad_id]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits.squeeze(-1), ours(ids).rewards, rtol=1e-5, atol=1e-6)
+    # and lmforge loads the adapter back, head included, as the scorer does; merged, it is a reward model
+    scorer = reward.RewardScorer.load(final)
+    assert cli.main(["merge", "--model", str(model_dir), "--adapter", str(final), "--out", str(tmp_path / "m")]) == 0
+    merged = load_reward_model(tmp_path / "m")
+    merged.config.pad_token_id = pad_id
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.model(ids).rewards, ours(ids).rewards, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged(ids).rewards, ours(ids).rewards, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("extra", [[], ["--method", "lora", "--lora.r", "4", "--center-rewards-coefficient", "0.01"]])

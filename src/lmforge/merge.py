@@ -14,7 +14,8 @@ from typing import Literal
 
 import torch
 
-from lmforge.checkpoint import DTYPES, load_model, save_model
+from lmforge.checkpoint import DTYPES, load_model, load_reward_model, save_model
+from lmforge.files import read_json
 from lmforge.model.lora import load_adapter, merge_lora
 from lmforge.settings import parse_args
 
@@ -38,7 +39,9 @@ def base_dtype(model_dir: Path) -> torch.dtype:
 def merge(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Merge in fp32 (the sum W + s*BA keeps its low bits), then save in `dtype` (default: the base's)."""
     model_dir = Path(model_dir)
-    model = load_model(model_dir, dtype=torch.float32)
+    # a reward model's adapter (task SEQ_CLS) holds its score head too: the base is its body under that head
+    reward = read_json(Path(adapter_dir) / "adapter_config.json").get("task_type") == "SEQ_CLS"
+    model = (load_reward_model if reward else load_model)(model_dir, dtype=torch.float32)
     load_adapter(model, adapter_dir)
     merge_lora(model)
     return save_model(model, out, tokenizer_dir=model_dir, dtype=dtype or base_dtype(model_dir))

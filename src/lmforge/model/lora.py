@@ -60,6 +60,8 @@ class LoraConfig:
     use_dora: bool = field(default=False, metadata={"help": "DoRA: learn a magnitude per output row too"})
     init: Literal["kaiming", "gaussian"] = field(
         default="kaiming", metadata={"help": "A's init (B starts at 0): kaiming-uniform as PEFT, or N(0, 1/r)"})
+    modules_to_save: list[str] = field(default_factory=list, metadata={
+        "help": "modules trained whole and saved in the adapter beside it (PEFT's name), e.g. a reward model's score"})
 
     def __post_init__(self):
         self.validate()
@@ -188,8 +190,18 @@ def apply_lora(model: nn.Module, settings: LoraConfig) -> nn.Module:
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoraLinear(getattr(parent, child), settings))
+    for name in settings.modules_to_save:  # trained whole, beside the adapters (PEFT's modules_to_save)
+        for p in _module(model, name, "modules_to_save").parameters():
+            p.requires_grad_(True)
     model.lora_settings = settings  # what save_adapter writes into adapter_config.json
     return model
+
+
+def _module(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{what}: the model has no module '{name}'") from None
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -219,7 +231,8 @@ def adapter_config(settings: LoraConfig, model: nn.Module, base_model_path: str 
     targets = sorted(_disk_name(model, n) for n in lora_modules(model))
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        # a reward model (num_labels 1) is transformers' sequence classifier
+        "task_type": "SEQ_CLS" if getattr(model.config, "num_labels", None) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_path,
         "r": settings.r,
         "lora_alpha": settings.alpha,
@@ -231,7 +244,7 @@ def adapter_config(settings: LoraConfig, model: nn.Module, base_model_path: str 
         "fan_in_fan_out": False,
         "init_lora_weights": True if settings.init == "kaiming" else "gaussian",
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(settings.modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -241,7 +254,11 @@ def adapter_config(settings: LoraConfig, model: nn.Module, base_model_path: str 
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors under PEFT's names, and the whole weights of the modules saved beside them."""
     tensors = {}
+    for module_name in model.lora_settings.modules_to_save:
+        for name, tensor in _module(model, module_name, "modules_to_save").state_dict().items():
+            tensors[f"{_PREFIX}{module_name}.{name}"] = tensor.detach().contiguous().cpu()
     for name, m in lora_modules(model).items():
         key = _PREFIX + _disk_name(model, name)
         tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
@@ -268,12 +285,15 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | None
 def _unsupported(config: dict, file: Path) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type '{config['peft_type']}' is not LoRA")
-    checks = {"bias": "none", "lora_bias": False, "modules_to_save": None, "rank_pattern": {},
+    checks = {"bias": "none", "lora_bias": False, "rank_pattern": {},
               "alpha_pattern": {}, "fan_in_fan_out": False, "target_parameters": None,
               "trainable_token_indices": None, "layer_replication": None}
     for key, expected in checks.items():
         if config.get(key) is not None and config[key] != expected:
             raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only {expected!r})")
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise ValueError(f"{file}: field 'modules_to_save': {saved!r:.40} should be a list of module names")
 
 
 def read_adapter_settings(path: str | Path) -> LoraConfig:
@@ -296,8 +316,9 @@ def read_adapter_settings(path: str | Path) -> LoraConfig:
             raise ValueError(f"{file}: field '{key}': {config.get(key)!r:.40} should be {what}")
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
     return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-                        target_modules=list(targets), use_rslora=bool(config.get("use_rslora")),
-                        use_dora=bool(config.get("use_dora")), init=init)
+                      target_modules=list(targets), use_rslora=bool(config.get("use_rslora")),
+                      use_dora=bool(config.get("use_dora")), init=init,
+                      modules_to_save=list(config.get("modules_to_save") or []))
 
 
 def _is_number(value, integer: bool = False) -> bool:
@@ -321,10 +342,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         saved = load_file(str(file))
     except SafetensorError as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    whole = {}  # the weights of modules_to_save, by their name in the model
     for key, t in saved.items():
         if not key.startswith(_PREFIX):
             raise ValueError(f"{file}: unexpected tensor '{key}' (expected names starting {_PREFIX})")
-        tensors[key[len(_PREFIX):].replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")] = t
+        name = key[len(_PREFIX):]
+        if any(name.startswith(m + ".") for m in settings.modules_to_save):
+            whole[name] = t
+            continue
+        tensors[name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")] = t
     ours_by_disk = {_disk_name(model, n): n for n, m in model.named_modules()
                     if isinstance(m, (nn.Linear, LoraLinear))}
     adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
@@ -340,6 +366,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"{file}: adapts other modules than the model's adapters")
     elif any(m.use_dora != settings.use_dora for m in lora_modules(model).values()):
         raise ValueError(f"{file}: use_dora={settings.use_dora}, unlike the model's adapters")
+    _load_whole(model, whole, settings.modules_to_save, file)
     expected = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if settings.use_dora else set())
     with torch.no_grad():
         for disk, name in zip(adapted, names):
@@ -355,3 +382,18 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                 target.copy_(tensors[key])
             m.scaling = settings.scaling
     return model
+
+
+def _load_whole(model: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], file: Path) -> None:
+    """Copy the saved weights of modules_to_save into the model, each checked to be there, of its shape."""
+    state = {f"{m}.{k}": v for m in modules for k, v in _module(model, m, f"{file}: modules_to_save").state_dict(
+        ).items()}
+    missing = sorted(set(state) - set(tensors))
+    if missing:
+        raise ValueError(f"{file}: missing tensor '{_PREFIX}{missing[0]}' of modules_to_save")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"{file}: '{_PREFIX}{name}' does not fit this model's "
+                                 f"{tuple(state[name].shape) if name in state else 'modules'}")
+            state[name].copy_(tensor)

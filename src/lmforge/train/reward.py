@@ -29,29 +29,27 @@ Other commands and RL score with the trained model through `RewardScorer`:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from lmforge.checkpoint import CheckpointError, load_reward_model, model_from, save_model
+from lmforge.checkpoint import CheckpointError, load_reward_model, model_from
 from lmforge.config import load_config
 from lmforge.data.formats import DataStats, Record, read_with
 from lmforge.data.preference import PreferencePair, to_pair
 from lmforge.data.sft import pad
-from lmforge.files import atomic_directory_write
-from lmforge.model.lora import LoraConfig, adapter_config, adapter_state_dict, apply_lora
+from lmforge.files import read_json
+from lmforge.model.lora import LoraConfig, apply_lora, load_adapter
 from lmforge.model.reward import RewardModel
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.metrics import read_metrics
 from lmforge.train.objectives import with_router_aux_loss
-from lmforge.train.sft import FreezeConfig, epoch_order, freeze_except
+from lmforge.train.sft import FreezeConfig, epoch_order, freeze_except, weights_saver
 from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
 SIDES = ("chosen_input_ids", "rejected_input_ids")
@@ -169,26 +167,12 @@ def build(cfg: RewardConfig, tokenizer: Tokenizer, device: torch.device) -> Rewa
     # saved in config.json for transformers to read the same token.
     model.config.pad_token_id = tokenizer.pad_id
     if cfg.method in ("lora", "dora"):
-        apply_lora(model, replace(cfg.lora, use_dora=cfg.method == "dora" or cfg.lora.use_dora))
-        model.score.weight.requires_grad_(True)  # apply_lora froze it; a new head must be trained
+        # the new head trained whole beside the adapters, and saved with them (PEFT's modules_to_save)
+        apply_lora(model, replace(cfg.lora, use_dora=cfg.method == "dora" or cfg.lora.use_dora,
+                                  modules_to_save=sorted({*cfg.lora.modules_to_save, "score"})))
     elif cfg.method == "freeze":
         freeze_except(model, cfg.freeze.layers, [*cfg.freeze.modules, "score"])
     return model
-
-
-def save_reward_adapter(model: RewardModel, path: str | Path, base_model_path: str | None) -> Path:
-    """A PEFT adapter directory of a sequence classifier: the LoRA/DoRA weights and, whole, the score head
-    (PEFT's modules_to_save), loaded by peft.PeftModel.from_pretrained onto the base model loaded with
-    AutoModelForSequenceClassification (num_labels=1)."""
-    config = {**adapter_config(model.lora_settings, model, base_model_path), "task_type": "SEQ_CLS",
-              "modules_to_save": ["score"]}
-    tensors = {**adapter_state_dict(model), "base_model.model.score.weight": model.score.weight.detach().cpu()}
-
-    def write(tmp: Path):
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-
-    return atomic_directory_write(path, write)
 
 
 # -- the stage -----------------------------------------------------------------------------------------------
@@ -211,11 +195,8 @@ def run(cfg: RewardConfig) -> TrainResult:
     val_data = None
     if val_samples:
         val_data = lambda: epoch_batches(val_samples, cfg, pad_id, env.rank, env.world_size, False)(0)
-    if cfg.method in ("lora", "dora"):
-        base_dir = cfg.model if Path(cfg.model).is_dir() else None
-        save_weights = lambda m, path: save_reward_adapter(m, path, base_dir)
-    else:
-        save_weights = lambda m, path: save_model(m, path, tokenizer_dir=tokenizer_dir)
+    base_dir = cfg.model if Path(cfg.model).is_dir() else None
+    save_weights = weights_saver(cfg.method in ("lora", "dora"), base_dir, tokenizer_dir)
     trainer = Trainer(cfg.train, model, lambda m, batch: reward_loss(m, batch, cfg.center_rewards_coefficient),
                       train, val_data=val_data, save_weights=save_weights,
                       log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
@@ -247,7 +228,17 @@ class RewardScorer:
     @classmethod
     def load(cls, path: str | Path, *, tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, batch_size: int = 16) -> RewardScorer:
-        """A reward model directory (what `lmforge reward` writes, or a downloaded one) and its tokenizer."""
+        """A reward model directory (what `lmforge reward` writes, or a downloaded one), or a PEFT adapter of
+        one (its score head saved beside the adapters) on the base model its adapter_config.json names; and
+        its tokenizer (the base model's, for an adapter)."""
+        path = Path(path)
+        if (path / "adapter_config.json").is_file():
+            base = read_json(path / "adapter_config.json").get("base_model_name_or_path")
+            if not isinstance(base, str) or not Path(base).is_dir():
+                raise CheckpointError(f"{path / 'adapter_config.json'}: base_model_name_or_path {base!r:.60} is not "
+                                      "a model directory")
+            model = load_adapter(load_reward_model(base, dtype=dtype, device=device), path)
+            return cls(model, Tokenizer.from_dir(tokenizer or base), batch_size)
         if load_config(path).num_labels is None:
             raise CheckpointError(f"{path}: a language model, not a reward model (lmforge reward trains one)")
         return cls(load_reward_model(path, dtype=dtype, device=device), Tokenizer.from_dir(tokenizer or path),
