@@ -171,6 +171,7 @@ def test_scorer_is_a_reward_function_for_rejection_sampling(model_dir, tmp_path,
     prompts, completions = [p["prompt"] for p in PAIRS], [p["chosen"] for p in PAIRS]
     values = score(load_reward_function("my_rm:rm"), prompts, completions, {"answer": ["4", "Hamlet"]})
     assert values == reward.RewardScorer.load(tmp_path / "rm").score([p + c for p, c in zip(prompts, completions)])
+    assert score(load_reward_function(str(tmp_path / "rm")), prompts, completions, {}) == values  # by directory
     with pytest.raises(CheckpointError, match="a language model, not a reward model"):
         reward.RewardScorer.load(model_dir)
 

@@ -40,7 +40,8 @@ class RejectionConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir (default: the model dir)"})
     prompts: list[str] = field(default_factory=list, metadata={"help": "RL prompt files (jsonl, parquet, globs)"})
     reward: str = field(default="exact_answer", metadata={
-        "help": "exact_answer | format | module:function (TRL's reward-function signature)"})
+        "help": "exact_answer | format | a reward model's directory | module:function (TRL's reward-function "
+                "signature)"})
     n: int = field(default=8, metadata={"help": "completions per prompt", "min": 1})
     keep: Literal["best", "all"] = field(default="best", metadata={
         "help": "best: each prompt's best completion; all: every completion above the threshold"})

@@ -13,7 +13,8 @@ Built in:
                    check, lm-evaluation-harness's gsm8k strict-match), else 0.0
     format         1.0 if the completion ends with a `#### N` line at all, else 0.0
 A user's function is named `module:function` (the module importable from the working directory or the
-Python path): `load_reward_function("myrewards:brevity")`.
+Python path): `load_reward_function("myrewards:brevity")`. A directory is a trained reward model (what
+`lmforge reward` writes, its LoRA adapter, or a downloaded one), scored by train.reward.RewardScorer.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ BUILTIN = {"exact_answer": exact_answer, "format": format_reward}
 
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """A built-in reward function by name, or a user's as `module:function`."""
+    """A built-in reward function by name, a reward model's directory, or a user's function as `module:function`."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if Path(spec).is_dir():
+        from lmforge.train.reward import RewardScorer  # torch models: only when a reward model is asked for
+        return RewardScorer.load(spec)
     module_name, colon, function_name = spec.partition(":")
     if not colon or not module_name or not function_name:
-        raise ValueError(f"reward: '{spec}' is neither a built-in reward ({', '.join(BUILTIN)}) nor "
-                         "'module:function'")
+        raise ValueError(f"reward: '{spec}' is neither a built-in reward ({', '.join(BUILTIN)}), a reward "
+                         "model's directory, nor 'module:function'")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # a module beside the user's data, as `python -m` would find it
     try:
