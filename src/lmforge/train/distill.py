@@ -42,7 +42,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.objectives import distillation_loss
 from lmforge.train.pretrain import LoaderBatches, validation_bytes_per_token
-from lmforge.train.sft import epoch_order, read_samples, shift_labels
+from lmforge.train.sft import index_batches, read_samples, shift_labels
 from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
 # The teacher computes in the precision the student trains in; it needs no fp32 master weights.
@@ -234,12 +234,8 @@ class DistillBatches:
             raise ValueError("data: a conversation that begins with its reply has no prompt to complete")
         self.student, self.teacher = student, teacher
 
-        def make(epoch: int):
-            mine = epoch_order(len(samples), cfg.train.seed, epoch, True, env.rank, env.world_size)
-            for start in range(0, len(mine), cfg.batch_size):
-                yield mine[start:start + cfg.batch_size]
-
-        self.epochs = EpochBatches(make)
+        self.epochs = EpochBatches(index_batches(len(samples), cfg.batch_size, cfg.train.seed, True, env.rank,
+                                                 env.world_size, lambda indices: indices))
         self.drawn = 0
 
     def __next__(self) -> dict[str, torch.Tensor]:

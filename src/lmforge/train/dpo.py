@@ -46,7 +46,7 @@ from lmforge.train.objectives import (
     sequence_logps,
     with_router_aux_loss,
 )
-from lmforge.train.sft import FreezeConfig, build, epoch_order, weights_saver
+from lmforge.train.sft import FreezeConfig, build, index_batches, weights_saver
 from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -149,11 +149,8 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def epoch_batches(samples: list[dict], cfg: DPOConfig, pad_id: int, rank: int, world_size: int, shuffle: bool):
-    def make(epoch: int):
-        mine = epoch_order(len(samples), cfg.train.seed, epoch, shuffle, rank, world_size)
-        for start in range(0, len(mine), cfg.batch_size):
-            yield collate([samples[i] for i in mine[start:start + cfg.batch_size]], pad_id)
-    return make
+    return index_batches(len(samples), cfg.batch_size, cfg.train.seed, shuffle, rank, world_size,
+                         lambda indices: collate([samples[i] for i in indices], pad_id))
 
 
 # -- the reference -------------------------------------------------------------------------------------------

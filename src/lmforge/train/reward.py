@@ -49,7 +49,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.metrics import read_metrics
 from lmforge.train.objectives import with_router_aux_loss
-from lmforge.train.sft import FreezeConfig, epoch_order, freeze_except, weights_saver
+from lmforge.train.sft import FreezeConfig, freeze_except, index_batches, weights_saver
 from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
 SIDES = ("chosen_input_ids", "rejected_input_ids")
@@ -132,11 +132,8 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def epoch_batches(samples: list[dict], cfg: RewardConfig, pad_id: int, rank: int, world_size: int, shuffle: bool):
-    def make(epoch: int):
-        mine = epoch_order(len(samples), cfg.train.seed, epoch, shuffle, rank, world_size)
-        for start in range(0, len(mine), cfg.batch_size):
-            yield collate([samples[i] for i in mine[start:start + cfg.batch_size]], pad_id)
-    return make
+    return index_batches(len(samples), cfg.batch_size, cfg.train.seed, shuffle, rank, world_size,
+                         lambda indices: collate([samples[i] for i in indices], pad_id))
 
 
 # -- the objective -------------------------------------------------------------------------------------------

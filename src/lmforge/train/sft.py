@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -83,6 +84,17 @@ def epoch_order(count: int, seed: int, epoch: int, shuffle: bool, rank: int, wor
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[rank::world_size]
+
+
+def index_batches(count: int, batch_size: int, seed: int, shuffle: bool, rank: int, world_size: int,
+                  collate: Callable[[list[int]], object]):
+    """make_batches(epoch) for EpochBatches over samples that batch alike in size: this process's samples of
+    the epoch (epoch_order), batch_size at a time, each batch `collate(indices)`."""
+    def make(epoch: int):
+        mine = epoch_order(count, seed, epoch, shuffle, rank, world_size)
+        for start in range(0, len(mine), batch_size):
+            yield collate(mine[start:start + batch_size])
+    return make
 
 
 def epoch_batches(samples: list[SFTSample], cfg: SFTConfig, pad_id: int, rank: int, world_size: int,
