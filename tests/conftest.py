@@ -42,6 +42,16 @@ def chats(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tasks(tmp_path_factory):
+    """The built-in arithmetic tasks, small: 24 training problems (their SFT, preference and RL files), 8 held out."""
+    from lmforge.data.arithmetic import write_tasks
+
+    out = tmp_path_factory.mktemp("tasks")
+    write_tasks(out, train=24, test=8)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a shared 2-core machine its waits dominate."""

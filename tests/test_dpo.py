@@ -15,7 +15,6 @@ from train_helpers import tiny_model
 
 from lmforge import cli
 from lmforge.checkpoint import load_model, save_model
-from lmforge.data.arithmetic import write_tasks
 from lmforge.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from lmforge.settings import parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
@@ -147,13 +146,6 @@ def test_label_smoothing_orpo_and_kto_equal_their_formulas():
     assert z.item() == 2.0
     torch.testing.assert_close(losses, torch.tensor([2.0 * (1 - torch.sigmoid(torch.tensor(beta * (1.0 - 2.0)))),
                                                      3.0 * (1 - torch.sigmoid(torch.tensor(beta * (2.0 + 1.0))))]))
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tasks")
-    write_tasks(out, train=24, test=8)
-    return out
 
 
 def dpo_args(model_dir, tasks, run_dir, *extra):

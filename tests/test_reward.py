@@ -17,7 +17,6 @@ from train_helpers import tiny_model
 from lmforge import cli
 from lmforge.checkpoint import CheckpointError, load_model, load_reward_model, model_from, save_model
 from lmforge.config import ModelConfigError
-from lmforge.data.arithmetic import write_tasks
 from lmforge.model.lora import LoraConfig, apply_lora
 from lmforge.settings import parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
@@ -48,13 +47,6 @@ def model_dir(corpus, tmp_path_factory):
     save_model(tiny_model(seed=5, vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False), path,
                tokenizer_dir=corpus[0])
     return path
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tasks")
-    write_tasks(out, train=24, test=8)
-    return out
 
 
 def reward_args(model_dir, tasks, run_dir, *extra):
