@@ -40,6 +40,8 @@ bench: setup
 	$(BIN)/python benchmarks/serve.py --dtype bfloat16
 	$(BIN)/python benchmarks/stop_strings.py
 	$(BIN)/python benchmarks/long_line_memory.py
+	$(BIN)/python benchmarks/dpo_memory.py
+	$(BIN)/python benchmarks/posttraining.py
 
 lint: setup
 	$(BIN)/ruff check .
