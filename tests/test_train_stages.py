@@ -87,7 +87,9 @@ def test_every_recipe_parses():
         module = importlib.import_module(COMMANDS[command][0])
         (cls,) = [v for k, v in vars(module).items() if k.endswith("Config") and getattr(v, "__module__", "") ==
                   module.__name__ and k not in ("FreezeConfig",)]
-        parse_args_or_raise(cls, ["--config", str(path)])
+        argv = ["--config", str(path)]
+        parse_args_or_raise(cls, argv)
+        assert argv == ["--config", str(path)]  # the caller's list is not consumed (a script parses it twice)
 
 
 def test_config_errors_name_the_bad_key(tmp_path, capsys):

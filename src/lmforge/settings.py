@@ -230,6 +230,7 @@ def parse_args(cls, argv: list[str] | None = None, prog: str = "lmforge", descri
 
 def parse_args_or_raise(cls, argv: list[str]):
     cfg = cls()
+    argv = list(argv)  # the caller's list stays as it was (a script may parse it again, or print it)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
