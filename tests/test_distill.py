@@ -27,6 +27,7 @@ from lmforge.settings import parse_args_or_raise
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train import distill, pretrain
 from lmforge.train.objectives import distillation_loss, generalized_jsd
+from lmforge.train.rollout import Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = ["--train.progress", "false", "--train.peak-flops", "1e11", "--train.device", "cpu"]
@@ -183,19 +184,19 @@ def test_prompts_and_completion_batches():
 
 def test_completions_come_from_the_students_current_weights(corpus):
     tokenizer = Tokenizer.from_dir(corpus[0])
-    cfg = parse_args_or_raise(distill.DistillConfig, ["--batch-size", "2", "--max-new-tokens", "8"])
     model = tiny_model(seed=3, vocab_size=300, max_position_embeddings=256).train()
-    sampler = distill.Sampler(model, tokenizer, cfg)
+    sampler = Sampler(model, tokenizer, SamplingParams(max_tokens=8, temperature=0.9), max_batch_size=2,
+                      max_len=256)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for q in ("1+2", "3+4")]
-    before = sampler(prompts, seed=5)
+    before = [o.token_ids for o in sampler(prompts, [5, 6])]
     assert model.training  # generation left the model as training found it
     # a training step as the Trainer takes it: fused AdamW updates the same tensors in place, without
     # moving their version counters (a cache keyed on them would not notice)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
     model(torch.tensor([prompts[0]])).logits.logsumexp(-1).mean().backward()
     optimizer.step()
-    after = sampler(prompts, seed=5)
+    after = [o.token_ids for o in sampler(prompts, [5, 6])]
     fresh = Engine(copy.deepcopy(model), tokenizer, max_batch_size=2)
     expected = [fresh.generate([p], SamplingParams(max_tokens=8, temperature=0.9, seed=5 + i))[0][0].token_ids
                 for i, p in enumerate(prompts)]
@@ -208,9 +209,9 @@ class Recorded:
     def __init__(self, tokens: list[int]):
         self.tokens, self.seeds = tokens, []
 
-    def __call__(self, prompts, seed):
-        self.seeds.append(seed)
-        return [self.tokens for _ in prompts]
+    def __call__(self, prompts, seeds):
+        self.seeds.append(seeds)
+        return [SimpleNamespace(token_ids=self.tokens) for _ in prompts]
 
 
 @pytest.mark.parametrize("lmbda, seq_kd", [(0.5, False), (0.5, True), (1.0, False), (0.0, True)])

@@ -87,8 +87,8 @@ def test_builtin_rewards_check_the_answer_and_format():
 def test_bad_reward_specs_and_functions_are_named(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(setup)
     assert cli.main(args(setup, tmp_path / "x.jsonl", "--reward", "nonsense")) == 1
-    assert ("reward: 'nonsense' is neither a built-in reward (exact_answer, format), a reward model's directory, "
-            "nor 'module:function'") in capsys.readouterr().err
+    assert ("reward: 'nonsense' is neither a built-in reward (exact_answer, format, length), a reward model's "
+            "directory, nor 'module:function'") in capsys.readouterr().err
     assert cli.main(args(setup, tmp_path / "x.jsonl", "--reward", "myrewards:missing")) == 1
     assert "reward: 'myrewards' has no function 'missing'" in capsys.readouterr().err
     assert cli.main(args(setup, tmp_path / "x.jsonl", "--reward", "myrewards:wrong_length")) == 1

@@ -24,7 +24,7 @@ temperature, max_new_tokens 128, seq_kd false); T = 1 and alpha = 0 give its los
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -36,12 +36,13 @@ from lmforge.checkpoint import load_model, model_from, save_model
 from lmforge.config import PRESETS
 from lmforge.data.pretrain import MANIFEST, Manifest, PretrainLoader
 from lmforge.data.sft import IGNORE_INDEX, SFTSample, collate, pad
-from lmforge.infer.engine import Engine, SamplingParams
+from lmforge.infer.sampling import SamplingParams
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.objectives import distillation_loss
 from lmforge.train.pretrain import LoaderBatches, validation_bytes_per_token
+from lmforge.train.rollout import Sampler
 from lmforge.train.sft import index_batches, read_samples, shift_labels
 from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
 
@@ -191,36 +192,6 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad
     return {"input_ids": pad(rows, pad_id), "labels": pad(labels, IGNORE_INDEX)}
 
 
-class Sampler:
-    """Completions of prompts through the one Engine, over a model whose weights change between calls: the
-    Engine reads the weights' current values at every forward, and keeps no prefix cache, whose keys and
-    values would be stale after an update (it drops them when the weights' version counters move, which
-    fused AdamW's in-place step does not do). Made at the first call, when the Trainer has placed and cast
-    the model. The model is in eval mode while it generates, and back in its former mode after."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, cfg: DistillConfig):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-        self.engine: Engine | None = None
-
-    def __call__(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        was_training = self.model.training
-        try:
-            if self.engine is None:
-                context = min(self.model.config.max_position_embeddings, self.cfg.max_len + self.cfg.max_new_tokens)
-                self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.cfg.batch_size, max_len=context,
-                                     prefix_cache=False)
-            self.model.eval()
-            # prompt i samples with seed + i: the same completions whatever else is batched with it
-            requests = [self.engine.submit(p, replace(self.params, seed=seed + i)) for i, p in enumerate(prompts)]
-            for request in requests:
-                for _ in request:  # steps the engine, which runs every submitted request batched
-                    pass
-            return [request.outputs[0].token_ids for request in requests]
-        finally:
-            self.model.train(was_training)
-
-
 class DistillBatches:
     """The Trainer's resumable stream of conversation batches (module docstring, step 3): the samples of
     each epoch in a seeded order, every batch as it is, or the student's or the teacher's completions of
@@ -248,7 +219,9 @@ class DistillBatches:
         else:
             prompts = [self.samples[i].input_ids[:self.prompt_lengths[i]] for i in indices]
             sampler = self.student if on_policy else self.teacher
-            batch = completion_batch(prompts, sampler(prompts, int(draw.integers(2**31))), self.pad_id)
+            seed = int(draw.integers(2**31))  # prompt i samples with seed + i, whatever else is batched with it
+            outputs = sampler(prompts, [seed + i for i in range(len(prompts))])
+            batch = completion_batch(prompts, [o.token_ids for o in outputs], self.pad_id)
         return {**batch, "on_policy": torch.tensor(float(on_policy))}
 
     def state_dict(self) -> dict:
@@ -262,8 +235,11 @@ class DistillBatches:
 def conversation_data(cfg: DistillConfig, tokenizer: Tokenizer, env, student, teacher):
     """(training batches, validation batches or None) of the conversation files."""
     samples = read_samples(cfg.data, cfg, tokenizer, "data")
-    train = DistillBatches(samples, cfg, tokenizer.pad_id, env, Sampler(student, tokenizer, cfg),
-                           Sampler(teacher, tokenizer, cfg))
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    context = cfg.max_len + cfg.max_new_tokens
+    train = DistillBatches(samples, cfg, tokenizer.pad_id, env,
+                           Sampler(student, tokenizer, params, cfg.batch_size, context),
+                           Sampler(teacher, tokenizer, params, cfg.batch_size, context))
     if not cfg.val_data:
         return train, None
     val_samples = read_samples(cfg.val_data, cfg, tokenizer, "val_data")

@@ -124,25 +124,31 @@ class MetricsLogger:
 
     def loss_curve(self) -> Path | None:
         """loss.png: training loss (and validation loss) against the step, from metrics.jsonl."""
-        import matplotlib
+        return plot_series(read_metrics(self.metrics_path), [("loss", "train loss", "-"),
+                                                             ("val_loss", "validation loss", "o-")],
+                           self.trainer.run_dir / "loss.png", "cross-entropy (nats/token)")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        rows = read_metrics(self.metrics_path)
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if not train:
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = self.trainer.run_dir / "loss.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return path
+def plot_series(rows: list[dict], series: list[tuple[str, str, str]], path: Path, ylabel: str) -> Path | None:
+    """A PNG of metrics against the step: each (key, label, matplotlib line style) of `series` that the
+    rows have finite values of; None (and no file) if none has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [([(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])],
+              label, style) for key, label, style in series]
+    lines = [(points, label, style) for points, label, style in lines if points]
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label, style in lines:
+        ax.plot(*zip(*points), style, label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

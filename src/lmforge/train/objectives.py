@@ -132,21 +132,28 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     vocab] logits exists at a time, as in the chunked cross-entropy, whatever the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, with_entropy=False):
         w = weight.to(hidden.dtype)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
+        entropy = torch.zeros_like(logps) if with_entropy else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = (hidden[start:end] @ w.T).float()
             lse[start:end] = logits.logsumexp(-1)
             logps[start:end] = logits.gather(1, targets[start:end].clamp(min=0)[:, None]).squeeze(1) - lse[start:end]
+            if with_entropy:  # H = lse - sum_v p_v * logit_v, of the whole distribution (a diagnostic: no gradient)
+                entropy[start:end] = lse[start:end] - (logits.softmax(-1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
-        return logps.masked_fill_(targets == IGNORE_INDEX, 0.0)
+        logps.masked_fill_(targets == IGNORE_INDEX, 0.0)
+        if not with_entropy:
+            return logps
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy.masked_fill_(targets == IGNORE_INDEX, 0.0)
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, grad_entropy=None):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -164,7 +171,30 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_hidden[start:end] = grad_logits @ w
             if need_weight:
                 grad_weight += (grad_logits.T @ h).float()
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
+def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+                temperature: float = 1.0, with_entropy: bool = False):
+    """(logps, entropy, output): each labelled token's log-probability given the tokens before it, [B, T] fp32
+    aligned with `labels` (HF style: label t is token t; 0 where -100), of the model's distribution at
+    `temperature` (its logits divided by it, as TRL's GRPO scores what it sampled at that temperature); the
+    entropy of that distribution at each labelled position ([B, T], no gradient) or None; the model's output.
+    Chunked as sequence_logps: at most `chunk_size` positions' logits at a time."""
+    output = model(input_ids, return_hidden=True)
+    weight = unwrap_model(model).output_weight
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    hidden = output.hidden.reshape(-1, output.hidden.shape[-1])
+    if temperature != 1.0:
+        hidden = hidden / temperature  # (h / T) @ W.T = logits / T
+    result = _ChunkedTokenLogps.apply(hidden, weight, targets.reshape(-1), chunk_size, with_entropy)
+    per_position, entropy = result if with_entropy else (result, None)
+
+    def to_labels(values: torch.Tensor) -> torch.Tensor:  # position t predicts token t + 1
+        values = values.view(labels.shape)
+        return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], dim=1)
+
+    return to_labels(per_position), None if entropy is None else to_labels(entropy), output
 
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -29,6 +29,7 @@ from lmforge.data.formats import DataStats
 from lmforge.data.prompts import RLPrompt, read_prompts
 from lmforge.infer.engine import Engine
 from lmforge.infer.llm import encode_prompts
+from lmforge.infer.request import Output
 from lmforge.infer.sampling import SamplingParams
 from lmforge.settings import check_ranges, parse_args
 from lmforge.train.rewards import load_reward_function, score
@@ -40,8 +41,8 @@ class RejectionConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir (default: the model dir)"})
     prompts: list[str] = field(default_factory=list, metadata={"help": "RL prompt files (jsonl, parquet, globs)"})
     reward: str = field(default="exact_answer", metadata={
-        "help": "exact_answer | format | a reward model's directory | module:function (TRL's reward-function "
-                "signature)"})
+        "help": "exact_answer | format | length | a reward model's directory | module:function (TRL's "
+                "reward-function signature)"})
     n: int = field(default=8, metadata={"help": "completions per prompt", "min": 1})
     keep: Literal["best", "all"] = field(default="best", metadata={
         "help": "best: each prompt's best completion; all: every completion above the threshold"})
@@ -61,13 +62,13 @@ class RejectionConfig:
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad records instead of stopping"})
 
 
-def sample(engine: Engine, prompts: list[RLPrompt], cfg: RejectionConfig) -> list[list[str]]:
+def sample(engine: Engine, prompts: list[RLPrompt], cfg: RejectionConfig) -> list[list[Output]]:
     """n completions of every prompt, all prompts submitted at once (continuous batching), each prompt's
     samples seeded apart from the others'."""
     ids = encode_prompts(engine.tokenizer, [p.messages for p in prompts])
     params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              top_k=cfg.top_k, n=cfg.n, seed=cfg.seed + i * cfg.n) for i in range(len(ids))]
-    return [[output.text for output in outputs] for outputs in engine.generate(ids, params)]
+    return engine.generate(ids, params)
 
 
 def select(prompts: list[RLPrompt], completions: list[list[str]], rewards: list[list[float | None]],
@@ -92,16 +93,18 @@ def run(cfg: RejectionConfig) -> dict:
     check_ranges(cfg)
     if not cfg.prompts:
         raise ValueError("prompts: give one or more prompt files")
-    function = load_reward_function(cfg.reward)
+    function = load_reward_function(cfg.reward, cfg.max_new_tokens)
     stats = DataStats()
     prompts = list(read_prompts(cfg.prompts, cfg.skip_bad, stats))[:cfg.max_prompts]
     if not prompts:
         raise ValueError(f"prompts: no prompt in {cfg.prompts} ({stats.summary()})")
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device, tokenizer=cfg.tokenizer,
                                     max_batch_size=max(cfg.max_batch_size, cfg.n))
-    completions = sample(engine, prompts, cfg)
+    outputs = sample(engine, prompts, cfg)
+    completions = [[o.text for o in samples] for samples in outputs]
     rewards = [score(function, [p.messages] * len(texts), [[{"role": "assistant", "content": t}] for t in texts],
-                     {"answer": [p.answer] * len(texts)}) for p, texts in zip(prompts, completions)]
+                     {"answer": [p.answer] * len(texts), "completion_ids": [o.token_ids for o in samples]})
+               for p, texts, samples in zip(prompts, completions, outputs)]
     conversations, pairs = select(prompts, completions, rewards, cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

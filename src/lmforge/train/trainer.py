@@ -145,6 +145,7 @@ class TrainResult:
     loss_curve: Path | None
     skipped_steps: int
     history: list[dict]  # the training rows of metrics.jsonl of this process's run
+    val: dict = field(default_factory=dict)  # the last validation's row (val_loss, val_accuracy, ...)
 
 
 # -- precision ---------------------------------------------------------------------------------------
@@ -182,13 +183,17 @@ class Trainer:
                  val_data: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
                  bytes_per_token: float | None = None, flops_per_token: float | None = None,
                  save_weights: Callable[[nn.Module, Path], Any] | None = None,
-                 log_config: dict | None = None):
+                 log_config: dict | None = None,
+                 val_fn: Callable[[nn.Module], dict[str, float]] | None = None):
         """model: built on any device; the Trainer moves, casts, wraps (DDP/FSDP) and compiles it.
         bytes_per_token: UTF-8 bytes per token of the validation data, for bits per byte.
         flops_per_token: training FLOPs per token (lmforge.model.flops_per_token), for MFU.
         save_weights(model, dir): writes a checkpoint's weights (default: lmforge.checkpoint.save_model).
-        log_config: the stage's whole config, recorded in run_dir/config.json and W&B."""
+        log_config: the stage's whole config, recorded in run_dir/config.json and W&B.
+        val_fn(model) -> {"val_<name>": value}: a stage's own validation in place of val_data's loss (RL: the
+        held-out accuracy of greedy answers), called on every process with the unwrapped model in eval mode."""
         self.cfg, self.loss_fn, self.train_data, self.val_data = cfg, loss_fn, train_data, val_data
+        self.val_fn = val_fn
         self.bytes_per_token, self.flops_per_token = bytes_per_token, flops_per_token
         self.save_weights = save_weights or (lambda m, path: save_model(m, path))
         self.log_config = log_config or {}
@@ -285,12 +290,16 @@ class Trainer:
         to 1). With "labels": its trained tokens / all trained tokens, so that accumulation and data
         parallelism give the mean over every trained token, as one big batch would. Micro-batches of
         unequal token counts (SFT's masked prompts and padding) otherwise weigh each token unequally:
-        the accumulation bug transformers fixed with `num_items_in_batch` (v4.46). Other batches: equal
-        shares."""
+        the accumulation bug transformers fixed with `num_items_in_batch` (v4.46). A batch with "num_items"
+        says itself what its loss is a mean over (RL: sequences, or completion tokens, or 1 for a mean per
+        micro-batch), and weighs by that. Other batches: equal shares."""
         env = self.env
-        if not all(torch.is_tensor(b.get("labels")) for b in batches):
+        if all(torch.is_tensor(b.get("num_items")) for b in batches):
+            counts = torch.stack([b["num_items"].reshape(()) for b in batches]).double()
+        elif all(torch.is_tensor(b.get("labels")) for b in batches):
+            counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).double()
+        else:
             return [1.0 / (len(batches) * env.world_size)] * len(batches)
-        counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).double()
         total = counts.sum()
         if env.distributed:
             dist.all_reduce(total)
@@ -385,8 +394,13 @@ class Trainer:
         """Mean validation loss over every validation batch (weighed by the tokens trained on), its
         perplexity, bits per byte: loss / ln 2 / (bytes per token) (as in nanochat's evaluate_bpb),
         comparable across tokenizers, and the loss function's other metrics as `val_<name>`, averaged the
-        same way (a preference stage's held-out reward accuracy, say)."""
+        same way (a preference stage's held-out reward accuracy, say). Or the stage's own val_fn's metrics."""
         self.model.eval()
+        if self.val_fn is not None:
+            with torch.no_grad():
+                out = {"step": self.step, **self.val_fn(self.inner)}
+            self.model.train()
+            return out
         sums: dict[str, torch.Tensor] = {}
         batches = iter(self.val_data())
         while True:
@@ -465,6 +479,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         last_saved = self.step if resumed else -1
         started, start_step = time.perf_counter(), self.step
+        validates = self.val_data is not None or self.val_fn is not None
         try:
             while self.step < cfg.steps:
                 t0, tokens_before = time.perf_counter(), self.tokens_seen
@@ -472,14 +487,14 @@ class Trainer:
                 row["tokens_per_s"] = (self.tokens_seen - tokens_before) / max(time.perf_counter() - t0, 1e-9)
                 history.append(row)
                 log.train(row)
-                if self.val_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                if validates and cfg.eval_every and self.step % cfg.eval_every == 0 \
                         and self.step < cfg.steps:
                     last_eval = self.evaluate()
                     log.write(last_eval)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.checkpointer.save()
                     last_saved = self.step
-            if self.val_data is not None:
+            if validates:
                 last_eval = self.evaluate()
                 log.write(last_eval)
             final = self.checkpointer.save() if last_saved != self.step else \
@@ -492,13 +507,13 @@ class Trainer:
         if env.is_main and self.step > start_step:
             seconds = time.perf_counter() - started
             summary = f"trained {self.step - start_step} steps in {seconds:.1f}s -> {final}"
-            if last_eval:
+            if "val_loss" in last_eval:
                 summary += f"; val loss {last_eval['val_loss']:.4f}" + (
                     f", {last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in last_eval else "")
             print(summary)
         return TrainResult(steps=self.step, run_dir=self.run_dir, model_dir=final,
                            val_loss=last_eval.get("val_loss"), val_bpb=last_eval.get("val_bpb"),
-                           loss_curve=curve, skipped_steps=self.skipped, history=history)
+                           loss_curve=curve, skipped_steps=self.skipped, history=history, val=last_eval)
 
 
 def _checkpoint_block(block: nn.Module) -> None:
