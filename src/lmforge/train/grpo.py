@@ -47,7 +47,7 @@ from lmforge.train.policy import (
     masked_mean,
 )
 from lmforge.train.rewards import exact_answer
-from lmforge.train.rollout import RewardSet, Rollouts, RolloutSettings, Sampler
+from lmforge.train.rollout import RewardSet, Rollouts, RolloutSettings, Sampler, encode_all
 from lmforge.train.sft import FreezeConfig, build, weights_saver
 from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
 
@@ -137,20 +137,28 @@ def make_reference(cfg: RLConfig, policy: torch.nn.Module) -> torch.nn.Module | 
     return reference
 
 
-def accuracy_fn(cfg: RLConfig, tokenizer: Tokenizer, val_prompts: list[RLPrompt], env):
+def prompt_room(cfg: RLConfig, policy: torch.nn.Module) -> int:
+    """The most prompt tokens kept (a prompt's end, as TRL keeps it): max_prompt_length, or less where the
+    model's context must also hold max_completion_length new tokens."""
+    context = policy.config.max_position_embeddings
+    if context - cfg.max_completion_length < 1:
+        raise ValueError(f"max_completion_length: {cfg.max_completion_length} leaves no room for a prompt in the "
+                         f"model's context of {context} tokens")
+    return min(cfg.max_prompt_length, context - cfg.max_completion_length)
+
+
+def accuracy_fn(cfg: RLConfig, tokenizer: Tokenizer, val_prompts: list[RLPrompt], env, max_prompt_length: int):
     """val_fn for the Trainer: greedy answers to the held-out prompts (this process's share), the fraction
     right by exact_answer over every process, and their mean length."""
     mine = val_prompts[env.rank::env.world_size]
-    from lmforge.train.rollout import encode_all
-
-    ids = [p[-cfg.max_prompt_length:] for p in encode_all(tokenizer, [p.messages for p in mine])]
+    ids = [p[-max_prompt_length:] for p in encode_all(tokenizer, [p.messages for p in mine])]
     samplers: dict[int, Sampler] = {}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         if id(model) not in samplers:
             params = SamplingParams(max_tokens=cfg.max_completion_length, temperature=0.0)
             samplers[id(model)] = Sampler(model, tokenizer, params, max_batch_size=64,
-                                          max_len=cfg.max_prompt_length + cfg.max_completion_length)
+                                          max_len=max_prompt_length + cfg.max_completion_length)
         outputs = samplers[id(model)](ids, [0] * len(ids))
         right = exact_answer([p.messages for p in mine], [o.text for o in outputs], [p.answer for p in mine])
         totals = torch.tensor([sum(right), float(len(mine)), float(sum(len(o.token_ids) for o in outputs))],
@@ -171,8 +179,11 @@ def plot_rl_curves(run_dir, reward_names: list[str]) -> None:
                 "exact-match accuracy (greedy)")
 
 
-def run_rl(cfg: RLConfig, advantages, loss_fn, loss_type: str, settings_extra: dict) -> TrainResult:
-    """The RL stages' run: the policy, its reference, the rollouts, validation and the Trainer."""
+def run_rl(cfg: RLConfig, advantages, loss_fn, loss_type: str, settings_extra: dict, wrap=None) -> TrainResult:
+    """The RL stages' run: the policy, its reference, the rollouts, validation and the Trainer. `wrap(policy,
+    save_policy) -> (module, save_weights)`: what the Trainer trains when it is more than the policy (PPO: the
+    policy and its value model as one module), and how its checkpoints are written; rollouts and validation
+    still sample from the policy."""
     check_ranges(cfg)
     if not cfg.prompts:
         raise ValueError("prompts: give one or more prompt files")
@@ -192,28 +203,36 @@ def run_rl(cfg: RLConfig, advantages, loss_fn, loss_type: str, settings_extra: d
         num_iterations=cfg.num_iterations, max_completion_length=cfg.max_completion_length, sampling=sampling,
         seed=cfg.train.seed, chunk_size=cfg.chunk_size, mask_truncated_completions=cfg.mask_truncated_completions,
         **settings_extra)
-    train = Rollouts(prompts, tokenizer, policy, reference, rewards, advantages, settings, env,
-                     cfg.max_prompt_length, loss_type)
+    room = prompt_room(cfg, policy)
+    train = Rollouts(prompts, tokenizer, policy, reference, rewards, advantages, settings, env, room, loss_type)
     val_fn = None
     if cfg.val_prompts:
         val_fn = accuracy_fn(cfg, tokenizer, read_rl_prompts(cfg.val_prompts, cfg.skip_bad, "val_prompts",
-                                                             cfg.max_val_prompts), env)
+                                                             cfg.max_val_prompts), env, room)
     adapters = cfg.method in ("lora", "dora")
-    trainer = Trainer(cfg.train, policy, lambda model, batch: loss_fn(model, batch, cfg), train, val_fn=val_fn,
-                      save_weights=weights_saver(adapters, cfg.model, tokenizer_dir),
-                      log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
+    model, save_weights = policy, weights_saver(adapters, cfg.model, tokenizer_dir)
+    if wrap is not None:
+        model, save_weights = wrap(policy, save_weights)
+        if val_fn is not None:
+            val_fn = policy_val_fn(val_fn, policy)
+    trainer = Trainer(cfg.train, model, lambda m, batch: loss_fn(m, batch, cfg), train, val_fn=val_fn,
+                      save_weights=save_weights, log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
     result = trainer.fit()
     if env.is_main:
         plot_rl_curves(result.run_dir, rewards.names)
     return result
 
 
+def policy_val_fn(val_fn, policy: torch.nn.Module):
+    """val_fn run on the policy, whatever module the Trainer hands it."""
+    return lambda _trained: val_fn(policy)
+
+
 # -- GRPO ----------------------------------------------------------------------------------------------------
 
 def grpo_advantages(cfg: GRPOConfig):
     def advantages(rewards: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        values, zero_std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
-        return values, {"frac_reward_zero_std": zero_std.float().mean().item()}
+        return group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)[0], {}
     return advantages
 
 

@@ -22,7 +22,7 @@ import torch
 
 from lmforge.train.grpo import RLConfig, completion_labels, run_rl
 from lmforge.train.objectives import token_logps, with_router_aux_loss
-from lmforge.train.policy import global_nanstd, leave_one_out_advantages, masked_mean, nanstd
+from lmforge.train.policy import global_nanstd, leave_one_out_advantages, masked_mean
 from lmforge.train.trainer import OptimConfig, TrainConfig, TrainResult, stage_main
 
 
@@ -53,9 +53,6 @@ def rloo_advantages(cfg: RLOOConfig):
         values = leave_one_out_advantages(rewards, cfg.num_generations)
         if cfg.normalize_advantages:
             values = (values - values.mean()) / (global_nanstd(values) + 1e-4)
-        grouped = rewards.view(-1, cfg.num_generations)
-        spread = nanstd(grouped, dim=1).nan_to_num(0.0)
-        metrics["frac_reward_zero_std"] = torch.isclose(spread, torch.zeros_like(spread)).float().mean().item()
         return values, metrics
     return advantages
 

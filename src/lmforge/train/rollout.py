@@ -10,9 +10,10 @@ Each generation (one per num_iterations optimizer steps):
    sample does not depend on the process that drew it nor on what else was batched with it
 3. rewards: every reward function on every sample, weighted and summed (TRL: nansum of weight * value; a
    sample every function declined to score, None, is NaN and gets advantage 0)
-4. the stage's advantages (GRPO's group-normalised, RLOO's leave-one-out)
-5. log-probabilities, without gradients: the sampling policy's (old_logps: for num_iterations > 1, and
-   RLOO's KL-in-reward) and the reference model's (ref_logps, with beta > 0)
+4. log-probabilities, without gradients: the sampling policy's (old_logps: for num_iterations > 1, and
+   RLOO's and PPO's KL-in-reward) and the reference model's (ref_logps, with beta > 0)
+5. the stage's advantages (GRPO's group-normalised, RLOO's leave-one-out, PPO's per-token GAE), and any
+   per-sample tensors the stage adds for its loss (`carry`: PPO's old values and returns)
 6. grad_accum micro-batches of batch_size samples, served num_iterations times (one per optimizer step)
 The stream's state is its place in the prompts, the number of generations, and the micro-batches not yet
 served (tensors), so that a run resumed after a kill trains on exactly what the uninterrupted run would.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from lmforge.data.prompts import RLPrompt
 from lmforge.data.sft import pad
@@ -115,7 +117,9 @@ class RolloutSettings:
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, and draw more
     max_sampling_rounds: int = 4  # dynamic sampling's most generations per step
-    old_logps: bool = False  # compute the sampling policy's log-probs (num_iterations > 1, RLOO)
+    old_logps: bool = False  # compute the sampling policy's log-probs (num_iterations > 1, RLOO, PPO)
+    carry: tuple[str, ...] = ()  # per-sample tensors the stage's advantages put into the batch, served with
+    # the micro-batches (PPO: the value model's values when sampled, and the returns)
 
 
 Advantages = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -123,7 +127,8 @@ Advantages = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tenso
 
 class Rollouts:
     """The Trainer's stream of RL micro-batches (module docstring). `advantages(rewards, batch)` gives each
-    sample's advantage (the batch's old_logps and ref_logps at hand, for a KL in the reward) and its metrics;
+    sample's advantage ([N], or [N, T] per token) and its metrics, the batch's old_logps and ref_logps at hand
+    (for a KL in the reward); the tensors it adds to the batch under settings.carry's names travel with it;
     `loss_type` says what a micro-batch's loss is a mean over (policy.num_items), for the Trainer."""
 
     def __init__(self, prompts: list[RLPrompt], tokenizer: Tokenizer, policy: torch.nn.Module,
@@ -220,16 +225,19 @@ class Rollouts:
             batch["completion_mask"] = batch["completion_mask"] * ~batch["truncated"][:, None]
         self.log_probs(batch)
         advantages, metrics = self.advantages(batch["rewards"], batch)
+        stats = gather_stats(stats)  # the metrics are those of every process's samples, the same on each
         metrics.update(self.rewards.metrics(stats["rewards"], stats["per_function"]))
+        spread = nanstd(stats["rewards"].view(-1, s.num_generations), dim=1).nan_to_num(0.0)
         lengths, truncated = stats["lengths"], stats["truncated"]
         metrics.update({
+            "frac_reward_zero_std": torch.isclose(spread, torch.zeros_like(spread)).float().mean().item(),
             "completions/mean_length": lengths.mean().item(),
             "completions/clipped_ratio": truncated.float().mean().item(),
             "completions/mean_terminated_length": lengths[~truncated].mean().nan_to_num(0.0).item()})
         if s.dynamic_sampling:
             metrics["sampling/rounds"] = float(stats["rounds"])
         batch["advantages"] = advantages
-        keys = ["input_ids", "completion_mask", "advantages", "old_logps", "ref_logps"]
+        keys = ["input_ids", "completion_mask", "advantages", "old_logps", "ref_logps", *s.carry]
         count = len(batch["rewards"])
         micro = [{k: batch[k][i:i + s.batch_size] for k in keys if k in batch}
                  for i in range(0, count, max(1, -(-count // s.grad_accum)))]
@@ -261,6 +269,16 @@ class Rollouts:
         self.order.load_state_dict(state)
         self.generations, self.served = state["generations"], state["served"]
         self.buffer = [{**m, "metrics": metrics} for m, metrics in zip(state["buffer"], state["metrics"])]
+
+
+def gather_stats(stats: dict) -> dict:
+    """The rewards, lengths and truncation of the samples of every process (all_gather), for the metrics."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    keys = ("rewards", "per_function", "lengths", "truncated")
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: stats[k] for k in keys})
+    return {**stats, **{k: torch.cat([p[k] for p in parts]) for k in keys}}
 
 
 def encode_all(tokenizer: Tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
