@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rejection": ("lmforge.train.rejection", "rejection sampling: n completions per prompt, the best kept as SFT data"),
     "grpo": ("lmforge.train.grpo", "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO"),
     "rloo": ("lmforge.train.rloo", "RL with verifiable rewards: RLOO (leave-one-out baseline, KL in the reward)"),
+    "ppo": ("lmforge.train.ppo", "RLHF with PPO: a value model, per-token KL penalty, GAE, clipped losses"),
     "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
     "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
     "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),
