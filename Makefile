@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/long_line_memory.py
 	$(BIN)/python benchmarks/dpo_memory.py
 	$(BIN)/python -P benchmarks/distill.py
+	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/posttraining.py
 
 lint: setup
