@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/dpo_memory.py
 	$(BIN)/python -P benchmarks/distill.py
 	$(BIN)/python benchmarks/rollout.py
+	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/posttraining.py
 
 lint: setup
