@@ -1,7 +1,7 @@
 """Post-training shown to work on the built-in tasks: SFT, then rejection-sampling fine-tuning (RFT) and DPO
 on the SFT model's own answers, each measured by exact-match accuracy on held-out problems.
 
-    .venv/bin/python benchmarks/posttraining.py                  # ~15 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/posttraining.py                  # ~30 minutes on 2 CPU cores
     .venv/bin/python benchmarks/posttraining.py --quick          # a smoke run of the same commands
 
 Every step is an lmforge command (printed as it runs), in one run directory:
@@ -10,7 +10,9 @@ Every step is an lmforge command (printed as it runs), in one run directory:
 3. `lmforge sft` of the `tiny` preset from scratch on the problems' worked solutions;
 4. `lmforge rejection` from the SFT model on training prompts (n samples each at temperature T): the right
    answers as SFT data, each prompt's best and worst answers as preference pairs;
-5. `lmforge sft` of the SFT model on its own right answers (RFT), and `lmforge dpo` of it on its own pairs.
+5. `lmforge sft` of the SFT model on its own right answers (RFT), and `lmforge dpo` of it on its own pairs
+   for two epochs (more overfits them: BENCHMARKS.md).
+Stages finished by an earlier run in --out (tasks, tokenizer, SFT) are reused.
 Accuracy: greedy answers to the held-out problems through the Engine, checked by `#### N` (strict).
 Last line: one JSON object; "ratio" = the better of RFT's and DPO's accuracy / the SFT model's.
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -59,13 +63,17 @@ def main() -> None:
     out = Path(args.out)
     q = args.quick
     train, test, sft_steps, rs_prompts = (200, 50, 20, 20) if q else (5000, 500, 1500, 1500)
-    lmforge("tasks", "--out", str(out / "tasks"), "--train", str(train), "--test", str(test), "--max-ops", "2")
-    lmforge("tokenizer", "--data", "builtin:shakespeare", "--vocab-size", "2048", "--out", str(out / "tokenizer"))
+    if not (out / "tasks" / "test.jsonl").is_file():  # a finished stage of an earlier run is reused
+        lmforge("tasks", "--out", str(out / "tasks"), "--train", str(train), "--test", str(test), "--max-ops", "2")
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        lmforge("tokenizer", "--data", "builtin:shakespeare", "--vocab-size", "2048", "--out", str(out / "tokenizer"))
     common = ["--max-len", "160", "--batch-size", "32", "--packed", *QUIET]
-    lmforge("sft", "--model", "tiny", "--tokenizer", str(out / "tokenizer"), "--data", str(out / "tasks" / "sft.jsonl"),
-            "--train.run-dir", str(out / "sft"), "--train.steps", str(sft_steps), "--train.optim.lr", "3e-3",
-            "--train.optim.warmup-steps", "50", "--train.save-every", "0", "--train.eval-every", "0", *common)
     sft_model = out / "sft" / "final"
+    if not sft_model.exists():
+        lmforge("sft", "--model", "tiny", "--tokenizer", str(out / "tokenizer"), "--data",
+                str(out / "tasks" / "sft.jsonl"), "--train.run-dir", str(out / "sft"), "--train.steps", str(sft_steps),
+                "--train.optim.lr", "3e-3", "--train.optim.warmup-steps", "50", "--train.save-every", "0",
+                "--train.eval-every", "0", *common)
     lmforge("rejection", "--model", str(sft_model), "--prompts", str(out / "tasks" / "prompts.jsonl"), "--max-prompts",
             str(rs_prompts), "--n", "4", "--temperature", "0.8", "--max-new-tokens", "96", "--out",
             str(out / "rs" / "sft.jsonl"), "--pairs-out", str(out / "rs" / "pairs.jsonl"))
@@ -75,13 +83,15 @@ def main() -> None:
                           "note": "the SFT model answered no sampled prompt right: nothing to fine-tune on",
                           "ratio": 0.0}))
         return
+    for name in ("rft", "dpo"):
+        shutil.rmtree(out / name, ignore_errors=True)
     lmforge("sft", "--model", str(sft_model), "--data", str(out / "rs" / "sft.jsonl"), "--train.run-dir",
             str(out / "rft"), "--train.steps", str(max(10, sft_steps // 5)), "--train.optim.lr", "3e-4",
             "--train.optim.warmup-steps", "10", "--train.save-every", "0", "--train.eval-every", "0", *common)
     lmforge("dpo", "--model", str(sft_model), "--data", str(out / "rs" / "pairs.jsonl"), "--train.run-dir",
-            str(out / "dpo"), "--train.steps", str(max(10, sft_steps // 5)), "--train.optim.lr", "2e-5",
-            "--beta", "0.1", "--max-len", "160", "--batch-size", "16", "--train.save-every", "0",
-            "--train.eval-every", "0", *QUIET)
+            str(out / "dpo"), "--train.steps", str(max(10, math.ceil(2 * kept["pairs"] / 16))),
+            "--train.optim.lr", "2e-5", "--beta", "0.1", "--max-len", "160", "--batch-size", "16",
+            "--train.save-every", "0", "--train.eval-every", "0", *QUIET)
     held_out = out / "tasks" / "test.jsonl"
     results = {name: accuracy(out / name / "final", held_out, test) for name in ("sft", "rft", "dpo")}
     dpo_rows = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
