@@ -111,6 +111,45 @@ def test_grpo_loss_equals_trls_in_value_and_gradient(loss_type, level, beta, eps
     assert grad_ours.abs().sum() > 0
 
 
+@pytest.mark.parametrize("flags", [["--loss-type", "grpo", "--importance-sampling-level", "sequence"],
+                                   ["--loss-type", "dr_grpo", "--beta", "0.04", "--epsilon-high", "0.28"],
+                                   ["--loss-type", "bnpo", "--delta", "1.15", "--epsilon", "0.1"]])
+def test_the_commands_options_reach_the_loss(flags, monkeypatch):
+    """grpo_loss, as `lmforge grpo` calls it with parsed options, equals TRL's loss under the same settings."""
+    from trl import GRPOTrainer
+
+    from lmforge.settings import parse_args_or_raise
+    from lmforge.train import grpo
+
+    cfg = parse_args_or_raise(grpo.GRPOConfig, [*flags, "--max-completion-length", "6"])
+    logps, old, ref, mask, advantages = fixed_batch(4)
+    monkeypatch.setattr(grpo, "token_logps", lambda *a, **k: (logps, torch.zeros_like(logps), None))
+    monkeypatch.setattr(grpo, "with_router_aux_loss", lambda loss, output, model, metrics: loss)
+    batch = {"input_ids": torch.zeros_like(mask), "completion_mask": mask.float(), "advantages": advantages,
+             "old_logps": old, "ref_logps": ref, "metrics": {"reward": 0.5}}
+    ours, metrics = grpo.grpo_loss(None, batch, cfg)
+    theirs = trl_loss(GRPOTrainer, logps, {"completion_mask": mask, "advantages": advantages,
+                                           "old_per_token_logps": old, "ref_per_token_logps": ref,
+                                           "num_items_in_batch": mask.sum()},
+                      loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+                      beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_upper, delta=cfg.delta,
+                      max_completion_length=6)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert metrics["reward"] == 0.5 and ("kl" in metrics) == (cfg.beta > 0)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_scale_rewards_reaches_the_advantages(scale):
+    from lmforge.settings import parse_args_or_raise
+    from lmforge.train import grpo
+
+    cfg = parse_args_or_raise(grpo.GRPOConfig, ["--scale-rewards", scale, "--num-generations", "4"])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    ours, _ = grpo.grpo_advantages(cfg)(rewards, {})
+    torch.testing.assert_close(ours, group_advantages(rewards, 4, scale)[0])
+    assert len({tuple(group_advantages(rewards, 4, s)[0].tolist()) for s in ("group", "batch", "none")}) == 3
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_weighed_by_num_items_give_trls_accumulated_loss(loss_type):
     """Two micro-batches of unequal token counts: the Trainer's weights (num_items / their sum) on our
