@@ -336,6 +336,25 @@ def test_dynamic_sampling_drops_groups_without_a_spread(corpus):
     assert not any("0+0" in p for p in prompts)
 
 
+def test_a_short_dynamic_step_splits_its_samples_without_overlap(corpus):
+    """Only one prompt of three has answers that differ: a step keeps its one group (2 samples, fewer than the
+    4 asked for), split over the 2 micro-batches, none repeated."""
+    seen = []  # the group of 1+1 differs the first time it is drawn only
+
+    def reward(prompts, completions, completion_ids, **columns):
+        first = "1+1" not in seen
+        seen.extend(p[-1]["content"] for p in prompts)
+        return [float(sum(ids) % 97) if first and p[-1]["content"] == "1+1" else 0.0
+                for p, ids in zip(prompts, completion_ids)]
+
+    stream, _ = rollouts(corpus, reward=reward, dynamic=True, prompts=3)
+    step = [next(stream) for _ in range(2)]
+    rows = [tuple(row.tolist()) for b in step for row in b["input_ids"]]
+    assert len(rows) == 2 and len(set(rows)) == 2
+    assert all("1+1" in stream.tokenizer.decode(list(r)) for r in rows)
+    assert sum(float(b["num_items"]) for b in step) == sum(float(b["completion_mask"].sum()) for b in step)
+
+
 def test_truncated_completions_can_be_left_out(corpus):
     stream, _ = rollouts(corpus, reward=by_length, mask_truncated=True)
     batches = [next(stream) for _ in range(2)]

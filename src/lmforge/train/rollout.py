@@ -239,8 +239,8 @@ class Rollouts:
         batch["advantages"] = advantages
         keys = ["input_ids", "completion_mask", "advantages", "old_logps", "ref_logps", *s.carry]
         count = len(batch["rewards"])
-        micro = [{k: batch[k][i:i + s.batch_size] for k in keys if k in batch}
-                 for i in range(0, count, max(1, -(-count // s.grad_accum)))]
+        size = max(1, -(-count // s.grad_accum))  # batch_size, or less when dynamic sampling fell short
+        micro = [{k: batch[k][i:i + size] for k in keys if k in batch} for i in range(0, count, size)]
         for m in micro:  # the last micro-batch of a dynamic step may be short; none is empty
             m["metrics"] = dict(metrics)
             m["num_items"] = num_items(self.loss_type, m["completion_mask"])
