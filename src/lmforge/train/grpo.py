@@ -32,6 +32,7 @@ import torch.distributed as dist
 from lmforge.data.formats import DataStats
 from lmforge.data.prompts import RLPrompt, read_prompts
 from lmforge.data.sft import IGNORE_INDEX
+from lmforge.infer.llm import encode_prompts
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.lora import LoraConfig
 from lmforge.settings import check_ranges
@@ -47,7 +48,7 @@ from lmforge.train.policy import (
     masked_mean,
 )
 from lmforge.train.rewards import exact_answer
-from lmforge.train.rollout import RewardSet, Rollouts, RolloutSettings, Sampler, encode_all
+from lmforge.train.rollout import RewardSet, Rollouts, RolloutSettings, Sampler
 from lmforge.train.sft import FreezeConfig, build, weights_saver
 from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
 
@@ -151,7 +152,7 @@ def accuracy_fn(cfg: RLConfig, tokenizer: Tokenizer, val_prompts: list[RLPrompt]
     """val_fn for the Trainer: greedy answers to the held-out prompts (this process's share), the fraction
     right by exact_answer over every process, and their mean length."""
     mine = val_prompts[env.rank::env.world_size]
-    ids = [p[-max_prompt_length:] for p in encode_all(tokenizer, [p.messages for p in mine])]
+    ids = [p[-max_prompt_length:] for p in encode_prompts(tokenizer, [p.messages for p in mine])]
     samplers: dict[int, Sampler] = {}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from lmforge.data.prompts import RLPrompt
 from lmforge.data.sft import pad
 from lmforge.infer.engine import Engine, SamplingParams
+from lmforge.infer.llm import encode_prompts
 from lmforge.infer.request import Output
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import token_logps
@@ -143,7 +144,7 @@ class Rollouts:
         self.rewards, self.advantages, self.s, self.env = rewards, advantages, settings, env
         self.loss_type = loss_type
         self.prompt_ids = [ids[-max_prompt_length:] for ids in
-                           encode_all(tokenizer, [p.messages for p in prompts])]  # TRL keeps a prompt's end
+                           encode_prompts(tokenizer, [p.messages for p in prompts])]  # TRL keeps a prompt's end
         self.prompts_per_step = per_step // s.num_generations
         self.order = EpochBatches(index_batches(len(prompts), self.prompts_per_step, s.seed, True, env.rank,
                                                 env.world_size, lambda indices: indices))
@@ -279,12 +280,6 @@ def gather_stats(stats: dict) -> dict:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, {k: stats[k] for k in keys})
     return {**stats, **{k: torch.cat([p[k] for p in parts]) for k in keys}}
-
-
-def encode_all(tokenizer: Tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
-    from lmforge.infer.llm import encode_prompts  # the one prompt encoding (chat template, generation prompt)
-
-    return encode_prompts(tokenizer, prompts)
 
 
 def select_groups(batch: dict, keep: torch.Tensor, group_size: int) -> dict:
