@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("lmforge.train.grpo", "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO"),
     "rloo": ("lmforge.train.rloo", "RL with verifiable rewards: RLOO (leave-one-out baseline, KL in the reward)"),
     "ppo": ("lmforge.train.ppo", "RLHF with PPO: a value model, per-token KL penalty, GAE, clipped losses"),
+    "eval": ("lmforge.eval.evaluate", "evaluate a model: bits per byte, multiple choice, exact match, code (pass@k)"),
     "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
     "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
     "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),
