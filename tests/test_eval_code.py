@@ -75,16 +75,16 @@ def test_read_humaneval_names_file_and_line(tmp_path):
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "task_id": "a/1", "canonical_solution": "x"}))
     problems = read_humaneval(path)
     assert [p.task_id for p in problems] == ["a/0", "a/1"] and problems[1].canonical_solution == "x"
-    cases = [("{oops", "not JSON"), ("[1, 2]", "expected an object"),
+    cases = [("{oops", "malformed JSON"), ("[1, 2]", "expected a JSON object"),
              (json.dumps({k: v for k, v in good.items() if k != "test"}), "missing field 'test'"),
-             (json.dumps({**good, "entry_point": 3}), "field 'entry_point' must be a string"),
+             (json.dumps({**good, "entry_point": 3}), "field 'entry_point' should be str"),
              (json.dumps(good), "task_id 'a/0' appears twice")]
     for line, message in cases:
         path.write_text(json.dumps(good) + "\n" + line + "\n")
-        with pytest.raises(ValueError, match=f"^{path}:2: {message}"):
+        with pytest.raises(ValueError, match=f"^{path}, line 2: {message}"):
             read_humaneval(path)
     path.write_text("\n")
-    with pytest.raises(ValueError, match="no problems"):
+    with pytest.raises(ValueError, match="empty file"):
         read_humaneval(path)
 
 

@@ -132,10 +132,10 @@ def test_read_generative(tmp_path):
                     '{"prompt": [{"role": "user", "content": "b?"}], "answer": 2}\n')
     assert read_generative(path) == [GenerativeItem("a?", "#### 1"), GenerativeItem("b?", "2")]
     path.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?"}\n')
-    with pytest.raises(ValueError, match=r"t.jsonl:2: field 'answer'"):
+    with pytest.raises(ValueError, match=r"t.jsonl, line 2: field 'answer'"):
         read_generative(path)
     path.write_text('{"question": "a?", "answer": "#### 1"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"t.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"t.jsonl, line 2: malformed JSON"):
         read_generative(path)
 
 

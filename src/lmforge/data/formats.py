@@ -241,6 +241,17 @@ def iter_records(path: Path, columns: list[str] | None = None) -> Iterator[Recor
     raise DataError(path, None, f"unsupported file type '{suffix}' (expected .jsonl or .parquet)")
 
 
+def read_records(path: str | Path, limit: int | None = None) -> Iterator[Record]:
+    """The records of one JSONL or Parquet file, stopping at the first bad one (its DataError names the file
+    and line): for task files, where a silently skipped item would change the score."""
+    for count, item in enumerate(iter_records(Path(path)), 1):
+        if isinstance(item, DataError):
+            raise item
+        yield item
+        if limit is not None and count >= limit:
+            return
+
+
 @dataclass
 class TextPiece:
     """A stretch of raw text for pretraining: a whole document, or a piece of a long text file."""

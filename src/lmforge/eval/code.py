@@ -18,7 +18,6 @@ pass@k is the unbiased estimator of the paper's section 2.1 over n samples of wh
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.data.formats import read_records
 from lmforge.infer.llm import encode_prompts
 from lmforge.infer.sampling import SamplingParams
 from lmforge.sandbox import SandboxConfig, SandboxResult, run_python
@@ -51,28 +51,14 @@ class CodeProblem:
 def read_humaneval(path: str | Path) -> list[CodeProblem]:
     """The problems of a HumanEval-format JSONL file; bad input is a ValueError naming the file and line."""
     problems, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object with {', '.join(FIELDS)}, got {type(row).__name__}")
-            for name in FIELDS + ("canonical_solution",):
-                if name in FIELDS and name not in row:
-                    raise ValueError(f"{where}: missing field {name!r}")
-                if name in row and not isinstance(row[name], str):
-                    raise ValueError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
-            if row["task_id"] in seen:
-                raise ValueError(f"{where}: task_id {row['task_id']!r} appears twice")
-            seen.add(row["task_id"])
-            problems.append(CodeProblem(*(row[name] for name in FIELDS), row.get("canonical_solution")))
-    if not problems:
-        raise ValueError(f"{path}: no problems in the file")
+    for record in read_records(path):
+        for name in FIELDS + ("canonical_solution",):
+            if name in FIELDS or record.data.get(name) is not None:
+                record.get(name)  # present and a string, or a DataError naming the field
+        if record.data["task_id"] in seen:
+            raise record.error(f"task_id {record.data['task_id']!r} appears twice")
+        seen.add(record.data["task_id"])
+        problems.append(CodeProblem(*(record.data[name] for name in FIELDS), record.data.get("canonical_solution")))
     return problems
 
 

@@ -20,12 +20,12 @@ examples before it, generation stopping at "Question:" as the harness does.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.arithmetic import FLEXIBLE, STRICT, make_problems
+from lmforge.data.formats import read_records
 from lmforge.infer.llm import encode_prompts
 from lmforge.infer.sampling import SamplingParams
 
@@ -65,34 +65,20 @@ def exact_match(completion: str, reference: str, strict: bool = True) -> bool:
 
 
 def read_generative(path: str | Path, limit: int | None = None) -> list[GenerativeItem]:
-    """GSM8K-layout JSONL: `question` and `answer` strings on each line (an RL prompt file's
+    """GSM8K-layout JSONL (or Parquet): `question` and `answer` strings on each line (an RL prompt file's
     `{"prompt": [{"role": "user", ...}], "answer": ...}` is read too: its last user message is the question)."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected an object with 'question' and 'answer'")
-            question = row.get("question")
-            if question is None and isinstance(row.get("prompt"), list):
-                users = [m.get("content") for m in row["prompt"] if isinstance(m, dict) and m.get("role") == "user"]
-                question = users[-1] if users else None
-            answer = row.get("answer")
-            if isinstance(answer, int | float) and not isinstance(answer, bool):
-                answer = str(answer)
-            for name, value in (("question", question), ("answer", answer)):
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{path}:{number}: field '{name}' should be a non-empty string")
-            items.append(GenerativeItem(question, answer))
-            if limit is not None and len(items) >= limit:
-                break
-    if not items:
-        raise ValueError(f"{path}: no items")
+    for record in read_records(path, limit):
+        question, answer = record.data.get("question"), record.data.get("answer")
+        if question is None and isinstance(record.data.get("prompt"), list):
+            users = [m.get("content") for m in record.data["prompt"] if isinstance(m, dict) and m.get("role") == "user"]
+            question = users[-1] if users else None
+        if isinstance(answer, int | float) and not isinstance(answer, bool):
+            answer = str(answer)
+        for name, value in (("question", question), ("answer", answer)):
+            if not isinstance(value, str) or not value.strip():
+                raise record.error(f"field '{name}' should be a non-empty string")
+        items.append(GenerativeItem(question, answer))
     return items
 
 
