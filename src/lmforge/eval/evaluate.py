@@ -53,6 +53,9 @@ class EvalConfig:
     k: list[int] = field(default_factory=lambda: [1], metadata={"help": "pass@k for these k (each <= n)"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy", "min": 0})
     max_tokens: int = field(default=256, metadata={"help": "most new tokens per answer", "min": 1})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "bits per byte: tokens per scored window (default: the model's context; a model trained on "
+                "shorter sequences scores better at its training length)", "min": 2})
     batch_size: int = field(default=16, metadata={"help": "sequences per scoring forward", "min": 1})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
     seed: int = 0
@@ -126,12 +129,13 @@ def run_task(task: str, loaded: Loaded, cfg: EvalConfig) -> dict:
     if kind in ("shakespeare-bpb", "bpb"):
         from lmforge.eval.loglik import bits_per_byte
 
-        metrics = bits_per_byte(model, tokenizer, path or "builtin:shakespeare")
+        metrics = bits_per_byte(model, tokenizer, path or "builtin:shakespeare", seq_len=cfg.seq_len,
+                                batch_size=cfg.batch_size)
         return {"metrics": metrics, "samples": []}
     if kind in ("shakespeare-cloze", "mc"):
         from lmforge.eval.loglik import multiple_choice, read_multiple_choice, shakespeare_cloze
 
-        items = read_multiple_choice(path)[:cfg.limit] if path else shakespeare_cloze(cfg.limit or 200, cfg.seed)
+        items = read_multiple_choice(path, cfg.limit) if path else shakespeare_cloze(cfg.limit or 200, cfg.seed)
         return multiple_choice(model, tokenizer, items, batch_size=cfg.batch_size)
     if kind in ("arithmetic", "gen"):
         from lmforge.eval.generative import builtin_arithmetic, evaluate_generative, read_generative
