@@ -52,6 +52,7 @@ _OPTIONAL_INTS = {"head_dim", "sliding_window", "kv_lora_rank", "q_lora_rank", "
 # Float fields: True where 0 is not allowed either.
 _FLOAT_FIELDS = {"rms_norm_eps": True, "rope_theta": True, "routed_scaling_factor": True,
                  "router_aux_loss_coef": False, "initializer_range": False}
+DROPOUTS = ("embd_pdrop", "attention_dropout", "resid_pdrop")  # probabilities in [0, 1)
 
 
 def _is_int(value) -> bool:
@@ -112,6 +113,12 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None  # a reward model scores each sequence at its last token that is not this one
     initializer_range: float = 0.02
+    # Dropout in training (off in eval mode), with the names of HF's Phi / Phi-3 configs, the Llama-like
+    # families that have all three (Llama's own config has only attention_dropout); `Transformer` reads
+    # them at every forward, so setting them on a built model's config takes effect at once.
+    embd_pdrop: float = 0.0  # on the token embeddings
+    attention_dropout: float = 0.0  # on the attention probabilities
+    resid_pdrop: float = 0.0  # on each attention and MLP output, before it is added to the residual stream
     # The head: None, a causal LM's output layer (`<Family>ForCausalLM`); 1, a reward model's scalar `score`
     # head (`<Family>ForSequenceClassification` with one label; model/reward.py).
     num_labels: int | None = None
@@ -163,6 +170,10 @@ class ModelConfig:
             if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
                 raise ModelConfigError(f"{name}: {value!r:.40} is not a {'positive' if positive else 'non-negative'} "
                                        "number")
+        for name in DROPOUTS:
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value < 1:
+                raise ModelConfigError(f"{name}: {value!r:.40} is not a dropout probability (from 0, below 1)")
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
@@ -305,6 +316,7 @@ def _from_hf(d: dict) -> ModelConfig:
         pad_token_id=d.get("pad_token_id"),
         initializer_range=d.get("initializer_range", 0.02),
         num_labels=_num_labels(d),
+        **{name: d.get(name) or 0.0 for name in DROPOUTS},
     )
     if fam["qkv_bias"] is None:  # Llama/Qwen3: one attention_bias for q, k, v and o
         kw["attention_bias"] = kw["o_proj_bias"] = bool(d.get("attention_bias", False))
@@ -390,7 +402,8 @@ def to_hf(cfg: ModelConfig) -> dict:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attention_dropout,
+        **{name: getattr(cfg, name) for name in ("embd_pdrop", "resid_pdrop") if getattr(cfg, name)},  # when used
         "use_cache": True,
     }
     if d["rope_scaling"]:

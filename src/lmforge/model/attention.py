@@ -71,12 +71,12 @@ class CausalAttentionCPU(torch.autograd.Function):
         return grad_q.view(B, H, T, D), grad_k.view(B, KV, T, D), grad_v.view(B, KV, T, D), None
 
 
-def use_cpu_attention(q: torch.Tensor, mask, cache) -> bool:
-    """CausalAttentionCPU's case: plain causal bf16 attention on a CPU, with gradients, and the score
-    matrices it keeps for backward (B * heads * T^2 bf16 per layer) at most 64 MB a layer; longer
+def use_cpu_attention(q: torch.Tensor, mask, cache, dropout: float) -> bool:
+    """CausalAttentionCPU's case: plain causal bf16 attention on a CPU, with gradients and no dropout, and the
+    score matrices it keeps for backward (B * heads * T^2 bf16 per layer) at most 64 MB a layer; longer
     sequences take the flash kernel, whose memory grows with T, not T^2."""
     B, H, T, _ = q.shape
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and mask is None and cache is None
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and mask is None and cache is None and not dropout
             and B * H * T * T <= 2**25 and torch.is_grad_enabled() and q.requires_grad and cpu_kernels.usable(q))
 
 
@@ -139,6 +139,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.config = cfg  # the model's own (its attention_dropout, read at every forward)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -162,10 +163,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if use_cpu_attention(q, mask, cache):
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if use_cpu_attention(q, mask, cache, dropout):
             y = CausalAttentionCPU.apply(q, k, v, self.head_dim**-0.5)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=mask is None and cache is None,
                                                enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -199,6 +202,7 @@ class MLAttention(nn.Module):
         self.q_lora = cfg.q_lora_rank is not None
         self.interleaved = cfg.rope_interleave
         self.scale = qk_dim**-0.5
+        self.config = cfg  # the model's own (its attention_dropout, read at every forward)
         scaling = cfg.rope_scaling or {}
         if cfg.rope_type != "default" and scaling.get("mscale_all_dim"):
             # YaRN stretches the softmax: DeepSeek folds mscale(factor)^2 into the logit scale.
@@ -221,5 +225,6 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           dropout_p=self.config.attention_dropout if self.training else 0.0,
                                            scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

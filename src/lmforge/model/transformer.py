@@ -2,6 +2,10 @@
 
     embed_tokens -> [ x + attn(norm(x));  x + mlp(norm(x)) ] * L -> norm -> lm_head
 
+In training mode, dropout (Srivastava et al. 2014) where GPT-2 and nanoGPT put it: on the embeddings
+(embd_pdrop), on the attention probabilities (attention_dropout) and on each attention and MLP output
+before the residual add (resid_pdrop); all 0 by default, and off in eval mode.
+
 Where the families differ (read top to bottom):
 - attention: `Attention` (Llama, Mistral, Qwen; q/k/v bias for Qwen2, QK-norm for Qwen3,
   sliding window for Mistral) or `MLAttention` (DeepSeek-V3), in attention.py;
@@ -43,14 +47,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.config = cfg  # the model's own: a dropout rate set on it applies at the next forward
 
     def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        drop = self.config.resid_pdrop
+        x = x + F.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache), drop, self.training)
         h = self.post_attention_layernorm(x)
+        aux = None
         if self.is_moe:
             h, aux = self.mlp(h)
-            return x + h, aux
-        return x + self.mlp(h), None
+        else:
+            h = self.mlp(h)
+        return x + F.dropout(h, drop, self.training), aux
 
 
 class Transformer(nn.Module):
@@ -81,7 +89,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
+        x = F.dropout(self.model.embed_tokens(input_ids), self.config.embd_pdrop, self.training)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, position_ids, x.dtype)
