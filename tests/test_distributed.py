@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) train exactly like one process with the same global batch, with
-DDP and with FSDP2; FSDP's sharded training state saves and resumes; rank 0 writes a loadable HF dir.
+DDP and with FSDP2; FSDP's sharded training state saves and resumes; rank 0 writes a loadable HF dir; the
+best step's model (keep_best) and a time budget's agreed step count work across processes.
 
 The test runs this file under torchrun; `worker()` is what each rank executes.
 """
@@ -30,7 +31,7 @@ def run(run_dir, rank: int = 0, world: int = 1, distributed: str = "ddp", resume
         on_trainer=None):
     cfg = TrainConfig(run_dir=str(run_dir), steps=steps, grad_accum=grad_accum, distributed=distributed,
                       progress=False, save_every=2, eval_every=2, device="cpu", resume=resume, precision=precision,
-                      activation_checkpointing=activation_checkpointing,
+                      activation_checkpointing=activation_checkpointing, keep_best=True, max_minutes=60,
                       optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1))
     # masked prompts: the ranks' micro-batches train on unequal numbers of tokens, each token weighs the same
     data = RandomBatches(GLOBAL_BATCH, 16, seed=1, rank=rank, world=world, prompts=True)
@@ -128,10 +129,12 @@ def test_two_processes_match_one(mode, single, single_bf16, single_fp16, tmp_pat
     torch.testing.assert_close(report["grad_norms"], [h["grad_norm"] for h in single.history], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(report["val_loss"], single.val_loss, rtol=1e-5, atol=1e-5)
     # Rank 0 wrote one full HF model directory with the same weights as the single process.
-    ours = load_model(tmp_path / "run" / f"checkpoint-{STEPS:06d}")
-    reference = load_model(single.model_dir)
-    for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # The same for the best step's model (keep_best), which `final` is.
+    assert (tmp_path / "run" / "final").resolve().name == single.model_dir.name == f"best-{single.final_step:06d}"
+    for checkpoint in (f"checkpoint-{STEPS:06d}", "final"):
+        ours, reference = load_model(tmp_path / "run" / checkpoint), load_model(single.run_dir / checkpoint)
+        for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(report["bf16_losses"], [h["loss"] for h in single_bf16.history], rtol=2e-2, atol=0)
     torch.testing.assert_close(report["fp16_losses"], [h["loss"] for h in single_fp16.history], rtol=5e-3, atol=0)
     assert report["fp16_scales"] == [h["loss_scale"] for h in single_fp16.history] == [2.0**20, 2.0**19, 2.0**19,

@@ -48,8 +48,13 @@ def test_pretrain_from_hf_dir_learns_and_writes_loadable_checkpoints(tmp_path, c
     # bits per byte: the loss in bits over the bytes per token of the validation text (byte-level BPE
     # with 300 tokens: between 1 and 3 bytes per token)
     assert 1.0 < result.val_loss / 0.6931 / result.val_bpb < 3.0
-    assert result.loss_curve.is_file() and result.model_dir == tmp_path / "checkpoint-000030"
+    # keep_best, pretraining's default: final is the best step's model, here the last one
+    assert result.loss_curve.is_file() and result.model_dir == tmp_path / "best-000030" and result.final_step == 30
+    assert json.loads((tmp_path / "final.json").read_text())["step"] == 30
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-000015", "checkpoint-000030"]
+    # checkpoint-000015's best is best-000015 (resuming from it needs it); RUN_DIR/best is the newest
+    assert sorted(p.name for p in tmp_path.glob("best-*")) == ["best-000015", "best-000030"]
+    assert (tmp_path / "best").resolve() == result.model_dir
     # The checkpoint is an HF dir with the tokenizer; training state sits beside the weights.
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.model_dir)
@@ -58,7 +63,7 @@ def test_pretrain_from_hf_dir_learns_and_writes_loadable_checkpoints(tmp_path, c
     torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
     assert Tokenizer.from_dir(result.model_dir).vocab_size == 300
     assert {"training_state.safetensors", "training_state.json", "rank0.safetensors", "rank0.json"} <= {
-        p.name for p in result.model_dir.iterdir()}
+        p.name for p in (tmp_path / "checkpoint-000030").iterdir()}
 
 
 def test_pretrain_cli_from_preset_with_yaml(tmp_path, corpus):

@@ -16,10 +16,16 @@ loading one can only ever produce tensors, numbers, strings, lists and dicts.
 Each checkpoint is written into a hidden temporary directory that is renamed into place as the last
 act, so a process killed at any moment leaves only complete checkpoints; `resume: auto` takes the
 newest one that verifies, and falls back to an older one, with a warning, when the newest is damaged.
+
+With `train.keep_best`, RUN_DIR/best-NNNNNN/ is the model alone (no training state) of the step with the
+lowest validation loss so far, written the same way, and RUN_DIR/best links to it. A checkpoint's
+trainer_state.json names the best step at its time, so the best directories that a checkpoint still
+names are kept (resuming from it needs its best), and the others deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -42,6 +48,7 @@ from lmforge.files import read_json, remove_directory, replace_directory, tempor
 from lmforge.train.environment import Env
 
 CHECKPOINT_PREFIX = "checkpoint-"
+BEST_PREFIX = "best-"
 TRAINER_STATE = "trainer_state.json"
 # Bumped when the layout above changes; 1 was the pickled `training_state.pt` of early versions.
 FORMAT_VERSION = 2
@@ -217,18 +224,43 @@ def resume_candidates(resume: str | None, run_dir: Path) -> list[Path]:
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """What a killed process left half-written or half-deleted: hidden directories named after checkpoints."""
-    for path in run_dir.glob(f".*{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(path, ignore_errors=True)
+    """What a killed process left half-written or half-deleted: hidden directories named after checkpoints
+    (or best models)."""
+    for prefix in (CHECKPOINT_PREFIX, BEST_PREFIX):
+        for path in run_dir.glob(f".*{prefix}*"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def point_final_at(checkpoint: Path) -> None:
-    """RUN_DIR/final: a symbolic link to the last checkpoint, a stable name for the next stage to read."""
-    link = checkpoint.parent / "final"
-    tmp = checkpoint.parent / ".final.tmp"
+def point_link_at(directory: Path, name: str = "final") -> None:
+    """RUN_DIR/<name> (final, best): a symbolic link to a directory of the run, replaced in one step; `final`
+    is the stable name for the next stage to read."""
+    link = directory.parent / name
+    tmp = directory.parent / f".{name}.tmp"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(checkpoint.name)
+    tmp.symlink_to(directory.name)
     os.replace(tmp, link)
+
+
+def best_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f"{BEST_PREFIX}{step:06d}"
+
+
+def prune_best(run_dir: Path, keep: int | None) -> None:
+    """Delete the best-NNNNNN directories that neither are step `keep`'s (the run's best now) nor are named
+    as best by a complete checkpoint; point RUN_DIR/best at `keep`'s. A best directory written after the
+    newest checkpoint by a run that was then killed is deleted when the resumed run prunes (it writes it
+    again if it comes to that step: the resumed run is the same)."""
+    named = {keep}
+    for path in complete_checkpoints(run_dir):
+        with contextlib.suppress(CheckpointError):  # a damaged checkpoint is never resumed from
+            best = read_json(path / TRAINER_STATE, CheckpointError).get("best")
+            named.add(best.get("step") if isinstance(best, dict) else None)
+    for path in run_dir.glob(f"{BEST_PREFIX}*"):
+        number = path.name[len(BEST_PREFIX):]
+        if path.is_dir() and number.isdigit() and int(number) not in named:
+            remove_directory(path)
+    if keep is not None and best_dir(run_dir, keep).is_dir():
+        point_link_at(best_dir(run_dir, keep), "best")
 
 
 def loading(path: Path, what: Callable[[], Any]) -> Any:
@@ -394,6 +426,19 @@ class Checkpointer:
                 remove_directory(old)
         self._barrier()
         return final
+
+    def save_model(self, path: Path) -> Path:
+        """The model directory alone at `path` (a checkpoint's weights without the training state: the run's
+        best model), written as atomically as a checkpoint."""
+        tmp = temporary_beside(path, shared=True)
+        if self.env.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.write_weights(tmp)
+        self._barrier()
+        if self.env.is_main:
+            replace_directory(tmp, path)
+        self._barrier()
+        return path
 
     def load(self, path: str | Path) -> None:
         """Restore everything `save` wrote. Raises CheckpointError naming the file (damaged, truncated, or

@@ -1,13 +1,16 @@
-"""What a training run reports: a progress bar, RUN_DIR/metrics.jsonl (one JSON object per logged step
-or evaluation), TensorBoard, Weights & Biases, the model FLOP utilisation (MFU), and at the end the
-loss curve, RUN_DIR/loss.png. Only rank 0 writes."""
+"""What a training run reports: progress (on standard error: a bar on a terminal; to a file or a CI log,
+where a bar's carriage-return redraws pile up, one plain line every PLAIN_EVERY seconds), RUN_DIR/metrics.jsonl
+(one JSON object per logged step or evaluation), TensorBoard, Weights & Biases, the model FLOP utilisation
+(MFU), and at the end the loss curve, RUN_DIR/loss.png. Only rank 0 writes."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +21,8 @@ from lmforge.train.checkpointing import remove_stale_temporaries
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
+
+PLAIN_EVERY = 10.0  # seconds between progress lines when standard error is not a terminal
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
@@ -47,12 +52,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsLogger:
-    """Rank 0's outputs: progress bar, metrics.jsonl, TensorBoard, W&B, and the loss curve at the end."""
+    """Rank 0's outputs: progress (a bar, or plain lines), metrics.jsonl, TensorBoard, W&B, and the loss curve at
+    the end. `clock`: the training loop's (seconds), which paces the plain lines."""
 
-    def __init__(self, trainer: Trainer, resume_step: int | None):
+    def __init__(self, trainer: Trainer, resume_step: int | None, clock: Callable[[], float] = time.perf_counter):
         self.trainer, cfg = trainer, trainer.cfg
         self.active = trainer.env.is_main
         self.bar = self.tb = self.wandb = None
+        self.clock, self.started, self.first_step = clock, clock(), trainer.step
+        self.plain = False
+        self.last_line = -math.inf
         self.peak = None
         if not self.active:
             return
@@ -73,10 +82,12 @@ class MetricsLogger:
             dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else \
                 torch.float16 if cfg.precision == "fp16" else torch.float32
             self.peak = cfg.peak_flops or measure_peak_flops(trainer.env.device, dtype)
-        if cfg.progress:
+        if cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training", dynamic_ncols=True)
+            self.bar = tqdm(total=trainer.planned, initial=trainer.step, desc="training", dynamic_ncols=True,
+                            file=sys.stderr)
+        self.plain = cfg.progress and self.bar is None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -97,10 +108,26 @@ class MetricsLogger:
             post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
             if "mfu" in row:
                 post["mfu"] = f"{100 * row['mfu']:.1f}%"
+            self.bar.total = self.trainer.planned  # a time budget fits it as the run goes
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
-        if row["step"] % self.trainer.cfg.log_every == 0 or row["step"] == self.trainer.cfg.steps:
+        elif self.plain:
+            self.progress_line(row)
+        if row["step"] % self.trainer.cfg.log_every == 0 or row["step"] == self.trainer.planned:
             self.write(row)
+
+    def progress_line(self, row: dict) -> None:
+        """One plain line (step, loss, lr, tokens/s, time taken and left) at the first step, then at most one
+        every PLAIN_EVERY seconds, and at the last step."""
+        now, total = self.clock(), self.trainer.planned
+        if now - self.last_line < PLAIN_EVERY and row["step"] < total:
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        left = elapsed / max(row["step"] - self.first_step, 1) * (total - row["step"])
+        print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+              f"{row['tokens_per_s']:.0f} tok/s  {_minutes(elapsed)} elapsed, {_minutes(left)} left",
+              file=sys.stderr, flush=True)
 
     def write(self, row: dict) -> None:
         if not self.active:
@@ -127,6 +154,13 @@ class MetricsLogger:
         return plot_series(read_metrics(self.metrics_path), [("loss", "train loss", "-"),
                                                              ("val_loss", "validation loss", "o-")],
                            self.trainer.run_dir / "loss.png", "cross-entropy (nats/token)")
+
+
+def _minutes(seconds: float) -> str:
+    """m:ss (h:mm:ss from an hour)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def plot_series(rows: list[dict], series: list[tuple[str, str, str]], path: Path, ylabel: str) -> Path | None:

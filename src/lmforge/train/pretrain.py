@@ -25,7 +25,16 @@ from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
+from lmforge.train.trainer import (
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    TrainingSet,
+    TrainResult,
+    dropout_option,
+    set_dropout,
+    stage_main,
+)
 
 
 @dataclass
@@ -44,8 +53,13 @@ class PretrainConfig:
                                                                     "min": 0})
     chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss",
                                                                         "min": 1})
+    dropout: float | None = dropout_option("dropout")
+    embedding_dropout: float | None = dropout_option("embedding_dropout")
+    attention_dropout: float | None = dropout_option("attention_dropout")
+    residual_dropout: float | None = dropout_option("residual_dropout")
+    # keep_best: pretraining always has its validation split, and on a small corpus the last step is rarely the best
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        run_dir="runs/pretrain", optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1)))
+        run_dir="runs/pretrain", keep_best=True, optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1)))
 
 
 class LoaderBatches:
@@ -73,6 +87,7 @@ def build(cfg: PretrainConfig, manifest: Manifest, device: torch.device):
     if model.config.vocab_size < manifest.vocab_size:
         raise ValueError(f"model: {cfg.model} has {model.config.vocab_size} token embeddings, the data's "
                          f"tokenizer {manifest.vocab_size}")
+    set_dropout(model, cfg)
     return model
 
 
@@ -109,12 +124,14 @@ def run(cfg: PretrainConfig) -> TrainResult:
         count = len(loader) if cfg.eval_batches <= 0 else min(cfg.eval_batches, len(loader))
         return ({"input_ids": x, "labels": y} for x, y in islice(loader, count))
 
+    training_set = TrainingSet(cfg.data, int(train.shard_starts[-1]),
+                               cfg.batch_size * cfg.seq_len * cfg.train.grad_accum * env.world_size)
     trainer = Trainer(
         cfg.train, model, lambda m, batch: causal_lm_loss(m, batch, cfg.chunk_size), LoaderBatches(train),
         val_data=val_data, bytes_per_token=validation_bytes_per_token(val_data(), Tokenizer.from_dir(tokenizer_dir)),
         flops_per_token=flops_per_token(model.config, cfg.seq_len),
         save_weights=lambda m, path: save_model(m, path, tokenizer_dir=tokenizer_dir),
-        log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
+        log_config={k: v for k, v in asdict(cfg).items() if k != "train"}, training_set=training_set)
     return trainer.fit()
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -24,13 +25,23 @@ from typing import ClassVar, Literal
 import torch
 
 from lmforge.checkpoint import model_from, save_model
-from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, sft_batches
+from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, pack, sft_batches
 from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
+from lmforge.train.trainer import (
+    EpochBatches,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    TrainingSet,
+    TrainResult,
+    dropout_option,
+    set_dropout,
+    stage_main,
+)
 
 
 @dataclass
@@ -65,6 +76,10 @@ class SFTConfig:
     merge: bool = field(default=False, metadata={"help": "lora/dora: also write RUN_DIR/merged, the merged model"})
     chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss",
                                                                         "min": 1})
+    dropout: float | None = dropout_option("dropout")
+    embedding_dropout: float | None = dropout_option("embedding_dropout")
+    attention_dropout: float | None = dropout_option("attention_dropout")
+    residual_dropout: float | None = dropout_option("residual_dropout")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         run_dir="runs/sft", steps=500, eval_every=100, save_every=250,
         optim=OptimConfig(lr=5e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)))
@@ -146,6 +161,15 @@ def read_samples(files: list[str], cfg: SFTConfig, tokenizer: Tokenizer, what: s
     return samples
 
 
+def training_set(samples: list[SFTSample], cfg: SFTConfig, world_size: int) -> TrainingSet:
+    """The conversations' tokens and what a step takes of them: one epoch is each process's share in rows
+    (samples, or packed rows of max_len), batch_size rows a micro-batch, grad_accum micro-batches a step."""
+    rows = sum(1 for _ in pack(samples, cfg.max_len)) if cfg.packed else len(samples)
+    steps_per_epoch = math.ceil(rows / world_size / cfg.batch_size) / cfg.train.grad_accum
+    tokens = sum(len(sample.input_ids) for sample in samples)
+    return TrainingSet(", ".join(cfg.data), tokens, tokens / steps_per_epoch)
+
+
 def weights_saver(adapters: bool, base_dir: str | None, tokenizer_dir: str):
     """How a fine-tuning run's checkpoints hold its weights: a PEFT adapter directory (pointing at the base
     model directory), or a whole model directory with the tokenizer."""
@@ -163,18 +187,20 @@ def run(cfg: SFTConfig) -> TrainResult:
     env = setup_env(cfg.train.device)
     tokenizer_dir = cfg.tokenizer or cfg.model
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    model = build(cfg, tokenizer, env.device)
+    model = build(cfg, tokenizer, env.device)  # build is shared with the preference and RL stages: not set_dropout
+    set_dropout(model, cfg)
     adapters = cfg.method in ("lora", "dora")
     base_dir = cfg.model if Path(cfg.model).is_dir() else None
-    train = EpochBatches(epoch_batches(read_samples(cfg.data, cfg, tokenizer, "data"), cfg, tokenizer.pad_id,
-                                       env.rank, env.world_size, shuffle=True))
+    samples = read_samples(cfg.data, cfg, tokenizer, "data")
+    train = EpochBatches(epoch_batches(samples, cfg, tokenizer.pad_id, env.rank, env.world_size, shuffle=True))
     val_data = None
     if cfg.val_data:
         val_samples = read_samples(cfg.val_data, cfg, tokenizer, "val_data")
         val_data = lambda: epoch_batches(val_samples, cfg, tokenizer.pad_id, env.rank, env.world_size, False)(0)
     trainer = Trainer(cfg.train, model, lambda m, batch: causal_lm_loss(m, batch, cfg.chunk_size), train,
                       val_data=val_data, save_weights=weights_saver(adapters, base_dir, tokenizer_dir),
-                      log_config={k: v for k, v in asdict(cfg).items() if k != "train"})
+                      log_config={k: v for k, v in asdict(cfg).items() if k != "train"},
+                      training_set=training_set(samples, cfg, env.world_size))
     result = trainer.fit()
     if cfg.merge and env.is_main:
         from lmforge.merge import merge

@@ -18,7 +18,12 @@ and the Trainer does the rest, step by step (`fit`):
        skips the step with skip_nonfinite
     4. AdamW step (fused where available), with fp32 master weights for "bf16-pure"
     5. DeepSeek-V3's expert-bias update for MoE models that have the bias
-    6. logging (progress bar, metrics.jsonl, TensorBoard, W&B), validation, checkpoints
+    6. logging (progress, metrics.jsonl, TensorBoard, W&B), validation, checkpoints
+
+Small data and fixed time (`fit`): `train.keep_best` makes RUN_DIR/final the model of the step with the lowest
+validation loss rather than the last step's (RUN_DIR/final.json says which step); `train.max_minutes` stops
+training when a wall-clock budget is spent, with the schedule fitted to it (schedule.TimeBudget); a run whose
+planned steps go over its training set more than once says so, with the number of epochs (`repeat_warning`).
 
 Checkpoints (train/checkpointing.py): RUN_DIR/checkpoint-NNNNNN/ is a Hugging Face model directory (or,
 for LoRA, a PEFT adapter directory) with the training state beside the weights, as safetensors and JSON
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import random
 import sys
@@ -50,18 +56,21 @@ from torch import nn
 
 from lmforge.checkpoint import save_model
 from lmforge.data.sft import IGNORE_INDEX
-from lmforge.settings import check_ranges, parse_args
+from lmforge.settings import OptionError, check_ranges, parse_args
 from lmforge.train.checkpointing import (
     CHECKPOINT_PREFIX,
     Checkpointer,
     OptimizerState,
     RNGState,
     TrainedWeights,
-    point_final_at,
+    best_dir,
+    point_link_at,
+    prune_best,
+    warn,
 )
 from lmforge.train.environment import Env, setup_env
 from lmforge.train.metrics import MetricsLogger
-from lmforge.train.schedule import lr_at
+from lmforge.train.schedule import TimeBudget, lr_at
 
 
 @dataclass
@@ -86,7 +95,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = field(default="runs/run", metadata={"help": "checkpoints, metrics.jsonl, logs, loss.png"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps", "min": 1})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps (with max_minutes: at most this many)",
+                                               "min": 1})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "stop training when this many minutes of it are spent (all runs of a resumed training together), "
+                "the schedule's warmup and decay fitted to the budget from the measured step time; the final "
+                "validation and checkpoint follow", "min": 0})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of the training RNGs (dropout, shuffling)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda"})
@@ -103,12 +117,16 @@ class TrainConfig:
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only",
                                                                 "min": 0})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (older ones are deleted)", "min": 1})
+    keep_best: bool = field(default=False, metadata={
+        "help": "keep the model of the step with the lowest validation loss (RUN_DIR/best-NNNNNN) and make it "
+                "final; RUN_DIR/final.json says which step final is"})
     resume: str | None = field(default=None, metadata={"help": "auto (newest checkpoint in run_dir) or a "
                                                                  "checkpoint directory"})
     skip_nonfinite: bool = field(default=False, metadata={"help": "skip a step whose loss or gradient is not "
                                                                   "finite instead of stopping"})
     log_every: int = field(default=1, metadata={"help": "write metrics every N steps", "min": 1})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"help": "show progress on standard error: a bar on a "
+                                                            "terminal, else a plain line every 10 s"})
     peak_flops: float | None = field(default=None, metadata={"help": "accelerator peak FLOP/s for MFU "
                                                                       "(measured with a matmul if null)", "min": 1})
     expert_bias_rate: float = field(default=0.001, metadata={
@@ -131,6 +149,36 @@ class Batches(Protocol):
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 
 
+@dataclass
+class TrainingSet:
+    """A stage's training data, for the warning when a run would go over it more than once."""
+
+    name: str  # as the user named it: runs/data, runs/sft/train.jsonl
+    tokens: int  # tokens of one pass over it
+    tokens_per_step: float  # tokens an optimizer step takes from it (all processes; a mean where batches vary)
+
+
+def repeat_warning(steps: int, data: TrainingSet, keep_best: bool, minutes: float | None = None) -> str | None:
+    """The warning for `steps` optimizer steps (fitted to a budget of `minutes`) that go over `data` more than
+    once, or None."""
+    epochs = steps * data.tokens_per_step / max(data.tokens, 1)
+    if epochs <= 1:
+        return None
+    fitted = f" (fitted to {minutes:g} minutes)" if minutes else ""
+    advice = ("final is the step with the best validation loss (train.keep_best)" if keep_best else
+              "expect overfitting: see --train.keep-best")
+    return (f"{steps} steps{fitted} x {data.tokens_per_step:,.0f} tokens = {epochs:.1f} epochs of {data.name}'s "
+            f"{_count(data.tokens)} training tokens; {advice}")
+
+
+def _count(n: int) -> str:
+    """1234 -> 1.2k, 250_000 -> 250k, 3_400_000 -> 3.4M."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.{1 if n < 10 * size else 0}f}{unit}"
+    return str(n)
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm was NaN or infinite; the message names the step."""
 
@@ -139,13 +187,15 @@ class NonFiniteError(FloatingPointError):
 class TrainResult:
     steps: int
     run_dir: Path
-    model_dir: Path  # the final checkpoint (RUN_DIR/final links to it): an HF model dir or a PEFT adapter dir
-    val_loss: float | None
+    model_dir: Path  # the final model (RUN_DIR/final links to it): an HF model dir or a PEFT adapter dir
+    val_loss: float | None  # the final model's
     val_bpb: float | None
     loss_curve: Path | None
     skipped_steps: int
     history: list[dict]  # the training rows of metrics.jsonl of this process's run
-    val: dict = field(default_factory=dict)  # the last validation's row (val_loss, val_accuracy, ...)
+    val: dict = field(default_factory=dict)  # the final model's validation row (val_loss, val_accuracy, ...)
+    final_step: int = 0  # the step whose model `final` is: the last, or with keep_best the best
+    last_val: dict = field(default_factory=dict)  # the last step's validation row (= val without keep_best)
 
 
 # -- precision ---------------------------------------------------------------------------------------
@@ -184,16 +234,18 @@ class Trainer:
                  bytes_per_token: float | None = None, flops_per_token: float | None = None,
                  save_weights: Callable[[nn.Module, Path], Any] | None = None,
                  log_config: dict | None = None,
-                 val_fn: Callable[[nn.Module], dict[str, float]] | None = None):
+                 val_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                 training_set: TrainingSet | None = None):
         """model: built on any device; the Trainer moves, casts, wraps (DDP/FSDP) and compiles it.
         bytes_per_token: UTF-8 bytes per token of the validation data, for bits per byte.
         flops_per_token: training FLOPs per token (lmforge.model.flops_per_token), for MFU.
         save_weights(model, dir): writes a checkpoint's weights (default: lmforge.checkpoint.save_model).
         log_config: the stage's whole config, recorded in run_dir/config.json and W&B.
         val_fn(model) -> {"val_<name>": value}: a stage's own validation in place of val_data's loss (RL: the
-        held-out accuracy of greedy answers), called on every process with the unwrapped model in eval mode."""
+        held-out accuracy of greedy answers), called on every process with the unwrapped model in eval mode.
+        training_set: the size of the training data, for the warning when the run would repeat it."""
         self.cfg, self.loss_fn, self.train_data, self.val_data = cfg, loss_fn, train_data, val_data
-        self.val_fn = val_fn
+        self.val_fn, self.training_set = val_fn, training_set
         self.bytes_per_token, self.flops_per_token = bytes_per_token, flops_per_token
         self.save_weights = save_weights or (lambda m, path: save_model(m, path))
         self.log_config = log_config or {}
@@ -204,6 +256,10 @@ class Trainer:
             print("warning: precision fp16 on a CPU is slow (fp16 matmuls); bf16 is the CPU's half precision",
                   file=sys.stderr)
         check_ranges(cfg)
+        if cfg.max_minutes is not None and not (math.isfinite(cfg.max_minutes) and cfg.max_minutes > 0):
+            raise OptionError(f"train.max_minutes: {cfg.max_minutes} is not a positive number of minutes")
+        if cfg.keep_best and val_data is None and val_fn is None:
+            raise OptionError("train.keep_best: this run has no validation data to choose the best step by")
         self.fsdp = self.env.distributed and cfg.distributed == "fsdp"
         self.inner = self._prepare_model(model)
         params = [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
@@ -225,6 +281,9 @@ class Trainer:
         # gradients overflowed is skipped and the scale halved (Micikevicius et al. 2018; torch.amp).
         self.scaler = torch.amp.GradScaler(self.env.device.type) if cfg.precision == "fp16" else None
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
+        self.planned = cfg.steps  # the schedule's length: train.steps, or what a time budget holds
+        self.best: dict | None = None  # keep_best: the validation row of the best step so far
+        self.seconds_before, self.started = 0.0, None  # training time of the runs resumed; this run's start
         self.moe_layers = [m for m in self.inner.modules() if hasattr(m, "update_score_bias")
                            and hasattr(getattr(m, "gate", None), "e_score_correction_bias")]
         # What a checkpoint holds (train/checkpointing.py); a stage with more state adds an entry here.
@@ -307,7 +366,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, env = self.cfg, self.env
-        lr = lr_at(self.step, cfg.steps, cfg.optim.lr, cfg.optim.lr * cfg.optim.min_lr_ratio,
+        lr = lr_at(self.step, self.planned, cfg.optim.lr, cfg.optim.lr * cfg.optim.min_lr_ratio,
                    cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -460,60 +519,156 @@ class Trainer:
             self.save_weights(model, directory)
 
     def state_dict(self) -> dict:
-        """The run's counters, in trainer_state.json, and the fp16 grad scaler's state: the same on every rank
-        (torch.amp agrees on overflows across them)."""
+        """The run's counters, in trainer_state.json: the same on every rank (torch.amp agrees on overflows
+        across them), with the fp16 grad scaler's state, keep_best's best step so far (its validation row) and
+        the training seconds spent (a time budget counts them across resumes)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
-                "precision": self.cfg.precision, "grad_scaler": self.scaler.state_dict() if self.scaler else None}
+                "precision": self.cfg.precision, "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+                "best": self.best, "train_seconds": self.seconds()}
 
     def load_state_dict(self, state: dict) -> None:
+        best, seconds = state.get("best"), state.get("train_seconds", 0.0)
+        if best is not None and not (isinstance(best, dict) and isinstance(best.get("step"), int)
+                                     and isinstance(best.get("val_loss"), (int, float))):
+            raise ValueError("field 'best' should be null or a validation row with 'step' and 'val_loss'")
+        if not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError("field 'train_seconds' should be a non-negative number")
         self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped"]
+        self.best, self.seconds_before = best, float(seconds)
         if self.scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+
+    def seconds(self) -> float:
+        """Training seconds of this run (so far) and of the runs it resumed."""
+        return self.seconds_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         resumed = self.checkpointer.resume(cfg.resume)
-        log = MetricsLogger(self, resume_step=self.step if resumed else None)
+        self.started = time.perf_counter()
+        budget = None if cfg.max_minutes is None else \
+            TimeBudget(cfg.max_minutes, cfg.steps, self.seconds, time.perf_counter)
+        log = MetricsLogger(self, resume_step=self.step if resumed else None, clock=time.perf_counter)
+        if cfg.keep_best and env.is_main:
+            prune_best(self.run_dir, self.best and self.best["step"])  # what a killed run wrote past its checkpoint
         history: list[dict] = []
         last_eval: dict[str, float] = {}
         last_saved = self.step if resumed else -1
-        started, start_step = time.perf_counter(), self.step
+        start_step = self.step
         validates = self.val_data is not None or self.val_fn is not None
+        if budget is None:  # a budget's steps are known once it is fitted
+            self._warn_if_repeating()
+        warned = budget is None
         try:
-            while self.step < cfg.steps:
+            while self.step < self.planned:
                 t0, tokens_before = time.perf_counter(), self.tokens_seen
                 row = self.train_step()
                 row["tokens_per_s"] = (self.tokens_seen - tokens_before) / max(time.perf_counter() - t0, 1e-9)
+                if budget is not None:
+                    self.planned = self._agree(budget.update(self.step))
+                    if budget.fitted and not warned:
+                        warned = self._warn_if_repeating(budget)
                 history.append(row)
                 log.train(row)
-                if validates and cfg.eval_every and self.step % cfg.eval_every == 0 \
-                        and self.step < cfg.steps:
-                    last_eval = self.evaluate()
-                    log.write(last_eval)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.checkpointer.save()
+                if validates and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.planned:
+                    last_eval = self._validate(log, budget)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.planned:
+                    self._save()
                     last_saved = self.step
             if validates:
-                last_eval = self.evaluate()
-                log.write(last_eval)
-            final = self.checkpointer.save() if last_saved != self.step else \
+                last_eval = self._validate(log, budget)
+            checkpoint = self._save() if last_saved != self.step else \
                 self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-            if env.is_main:
-                point_final_at(final)
+            final, final_eval = self._point_final(checkpoint, last_eval)
         finally:
             log.close()
         curve = log.loss_curve() if env.is_main else None
         if env.is_main and self.step > start_step:
-            seconds = time.perf_counter() - started
-            summary = f"trained {self.step - start_step} steps in {seconds:.1f}s -> {final}"
-            if "val_loss" in last_eval:
-                summary += f"; val loss {last_eval['val_loss']:.4f}" + (
-                    f", {last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in last_eval else "")
-            print(summary)
+            self._summary(time.perf_counter() - self.started, self.step - start_step, final, final_eval, last_eval)
         return TrainResult(steps=self.step, run_dir=self.run_dir, model_dir=final,
-                           val_loss=last_eval.get("val_loss"), val_bpb=last_eval.get("val_bpb"),
-                           loss_curve=curve, skipped_steps=self.skipped, history=history, val=last_eval)
+                           val_loss=final_eval.get("val_loss"), val_bpb=final_eval.get("val_bpb"),
+                           loss_curve=curve, skipped_steps=self.skipped, history=history, val=final_eval,
+                           final_step=final_eval.get("step", self.step), last_val=last_eval)
+
+    def _agree(self, steps: int) -> int:
+        """The fewest of the processes' planned steps (their clocks differ), so that all stop together."""
+        if not self.env.distributed:
+            return steps
+        value = torch.tensor(float(steps), device=self.env.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return int(value.item())
+
+    def _warn_if_repeating(self, budget: TimeBudget | None = None) -> bool:
+        """Warn (from rank 0) when the planned steps go over the training set more than once."""
+        message = self.training_set and repeat_warning(self.planned, self.training_set, self.cfg.keep_best,
+                                                       budget and self.cfg.max_minutes)
+        if message and self.env.is_main:
+            warn(message)
+        return True
+
+    def _validate(self, log: MetricsLogger, budget: TimeBudget | None) -> dict[str, float]:
+        """Evaluate and log; with keep_best, keep the model when its validation loss is the lowest so far (the
+        row records the best step so far). Its time is what a time budget keeps back for the final one."""
+        started = time.perf_counter()
+        row = self.evaluate()
+        if self.cfg.keep_best:
+            if "val_loss" not in row:
+                raise OptionError(f"train.keep_best: this stage's validation gives no val_loss to choose the best "
+                                  f"step by (it gives {', '.join(k for k in row if k != 'step')})")
+            if math.isfinite(row["val_loss"]) and (self.best is None or row["val_loss"] < self.best["val_loss"]):
+                self.best = dict(row)
+                self.checkpointer.save_model(best_dir(self.run_dir, self.step))
+                if self.env.is_main:
+                    prune_best(self.run_dir, self.step)
+            if self.best is not None:
+                row.update(best_step=self.best["step"], best_val_loss=self.best["val_loss"])
+        log.write(row)
+        if budget is not None:
+            budget.reserve = time.perf_counter() - started
+        return row
+
+    def _save(self) -> Path:
+        checkpoint = self.checkpointer.save()
+        if self.cfg.keep_best and self.env.is_main:  # best directories only older checkpoints named can go
+            prune_best(self.run_dir, self.best and self.best["step"])
+        return checkpoint
+
+    def _point_final(self, checkpoint: Path, last_eval: dict) -> tuple[Path, dict]:
+        """RUN_DIR/final -> the last checkpoint, or with keep_best the best step's model; RUN_DIR/final.json
+        records which step that is, its validation and the last step's."""
+        final, final_eval = checkpoint, last_eval
+        if self.cfg.keep_best and self.best is not None:
+            best = best_dir(self.run_dir, self.best["step"])
+            if best.is_dir():
+                final, final_eval = best, self.best
+            elif self.env.is_main:
+                warn(f"{best}: missing (removed?); final is the last step's model")
+        if self.env.is_main:
+            point_link_at(final)
+            record = {"model": final.name, "step": final_eval.get("step", self.step), "last_step": self.step,
+                      **{k: v for k, v in final_eval.items() if k.startswith("val_")},
+                      **{f"last_{k}": v for k, v in last_eval.items() if k.startswith("val_")}}
+            (self.run_dir / "final.json").write_text(json.dumps(record, indent=2))
+        return final, final_eval
+
+    def _summary(self, seconds: float, steps: int, final: Path, final_eval: dict, last_eval: dict) -> None:
+        """`trained N steps in Ts -> DIR; val loss L, B bits/byte`, and with keep_best which step final is:
+        `final = step 600 (best val loss 1.2340); last step 1000 had 1.3010`."""
+        def loss_text(row: dict) -> str:
+            return f"{row['val_loss']:.4f}" + (f", {row['val_bpb']:.4f} bits/byte" if "val_bpb" in row else "")
+
+        summary = f"trained {steps} steps in {seconds:.1f}s -> {final}"
+        if "val_loss" not in last_eval:
+            pass
+        elif not self.cfg.keep_best:
+            summary += f"; val loss {loss_text(last_eval)}"
+        elif final_eval["step"] == self.step:
+            summary += f"\nfinal = step {self.step}, the last (best val loss {loss_text(final_eval)})"
+        else:
+            summary += (f"\nfinal = step {final_eval['step']} (best val loss {loss_text(final_eval)}); "
+                        f"last step {self.step} had {loss_text(last_eval)}")
+        print(summary)
 
 
 def _checkpoint_block(block: nn.Module) -> None:
@@ -531,6 +686,40 @@ def _checkpoint_block(block: nn.Module) -> None:
     block.forward = checkpointed
 
 
+
+
+# -- options the stages share ------------------------------------------------------------------------------
+
+# A stage's dropout options: the ModelConfig (config.json) field each sets, and its help. `dropout` sets all three.
+DROPOUT_OPTIONS = {
+    "embedding_dropout": ("embd_pdrop", "on the token embeddings (config.json: embd_pdrop)"),
+    "attention_dropout": ("attention_dropout", "on the attention probabilities (config.json: attention_dropout)"),
+    "residual_dropout": ("resid_pdrop", "on each attention and MLP output, before the residual add "
+                                        "(config.json: resid_pdrop)"),
+}
+
+
+def dropout_option(option: str):
+    """The dataclass field of a stage's dropout option (`dropout` or a key of DROPOUT_OPTIONS): a probability
+    in training, or null for the model's own (0 for a preset, its config.json's for a directory)."""
+    kind = DROPOUT_OPTIONS[option][1] + "; overrides dropout" if option in DROPOUT_OPTIONS else \
+        "dropout in training on the embeddings, the attention probabilities and the residual branches alike " \
+        "(null: the model's own rates, 0 for a preset)"
+    return field(default=None, metadata={"help": kind, "min": 0})
+
+
+def set_dropout(model: nn.Module, options: Any) -> None:
+    """Put a stage's dropout options into the model's config, which the model reads at every forward in
+    training mode and checkpoints write to config.json (so a later stage from them keeps the rates unless its
+    own options say otherwise). Raises OptionError naming the option for a rate of 1 or more."""
+    for option, (name, _) in DROPOUT_OPTIONS.items():
+        chosen = option if getattr(options, option) is not None else "dropout"
+        value = getattr(options, chosen)
+        if value is None:
+            continue
+        if not 0 <= value < 1:
+            raise OptionError(f"{chosen}: {value} is not a dropout probability (from 0, below 1)")
+        setattr(model.config, name, float(value))
 
 
 def stage_main(config_cls: type, run: Callable[[Any], Any], prog: str, description: str):
