@@ -1,24 +1,67 @@
-"""The main job end to end, shortened: every stage runs and hands a real artefact to the next."""
+"""The main job end to end in its smoke mode: every stage runs and hands a real artefact to the next, the final
+directory loads in transformers with lmforge's greedy continuation, the report has every stage, and a second
+run reuses every finished stage."""
 
 import json
 
-from lmforge.checkpoint import load_model
+import pytest
+import torch
+
 from lmforge.quickstart import main
 
+STAGES = ["init", "base", "sft", "dpo", "rl"]
 
-def test_quickstart_smoke(tmp_path, capsys):
-    out = tmp_path / "qs"
-    assert main(["--out-dir", str(out), "--steps", "4", "--vocab-size", "400", "--batch-size", "2",
-                 "--seq-len", "64", "--precision", "fp32"]) == 0
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "run"
+    assert main(["--out-dir", str(out), "--smoke", "true", "--eval-items", "8"]) == 0
+    return out
+
+
+def test_every_stage_reported(smoke):
+    report = json.loads((smoke / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["data", "base", "sft", "dpo", "rl", "eval"]
+    assert list(report["evals"]) == STAGES
+    for stage in STAGES:
+        assert set(report["evals"][stage]) == {"shakespeare-bpb", "shakespeare-cloze", "arithmetic"}
+    evals = report["evals"]
+    assert evals["base"]["shakespeare-bpb"]["bits_per_byte"] < evals["init"]["shakespeare-bpb"]["bits_per_byte"]
+    by_name = {s["name"]: s for s in report["stages"]}
+    assert by_name["base"]["metrics"]["held-out bits per byte"] == [
+        evals["init"]["shakespeare-bpb"]["bits_per_byte"], evals["base"]["shakespeare-bpb"]["bits_per_byte"]]
+    assert by_name["dpo"]["steps"] == 4 and by_name["rl"]["steps"] == 3
+    assert report["environment"]["torch"] == torch.__version__
+    markdown = (smoke / "report.md").read_text()
+    assert "| task | metric | init | base | sft | dpo | rl |" in markdown
+    for png in ("pretrain/loss.png", "sft/loss.png", "rl/reward.png"):
+        assert f"]({png})" in markdown and (smoke / png).stat().st_size > 0
+    assert "ROMEO:" in markdown and "user: " in markdown  # a sample and a chat transcript
+
+
+def test_final_model_loads_in_transformers_with_the_same_greedy_tokens(smoke):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.sampling import SamplingParams
+
+    model_dir = smoke / "model"
+    llm = LLM.load(model_dir)
+    prompt = llm.encode("ROMEO:\n")
+    ours = llm.engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0][0]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert ours.token_ids == ids[0, len(prompt):].tolist()
+
+
+def test_second_run_reuses_every_stage(smoke, capsys):
+    before = (smoke / "report.json").read_text()
+    assert main(["--out-dir", str(smoke), "--smoke", "true", "--eval-items", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "logits identical" in printed and "bits per byte" in printed
-    model_dir = out / "pretrain" / "checkpoint-000004"
-    assert f"lmforge chat --model {model_dir}" in printed and f"lmforge serve --model {model_dir}" in printed
-    assert (out / "pretrain" / "loss.png").stat().st_size > 0
-    assert f"loss curve: {out / 'pretrain' / 'loss.png'}" in printed
-    sample = printed.split("    sample:\n", 1)[1].split("\n\n", 1)[0]  # the prompt, then generated text
-    assert sample.startswith("      ROMEO:") and len(sample.strip()) > len("ROMEO:")
-    model = load_model(model_dir)
-    assert model.config.vocab_size == 400
-    assert json.loads((out / "data" / "manifest.json").read_text())["vocab_size"] == 400
-    assert (model_dir / "tokenizer.json").is_file()
+    for stage in ("data", "base", "sft", "dpo", "rl"):
+        assert f"[{stage}] done by an earlier run" in printed
+    assert "$ lmforge" not in printed  # no command ran again
+    assert json.loads((smoke / "report.json").read_text())["evals"] == json.loads(before)["evals"]
