@@ -32,6 +32,7 @@ SMALLER = {  # appended to each command of the tour
     "generate": ["--max-new-tokens", "3"],
     "chat": ["--max-new-tokens", "3"],
     "serve": [],  # and a free --port
+    "eval": ["--limit", "2", "--max-tokens", "4", "--out", "runs/eval"],
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,3 +92,5 @@ def test_the_readme_tour_runs_as_written(tmp_path, monkeypatch, capsys):
             monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
         assert cli.main(argv + SMALLER[command]) == 0, f"lmforge {shlex.join(argv)}: {capsys.readouterr().err}"
     assert Path("runs/merged/model.safetensors").is_file() and Path("runs/sft-lora/final/adapter_config.json").is_file()
+    assert set(json.loads(Path("runs/eval/results.json").read_text())["results"]) == {
+        "arithmetic", "shakespeare-cloze", "shakespeare-bpb", "humaneval-mini"}

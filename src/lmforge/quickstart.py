@@ -13,7 +13,8 @@
 
 Each stage is also a command of its own, printed as `$ lmforge ...` before it runs: this file only strings
 them together. A stage whose output exists is skipped, so an interrupted run continues where it stopped.
-`--minutes` is the budget of the training stages (each gets a share, through `--train.max-minutes`);
+`--minutes` is the whole run's budget: each training stage gets a share (68% in all, through
+`--train.max-minutes`), and data, sampling, evaluation and export take the rest;
 `--smoke` runs the same chain with a few steps of each in about a minute (CI runs it).
 """
 
@@ -42,7 +43,8 @@ SHOWN = {"shakespeare-bpb": ["bits_per_byte"], "shakespeare-cloze": ["acc", "acc
 @dataclass
 class QuickstartConfig:
     out_dir: str = field(default="runs/quickstart", metadata={"help": "where every stage writes"})
-    minutes: float = field(default=10.0, metadata={"help": "the training stages' budget (wall clock)", "min": 0.1})
+    minutes: float = field(default=10.0, metadata={
+        "help": "the run's wall-clock budget: the training stages get 68% of it", "min": 0.1})
     smoke: bool = field(default=False, metadata={"help": "a few steps of every stage (about a minute)"})
     preset: str = field(default="tiny", metadata={"help": "model size to build and pretrain"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size", "min": 256})
