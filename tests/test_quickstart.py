@@ -2,6 +2,8 @@
 directory loads in transformers with lmforge's greedy continuation, the report has every stage, and a second
 run reuses every finished stage."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -15,7 +17,12 @@ STAGES = ["init", "base", "sft", "dpo", "rl"]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "run"
-    assert main(["--out-dir", str(out), "--smoke", "true", "--eval-items", "8"]) == 0
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        assert main(["--out-dir", str(out), "--smoke", "true", "--eval-items", "8"]) == 0
+    # not a terminal: plain lines, no progress bar redrawn with carriage returns
+    assert "\r" not in printed.getvalue() + errors.getvalue()
+    assert "step 30/30" in errors.getvalue()  # the trainer's plain progress line
     return out
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -525,7 +526,7 @@ def train_tokenizer(files, vocab_size: int = 6400, out_dir: str | Path | None = 
         vocab_size=vocab_size - len(MARKER_TOKENS),  # the markers are added after training
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
-        show_progress=show_progress,
+        show_progress=show_progress and sys.stderr.isatty(),  # its bar redraws with carriage returns
     )
     stats = DataStats()
     texts = (piece.text for piece in iter_text_pieces(files, text_field, skip_bad=skip_bad, stats=stats))

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -259,7 +260,8 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
             _init_worker(str(tokenizer_dir), single_thread=False)  # tokenizers' own threads still run
             encoded = map(_encode_pieces, jobs)
         index = read = 0
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress) as bar:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                  disable=not (show_progress and sys.stderr.isatty())) as bar:  # a log file gets the summary line only
             for job in encoded:
                 for tokens, piece in job:
                     split = "val" if _is_val(index, val_fraction) else "train"
