@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import PRESETS, ModelConfig, architecture, load_config, preset, to_hf
-from lmforge.files import atomic_directory_write, recover_directory
+from lmforge.files import atomic_directory_write, read_json, recover_directory
 from lmforge.model import Transformer, build_model
 from lmforge.model.reward import RewardModel
 
@@ -256,6 +256,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     if cfg.num_labels:
         raise CheckpointError(f"{path}: a reward model ({architecture(cfg)}), not a language model; "
                               "load_reward_model loads it")
+    quantization = read_json(path / "config.json", CheckpointError).get("quantization_config")
+    if quantization is not None:  # packed integer weights (compressed-tensors): quantize.py reads them
+        from lmforge.quantize import load_quantized
+
+        return load_quantized(path, cfg, quantization, dtype=dtype, device=device)
     shapes = read_shapes(weight_files(path))
     check_weights(cfg, shapes, path)
     model = build_model(cfg, device=device, dtype=dtype, init=False)

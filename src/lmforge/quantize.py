@@ -1,0 +1,385 @@
+"""`lmforge quantize`: weight-only int8 and int4 by round-to-nearest, written in the compressed-tensors format.
+
+What is quantised: every linear layer of the blocks (attention and MLP projections, experts), as the usual
+recipes do (llm-compressor's W8A16 / W4A16): not the embeddings, not lm_head, not an MoE router, which are small
+and whose errors reach every token.
+
+1. int8: one scale per output channel, symmetric: scale = max|w_row| / 127.5, q = clamp(round(w / scale), -128, 127).
+   int4: one scale per group of `group_size` inputs of a row, symmetric: scale = max|w_group| / 7.5, q in [-8, 7].
+   These are compressed-tensors' own formulas (calculate_qparams: amax / (range / 2)), so a weight quantised here
+   and one quantised by that package are the same integers, and |w - q * scale| <= scale / 2 for every weight.
+2. The directory is a Hugging Face model directory whose config.json carries compressed-tensors'
+   `quantization_config` (quant_method "compressed-tensors", format "pack-quantized", one config group of
+   `Linear` targets, `ignore` naming the rest). Each quantised layer's `weight` becomes three tensors:
+   `weight_packed` (int32 words, 32 / bits values each, the first in the lowest bits, each stored as q + 2^(bits-1)),
+   `weight_scale` ([out, 1] per channel, [out, in / group_size] per group, the source dtype) and
+   `weight_shape` ([out, in]). This is what llm-compressor writes for weight-only int8 and int4 (the package
+   infers pack-quantized for both) and what vLLM's WNA16 kernels and transformers (through compressed-tensors)
+   load; the tests read our directories with that package and read its directories with ours.
+3. Loading (`load_quantized`, which checkpoint.load_model calls for such a directory) unpacks each layer once into
+   int8 and builds the model with QuantLinear in its place; the Engine, generate, chat, serve and eval then run
+   it unchanged. Its C decoder runs plain nn.Linear models only (cpu_decode.unsupported), so a quantised model
+   decodes through PyTorch.
+
+The matmul, measured (batch 1, the `small` preset's shapes, 2 threads, a 2-core AVX-512 machine shared with
+other jobs: best of 20 runs of 50, microseconds; benchmarks/quantize.py measures the whole decode):
+
+    out x in     activations   F.linear   int8pack_mm   int8: matmul, scale   int4pack_mm   int4: dequantize, matmul
+    512 x 512    fp32              9.4        80.6              25.0              613.8              43.5
+    512 x 1408   fp32             22.9      2032.3              75.5             4395.3            1092.7
+    512 x 512    bf16             31.3         9.2              56.7                9.0             257.3
+    128 x 512    bf16             20.4         4.5              35.5                4.8              49.5
+    1408 x 512   bf16             56.4        21.7             287.3               19.6             734.8
+    512 x 1408   bf16             59.3        20.4             294.4               20.8             741.7
+
+PyTorch's packed CPU kernels (_weight_int8pack_mm; _weight_int4pack_mm_for_cpu on
+_convert_weight_to_int4pack_for_cpu's layout) are vectorised for bf16 activations only: there they beat even fp32
+F.linear, while on fp32 activations they lose to dequantizing. So QuantLinear rounds a few rows of activations to
+bf16 for them (as llama.cpp rounds them to 8 bits for its q8_0 dot products), and above KERNEL_ROWS (a long
+prompt's prefill, where the kernels lose to one fp32 matmul) dequantizes and runs F.linear in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from lmforge.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    DTYPES,
+    TOKENIZER_FILES,
+    CheckpointError,
+    _from_disk,
+    _shards,
+    _skip,
+    check_weights,
+    load_model,
+    read_shapes,
+    state_dict_for_saving,
+    to_disk_name,
+    weight_files,
+)
+from lmforge.config import ModelConfig
+from lmforge.files import atomic_directory_write, read_json
+from lmforge.model import Transformer, build_model
+
+SCHEMES = {"int8": 8, "int4": 4}
+GROUP_SIZES = (32, 64, 128)
+# Tensors that replace a quantised layer's `weight` on disk (compressed-tensors' names).
+# Up to this many rows (decode, short prompts) QuantLinear runs PyTorch's packed kernels; above, dequantize then
+# matmul, which at 128 rows was 2x faster than them (1408 x 512, 2 threads).
+KERNEL_ROWS = 16
+PACKED_NAMES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+# -- 1. round to nearest ------------------------------------------------------------------------
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
+                    scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scale [out, 1] or [out, in / group_size]) with weight ~ q * scale, symmetric.
+    The scale is rounded to `scale_dtype` (what the file stores) before q is computed from it."""
+    out_features, in_features = weight.shape
+    group = in_features if group_size is None else group_size
+    if in_features % group:
+        raise ValueError(f"group size {group} does not divide the layer's input width {in_features}")
+    w = weight.detach().float().reshape(out_features, in_features // group, group)
+    half_range = (2**bits - 1) / 2  # 127.5, 7.5
+    scale = (w.abs().amax(dim=-1) / half_range).to(scale_dtype)
+    scale = torch.where(scale == 0, torch.finfo(scale_dtype).eps, scale)  # an all-zero row or group
+    q = torch.round(w / scale.float().unsqueeze(-1)).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return q.to(torch.int8).reshape(out_features, in_features), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scale, each scale over its row's in / scale.shape[1] consecutive inputs."""
+    out_features, in_features = q.shape
+    groups = scale.shape[1]
+    w = q.reshape(out_features, groups, in_features // groups).to(dtype) * scale.to(dtype).unsqueeze(-1)
+    return w.reshape(out_features, in_features)
+
+
+# -- 2. compressed-tensors' packing -------------------------------------------------------------
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 values in [-2^(bits-1), 2^(bits-1)) -> int32 words along the last dim, 32 / bits per word, value j
+    of a word in bits [j * bits, (j + 1) * bits), each stored as q + 2^(bits-1) (compressed-tensors'
+    pack_to_int32; a row is padded with zeros to whole words)."""
+    per_word = 32 // bits
+    rows, cols = q.shape
+    unsigned = q.to(torch.int64) + 2 ** (bits - 1)
+    unsigned = F.pad(unsigned, (0, -cols % per_word)).reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (unsigned << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, as signed
+
+
+def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `pack`: int32 words -> int8 [rows, cols]."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    unsigned = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return (unsigned.reshape(packed.shape[0], -1)[:, : shape[1]] - 2 ** (bits - 1)).to(torch.int8)
+
+
+def quantization_config(bits: int, group_size: int | None, ignore: list[str]) -> dict:
+    """config.json's `quantization_config`, as compressed-tensors' ModelCompressor.update_config writes it."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
+               "strategy": "channel" if group_size is None else "group", "group_size": group_size}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
+            "transform_config": {}}
+
+
+# -- 3. the quantised layer ---------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """A linear layer with int8 weights (int4 values held one per byte) and float scales."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None,
+                    scale_dtype: torch.dtype) -> QuantLinear:
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        q, scale = quantize_weight(w, bits, group_size, scale_dtype)
+        layer.qweight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.data)
+        return layer
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_weight(self.qweight, self.weight_scale, dtype or self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and rows <= KERNEL_ROWS:
+            y = self._packed_matmul(x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        elif self.group_size is None:  # a row's scale commutes with the matmul: scale the outputs
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.weight_scale.to(x.dtype).squeeze(1)
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's CPU weight-packed kernels, on bf16 activations (their fp32 paths are 3-60x slower: see the
+        table). int8: the kernel with unit scales, then the fp32 per-row scales; int4: its own packed layout and
+        bf16 scales, made once (`_int4pack`)."""
+        if self.group_size is None:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._unit_scales())
+            return y.to(x.dtype) * self.weight_scale.to(x.dtype).squeeze(1)
+        packed, scales_and_zeros = self._int4pack()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.group_size,
+                                                          scales_and_zeros).to(x.dtype)
+
+    def _unit_scales(self) -> torch.Tensor:
+        if getattr(self, "_ones", None) is None or self._ones.shape[0] != self.out_features:
+            self._ones = torch.ones(self.out_features, dtype=torch.bfloat16)
+        return self._ones
+
+    def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weights as _convert_weight_to_int4pack_for_cpu packs q + 8, [groups, out, 2] bf16 scales and
+        zeros): its kernel computes w = (u - 8) * scale + zero, so zero = 0 is our symmetric q * scale. Made at
+        the first call after the weights change (their version counters say so)."""
+        key = (self.qweight._version, self.weight_scale._version, self.qweight.data_ptr())
+        if getattr(self, "_int4_key", None) != key:
+            unsigned = (self.qweight.to(torch.int32) + 8).contiguous()
+            scales = self.weight_scale.t().to(torch.bfloat16)
+            self._int4 = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1),
+                          torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous())
+            self._int4_key = key
+        return self._int4
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
+                + ("per channel" if self.group_size is None else f"group_size={self.group_size}"))
+
+
+def quantizable(model: Transformer) -> dict[str, nn.Linear]:
+    """The linear layers of the blocks, by in-memory name, less MoE routers (`mlp.gate`, `shared_expert_gate`)."""
+    return {name: m for name, m in model.named_modules()
+            if type(m) is nn.Linear and name.startswith("model.layers.")
+            and not name.endswith((".mlp.gate", ".shared_expert_gate"))}
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def quantize_model(model: Transformer, bits: int, group_size: int | None,
+                   scale_dtype: torch.dtype = torch.float32) -> Transformer:
+    """Replace every `quantizable` layer by its QuantLinear, in place; returns the model."""
+    with torch.no_grad():
+        for name, linear in quantizable(model).items():
+            _replace(model, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype))
+    return model
+
+
+# -- 4. saving and loading ----------------------------------------------------------------------
+
+def save_quantized(model: Transformer, source: Path, path: Path) -> Path:
+    """Write a quantised model as a compressed-tensors directory at `path` (atomically): config.json is
+    `source`'s with `quantization_config` added; generation and tokenizer files are copied from `source`."""
+    cfg = model.config
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    first = next(iter(layers.values()))
+    tensors = {}
+    for name, t in state_dict_for_saving(model).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "qweight":
+            prefix = to_disk_name(f"{module}.weight", cfg).removesuffix(".weight")
+            tensors[f"{prefix}.weight_packed"] = pack(t, layers[module].bits)
+            tensors[f"{prefix}.weight_shape"] = torch.tensor(t.shape)
+        elif leaf == "weight_scale":
+            tensors[to_disk_name(f"{module}.weight", cfg).removesuffix("weight") + "weight_scale"] = t
+        else:
+            tensors[name] = t
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ignore = sorted({"lm_head", *(to_disk_name(f"{n}.weight", cfg).removesuffix(".weight") for n in linear_names)})
+    hf_config = read_json(source / "config.json", CheckpointError)
+    hf_config["quantization_config"] = quantization_config(first.bits, first.group_size, ignore)
+
+    def write(tmp: Path):
+        shards = _shards(tensors, DEFAULT_MAX_SHARD_BYTES)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+
+    return atomic_directory_write(path, write)
+
+
+def _scheme(qconfig: dict, config_file: Path) -> tuple[int, int | None]:
+    """(bits, group_size) of a compressed-tensors quantization_config this loader reads, or a CheckpointError
+    naming what it does not: one group of symmetric int weights, 4 or 8 bits, per channel or per group."""
+    def unsupported(what: str) -> CheckpointError:
+        return CheckpointError(f"{config_file}: quantization_config: {what} is not supported (lmforge reads "
+                               "compressed-tensors pack-quantized int4/int8 weights, symmetric, per channel or group)")
+
+    if qconfig.get("quant_method") != "compressed-tensors":
+        raise unsupported(f"quant_method {qconfig.get('quant_method')!r}")
+    groups = list((qconfig.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise unsupported(f"{len(groups)} config groups")
+    group = groups[0]
+    weights = group.get("weights") or {}
+    fmt = group.get("format") or qconfig.get("format")
+    if fmt != "pack-quantized":
+        raise unsupported(f"format {fmt!r}")
+    if group.get("input_activations") or group.get("output_activations"):
+        raise unsupported("activation quantization")
+    if weights.get("type") != "int" or weights.get("num_bits") not in (4, 8) or not weights.get("symmetric", True):
+        raise unsupported(f"weights {weights.get('type')} {weights.get('num_bits')} bits, "
+                          f"symmetric={weights.get('symmetric')}")
+    if weights.get("strategy") not in ("channel", "group"):
+        raise unsupported(f"strategy {weights.get('strategy')!r}")
+    return weights["num_bits"], weights.get("group_size") if weights["strategy"] == "group" else None
+
+
+def load_quantized(path: Path, cfg: ModelConfig, qconfig: dict, *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Transformer:
+    """A compressed-tensors directory (see the module's docstring) as a Transformer with QuantLinear layers."""
+    bits, group_size = _scheme(qconfig, path / "config.json")
+    shapes = read_shapes(weight_files(path))
+    plain = {n: s for n, s in shapes.items() if n.rpartition(".")[2] not in PACKED_NAMES}
+    packed = {n.removesuffix(".weight_packed"): file for n, (file, _) in shapes.items()
+              if n.endswith(".weight_packed")}
+    if any(n.endswith(".weight_zero_point") for n in shapes):
+        raise CheckpointError(f"{path}: zero points (asymmetric weights) are not supported")
+    layer_shapes = {}
+    for prefix, file in packed.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            layer_shapes[prefix] = tuple(int(d) for d in f.get_tensor(f"{prefix}.weight_shape"))
+        plain[f"{prefix}.weight"] = (file, layer_shapes[prefix])
+    check_weights(cfg, plain, path)  # the skeleton's names and shapes, as for a plain checkpoint
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    names = {}
+    for prefix, (out_features, in_features) in layer_shapes.items():
+        name = next(_from_disk(f"{prefix}.weight", None, cfg))[0].removesuffix(".weight")
+        linear = model.get_submodule(name)
+        _replace(model, name, QuantLinear(in_features, out_features, bits, group_size, linear.bias is not None,
+                                          dtype=dtype, device=device))
+        names[prefix] = name
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for file in sorted({file for file, _ in shapes.values()}):
+        with safe_open(str(file), framework="pt", device="cpu") as f, torch.no_grad():
+            for disk_name in f.keys():
+                prefix, _, leaf = disk_name.rpartition(".")
+                if leaf == "weight_packed":
+                    q = unpack(f.get_tensor(disk_name), bits, layer_shapes[prefix])
+                    params[f"{names[prefix]}.qweight"].copy_(q)
+                elif leaf == "weight_scale":
+                    scale = f.get_tensor(disk_name)
+                    target = params[f"{names[prefix]}.weight_scale"]
+                    if scale.shape != target.shape:
+                        raise CheckpointError(f"{file}: '{disk_name}' has shape {tuple(scale.shape)}, the "
+                                              f"quantization_config implies {tuple(target.shape)}")
+                    target.copy_(scale)
+                elif leaf not in PACKED_NAMES and not _skip(disk_name, cfg):
+                    for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
+                        params[name].copy_(get())
+    return model
+
+
+# -- 5. the command -----------------------------------------------------------------------------
+
+def quantize(model_dir: str | Path, scheme: str, out: str | Path, group_size: int = 128) -> Path:
+    """Quantise the model directory `model_dir` with `scheme` (int8: per channel; int4: groups of `group_size`)
+    and write the compressed-tensors directory `out`."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme '{scheme}': one of {', '.join(SCHEMES)}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group size {group_size}: one of {', '.join(map(str, GROUP_SIZES))}")
+    source = Path(model_dir)
+    if (source / "config.json").is_file() and "quantization_config" in read_json(source / "config.json"):
+        raise ValueError(f"{source}: already quantised (its config.json has a quantization_config)")
+    model = load_model(source)
+    saved_dtype = DTYPES.get(read_json(source / "config.json").get("torch_dtype"), torch.float32)
+    bits = SCHEMES[scheme]
+    group = None if scheme == "int8" else group_size
+    for name, linear in quantizable(model).items():
+        if group is not None and linear.in_features % group:
+            raise ValueError(f"group size {group} does not divide the input width {linear.in_features} of {name}")
+    quantize_model(model, bits, group, scale_dtype=saved_dtype)
+    return save_quantized(model, source, Path(out))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a Hugging Face model directory (fp32, bf16 or fp16)")
+    parser.add_argument("--scheme", required=True, help="int8 (per output channel) or int4 (per group)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4's group: 32, 64 or 128 (default 128)")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    args = parser.parse_args(argv)
+    out = quantize(args.model, args.scheme, args.out, args.group_size)
+    print(out)
+    return 0
