@@ -142,6 +142,24 @@ def test_every_type_loads_and_its_logits_follow_f32s(exported, tokenizer_dir, ki
                                                                                "q4_0": 0.3}[kind]
 
 
+def test_k_quants_are_llama_cpps_own_mixes(tokenizer_dir, tmp_path):
+    import gguf
+
+    # rows of 256 (a K-quant's block): hidden 256, MLP 512
+    model_dir = family_model("llama", tokenizer_dir, tmp_path / "model", seed=3, hidden_size=256,
+                             intermediate_size=512, num_hidden_layers=1, initializer_range=0.02)
+    ids = Tokenizer.from_dir(tokenizer_dir).encode(PROMPT + " through yonder window breaks?")
+    f32 = llama_logits(export_gguf(model_dir, tmp_path / "f32.gguf", "f32"), ids)
+    path = export_gguf(model_dir, tmp_path / "q4_k_m.gguf", "q4_k_m")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_gate.weight"] == "Q4_K" and types["blk.0.attn_v.weight"] == "Q6_K"
+    corr = np.corrcoef(f32.ravel(), llama_logits(path, ids).ravel())[0, 1]
+    size = path.stat().st_size / (tmp_path / "f32.gguf").stat().st_size
+    print(f"q4_k_m: logit correlation with f32 {corr:.5f}, size {size:.2f} of f32", file=sys.stderr)
+    assert corr > 0.98 and size < 0.25
+    assert not list(tmp_path.glob(".*"))  # no f32 file left behind
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
 def test_other_families_logits_equal_lmforges(model_type, tokenizer_dir, tmp_path):
     model_dir = family_model(model_type, tokenizer_dir, tmp_path / "model", seed=1)
@@ -295,8 +313,8 @@ def test_bad_input_is_one_line_naming_it(tmp_path, llama_dir, tokenizer_dir, cap
     assert error_line(capsys) == f"lmforge: error: --model: no model directory '{missing}'"
 
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["export", "--model", str(llama_dir), "--out", str(tmp_path / "a.gguf"), "--type", "q4_k_m"])
-    assert exit_.value.code == 2 and "q4_k_m" in error_line(capsys)
+        cli.main(["export", "--model", str(llama_dir), "--out", str(tmp_path / "a.gguf"), "--type", "iq2_xs"])
+    assert exit_.value.code == 2 and "iq2_xs" in error_line(capsys)
 
     moe = save_model(build_model(ModelConfig(model_type="qwen3_moe", vocab_size=300, hidden_size=32,
                                              intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

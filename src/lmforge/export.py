@@ -14,8 +14,11 @@ come from `gguf`'s tables, not from here). What differs between families:
 Weights are written as --type says: f32, f16, bf16, q8_0 or q4_0 (blocks of 32 by `gguf.quants`); norms and
 biases stay f32, a matrix whose rows are not whole blocks falls back to f16 (as convert_hf_to_gguf.py does),
 and with q4_0 the token embedding (also the output layer when tied) is q8_0 (llama.cpp's own q4_0 files keep
-it at 6 bits or more: it holds the whole vocabulary's logits). K-quants (q4_K_M) are not in this version
-of `gguf`'s quantizers (it quantizes the block types only).
+it at 6 bits or more: it holds the whole vocabulary's logits). `gguf` has no quantizer for llama.cpp's
+K-quants; q4_k_m, q5_k_m and q6_k are made by llama.cpp's own quantizer (llama_model_quantize, what its
+llama-quantize tool runs, through llama-cpp-python: installed with lmforge's test extra, or on its own) from
+the f32 file, with its mixes (q4_k_m: q6_K for half of the attention values and MLP down projections, and
+for the output layer); a matrix whose rows are not whole 256-blocks gets a type it can hold.
 
 The tokenizer goes in as llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`): tokens, their types,
 merges, the special ids, the chat template, and `tokenizer.ggml.pre`, the name of the pre-tokenizer regex
@@ -26,6 +29,7 @@ tokenize it differently from how the model was trained.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -41,7 +45,8 @@ from lmforge.files import temporary_beside
 from lmforge.settings import parse_args
 from lmforge.tokenizer import SPLIT_PATTERN, Tokenizer
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.cpp's llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_K_M, ...
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS)
 # model_type -> the architecture llama.cpp runs it as (gguf.MODEL_ARCH's member), and whether q/k are permuted
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
             "qwen3": ("QWEN3", False)}
@@ -214,15 +219,46 @@ def check_exportable(cfg, model_dir: Path) -> tuple[str, bool]:
     return FAMILIES[cfg.model_type]
 
 
+def llama_cpp_quantize(source: Path, out: Path, kind: str) -> Path:
+    """llama.cpp's own quantizer (llama-quantize's llama_model_quantize) from the GGUF `source` to `out`."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError(f"--type {kind}: llama.cpp's K-quants are made by llama.cpp itself, through "
+                          "llama-cpp-python, which is not installed (pip install llama-cpp-python)") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = K_QUANTS[kind]
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise ExportError(f"--type {kind}: llama.cpp's quantizer failed on {source}")
+    return out
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "f32") -> Path:
     """Write the HF model directory `model_dir` (weights, config.json, tokenizer) as the GGUF file `out`."""
+    model_dir, out = Path(model_dir), Path(out)
+    if kind not in TYPES:
+        raise ExportError(f"--type: '{kind}' is not one of {', '.join(TYPES)}")
+    if kind in K_QUANTS:
+        source = temporary_beside(out.with_name(out.name + ".f32"))
+        try:
+            write_gguf(model_dir, source, "f32")
+            tmp = temporary_beside(out)
+            llama_cpp_quantize(source, tmp, kind)
+            os.replace(tmp, out)
+        finally:
+            source.unlink(missing_ok=True)
+            temporary_beside(out).unlink(missing_ok=True)
+        return out
+    return write_gguf(model_dir, out, kind)
+
+
+def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
+    """`export_gguf` for the types the gguf package writes itself."""
     import gguf
 
     from lmforge.checkpoint import load_model
 
-    model_dir, out = Path(model_dir), Path(out)
-    if kind not in TYPES:
-        raise ExportError(f"--type: '{kind}' is not one of {', '.join(TYPES)}")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model: no model directory '{model_dir}'")
     from lmforge.config import load_config
@@ -338,9 +374,10 @@ class ExportConfig:
     format: Literal["gguf", "ollama"] = field(
         default="gguf", metadata={"help": "gguf: one .gguf file; ollama: the .gguf and a Modelfile beside it"})
     out: str = field(default="", metadata={"help": "the .gguf file to write"})
-    type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = field(
+    type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = field(
         default="f16", metadata={"help": "weights: f32, f16, bf16, or blocks of 32 with a scale, q8_0 (8 bits) or "
-                                         "q4_0 (4 bits; its embedding q8_0); norms and biases stay f32"})
+                                         "q4_0 (4 bits; its embedding q8_0); or llama.cpp's K-quant mixes, made by "
+                                         "llama.cpp's own quantizer (needs llama-cpp-python); norms, biases f32"})
 
 
 def main(argv: list[str] | None = None) -> int:
