@@ -293,6 +293,7 @@ def test_ollama_format_writes_a_modelfile_beside_the_gguf(llama_dir, tmp_path, c
     assert text.startswith("FROM ./m.gguf\n") and (tmp_path / "m.gguf").is_file()
     assert f'TEMPLATE """{CHATML_OLLAMA}"""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
+    assert "PARAMETER num_ctx 256\n" in text  # the model's context
     # the template's ChatML pieces are the ones lmforge's own template writes
     rendered = Tokenizer.from_dir(llama_dir).render_chat([{"role": "user", "content": "Q"}],
                                                          add_generation_prompt=True)

@@ -25,6 +25,8 @@ merges, the special ids, the chat template, and `tokenizer.ggml.pre`, the name o
 llama.cpp splits text with. lmforge's tokenizers (and Qwen2/3's) split with Qwen2's regex, llama.cpp's
 "qwen2"; Llama 3's is "llama-bpe". A tokenizer that splits any other way is refused, as llama.cpp would
 tokenize it differently from how the model was trained.
+
+Not exported yet: the MoE families (qwen2_moe, qwen3_moe, mixtral) and deepseek_v3 (MLA), which llama.cpp runs.
 """
 
 from __future__ import annotations
@@ -352,17 +354,17 @@ CHATML_OLLAMA = """\
 {{- end }}"""
 
 
-def modelfile(gguf_name: str, tokenizer: Tokenizer, temperature: float = 0.7, top_p: float = 0.9) -> str:
+def modelfile(gguf_name: str, tokenizer: Tokenizer, context: int, temperature: float = 0.7, top_p: float = 0.9) -> str:
     """An Ollama Modelfile for the GGUF `gguf_name` (a path relative to the Modelfile): FROM, TEMPLATE (for
     ChatML templates; any other is left to Ollama, which reads the GGUF's own chat template), stop tokens,
-    sampling PARAMETERs."""
+    sampling PARAMETERs, and a context of `context` tokens (at most 4096: Ollama allocates its KV cache whole)."""
     lines = [f"FROM ./{gguf_name}", ""]
     if tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template:
         lines += [f'TEMPLATE """{CHATML_OLLAMA}"""', ""]
     for i in tokenizer.stop_ids:
         lines.append(f'PARAMETER stop "{tokenizer.backend.id_to_token(i)}"')
     lines += [f"PARAMETER temperature {temperature}", f"PARAMETER top_p {top_p}",
-              f"PARAMETER num_ctx {min(tokenizer.model_max_length, 4096)}"]
+              f"PARAMETER num_ctx {min(context, 4096)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -389,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     out = export_gguf(args.model, args.out, args.type)
     print(out)
     if args.format == "ollama":
-        text = modelfile(out.name, Tokenizer.from_dir(args.model))
+        from lmforge.config import load_config
+
+        text = modelfile(out.name, Tokenizer.from_dir(args.model), load_config(args.model).max_position_embeddings)
         (out.parent / "Modelfile").write_text(text, encoding="utf-8")
         print(out.parent / "Modelfile")
     return 0
