@@ -212,3 +212,15 @@ def test_bad_input_is_one_line_naming_it(base_model, quantized, tmp_path, capsys
     assert not (tmp_path / "q").exists()
     assert cli(["quantize", "--model", str(quantized["int8"]), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 1
     assert "already quantised" in capsys.readouterr().err
+
+
+def test_eval_runs_the_quantised_model(base_model, quantized, tmp_path):
+    """`lmforge eval` on the int8 directory: bits per byte within 1% of fp32's, not equal to it."""
+    text = tmp_path / "text.txt"
+    text.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 3)
+    bpb = {}
+    for name, model in (("fp32", base_model), ("int8", quantized["int8"])):
+        out = tmp_path / name
+        assert cli(["eval", "--model", str(model), "--tasks", f"bpb:{text}", "--out", str(out)]) == 0
+        bpb[name] = json.loads((out / "results.json").read_text())["results"][f"bpb:{text}"]["bits_per_byte"]
+    assert bpb["int8"] != bpb["fp32"] and abs(bpb["int8"] / bpb["fp32"] - 1) < 0.01, bpb
