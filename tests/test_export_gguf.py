@@ -129,17 +129,38 @@ def test_f32_greedy_tokens_and_logits_equal_lmforges(llama_dir, exported):
     assert np.abs(got - reference).max() < 4e-3 * reference.std()
 
 
-@pytest.mark.parametrize("kind, min_corr", [("f16", 0.9999), ("bf16", 0.999), ("q8_0", 0.999), ("q4_0", 0.97)])
-def test_every_type_loads_and_its_logits_follow_f32s(exported, tokenizer_dir, kind, min_corr):
-    ids = Tokenizer.from_dir(tokenizer_dir).encode(PROMPT + " through yonder window breaks?")
-    reference, got = llama_logits(exported["f32"], ids), llama_logits(exported[kind], ids)
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    logits = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+@pytest.fixture(scope="module")
+def held_out(tokenizer_dir) -> list[int]:
+    """250 tokens of Shakespeare the model never trained on."""
+    from lmforge.data.formats import builtin_shakespeare
+
+    text = builtin_shakespeare()[1].read_text(encoding="utf-8")[:2000]  # the model trained on the first file
+    return Tokenizer.from_dir(tokenizer_dir).encode(text)[:250]
+
+
+# type: (least logit correlation with f32, most perplexity / f32's either way, most file size / f32's)
+BOUNDS = {"f16": (0.9999, 1.001, 0.6), "bf16": (0.999, 1.005, 0.6), "q8_0": (0.999, 1.01, 0.4),
+          "q4_0": (0.97, 1.1, 0.3)}
+
+
+@pytest.mark.parametrize("kind", list(BOUNDS))
+def test_every_type_loads_and_its_logits_follow_f32s(exported, held_out, kind):
+    reference, got = llama_logits(exported["f32"], held_out), llama_logits(exported[kind], held_out)
     corr = np.corrcoef(reference.ravel(), got.ravel())[0, 1]
     top1 = (reference.argmax(-1) == got.argmax(-1)).mean()
-    print(f"{kind}: logit correlation with f32 {corr:.5f}, same top token {top1:.0%}, "
-          f"size {exported[kind].stat().st_size / exported['f32'].stat().st_size:.2f} of f32", file=sys.stderr)
-    assert corr > min_corr
-    assert exported[kind].stat().st_size < exported["f32"].stat().st_size * {"f16": 0.6, "bf16": 0.6, "q8_0": 0.4,
-                                                                               "q4_0": 0.3}[kind]
+    ppl = perplexity(got, held_out) / perplexity(reference, held_out)
+    size = exported[kind].stat().st_size / exported["f32"].stat().st_size
+    print(f"{kind}: logit correlation with f32 {corr:.5f}, same top token {top1:.0%}, held-out perplexity "
+          f"{perplexity(got, held_out):.3f} vs f32's {perplexity(reference, held_out):.3f}, size {size:.2f} of f32",
+          file=sys.stderr)
+    least_corr, most_ppl, most_size = BOUNDS[kind]
+    assert corr > least_corr and abs(ppl - 1) < most_ppl - 1 and size < most_size
 
 
 def test_k_quants_are_llama_cpps_own_mixes(tokenizer_dir, tmp_path):
