@@ -281,18 +281,15 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count(cfg.num_attention_heads)
-        writer.add_head_count_kv(cfg.num_key_value_heads)
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
-        writer.add_rope_dimension_count(cfg.head_dim)
-        writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        # `<arch>.<key>` in the file: the GGUF key (its GGUFWriter.add_<key>) and the config.json value
+        hparams = {"vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+                   "embedding_length": cfg.hidden_size, "block_count": cfg.num_hidden_layers,
+                   "feed_forward_length": cfg.intermediate_size, "head_count": cfg.num_attention_heads,
+                   "head_count_kv": cfg.num_key_value_heads, "key_length": cfg.head_dim,
+                   "value_length": cfg.head_dim, "rope_dimension_count": cfg.head_dim,
+                   "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.rms_norm_eps}
+        for key, value in hparams.items():
+            getattr(writer, f"add_{key}")(value)
         rope_freqs = rope_metadata(writer, cfg)
         if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
             print(f"note: sliding_window {cfg.sliding_window}: llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} attends "
