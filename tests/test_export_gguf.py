@@ -356,3 +356,11 @@ def test_bad_input_is_one_line_naming_it(tmp_path, llama_dir, tokenizer_dir, cap
     line = error_line(capsys)
     assert line.startswith("lmforge: error: tokenizer: its pre-tokenizer (") and "'qwen2', 'llama-bpe'" in line
     assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob(".a.gguf*"))
+
+    from tokenizers import normalizers
+    lower = Tokenizer.from_dir(tokenizer_dir)
+    lower.backend.normalizer = normalizers.Lowercase()
+    lower.save(other)
+    assert cli.main(["export", "--model", str(other), "--out", str(tmp_path / "a.gguf")]) == 1
+    assert error_line(capsys) == ("lmforge: error: tokenizer: its normalizer (Lowercase) is one llama.cpp's gpt2 "
+                                  "tokenizer does not apply")

@@ -73,11 +73,16 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
 
     spec = json.loads(tokenizer.backend.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE":
-        raise ExportError(f"tokenizer: a {model.get('type')} model; llama.cpp's gpt2 vocabulary is byte-level BPE")
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = f"{model.get('type')} model" + (" with byte fallback" if model.get("byte_fallback") else "")
+        raise ExportError(f"tokenizer: a {kind}; llama.cpp's gpt2 vocabulary is byte-level BPE")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):  # NFC (Qwen's): llama.cpp does not fold, the same ids for NFC text
+        raise ExportError(f"tokenizer: its normalizer ({normalizer}) is one llama.cpp's gpt2 tokenizer does not apply")
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     regex = None
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
+            and not steps[0].get("invert") and steps[1].get("type") == "ByteLevel"
             and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space", False)):
         regex = (steps[0].get("pattern") or {}).get("Regex")
     name = PRE_TOKENIZERS.get((regex, bool(model.get("ignore_merges", False))))
