@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from lmforge.checkpoint import load_model
 from lmforge.cli import main as cli
 from lmforge.infer import Engine
-from lmforge.quantize import KERNEL_ROWS, QuantLinear, pack, quantize_weight, unpack
+from lmforge.quantize import KERNEL_ROWS, QuantLinear, pack, quantize_weight, save_quantized, unpack
 from lmforge.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,10 +136,11 @@ def test_compressed_tensors_and_transformers_read_our_directory(quantized, schem
         assert torch.equal(weights[f"{name}.weight"], layer.dequantized()), name
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
-def test_we_read_what_compressed_tensors_writes(base_model, tmp_path, bits, group):
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 32, False)])
+def test_we_read_what_compressed_tensors_writes(base_model, tmp_path, bits, group, symmetric):
     """A directory compressed by compressed-tensors' own ModelCompressor loads in lmforge with the weights that
-    its fake_quantize gives, and our quantiser picks the same integers."""
+    its fake_quantize gives, and our quantiser picks the same integers. Asymmetric int4 (llm-compressor's
+    W4A16_ASYM, zero points packed along the output dim) loads too, and its kernel path agrees."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -152,8 +153,8 @@ def test_we_read_what_compressed_tensors_writes(base_model, tmp_path, bits, grou
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel" if group is None else "group",
-                            group_size=group)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="channel" if group is None else "group", group_size=group)
     apply_quantization_config(hf, QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
     expected = {}
@@ -172,10 +173,27 @@ def test_we_read_what_compressed_tensors_writes(base_model, tmp_path, bits, grou
     ours = load_model(tmp_path)
     layers = quant_layers(ours)
     assert set(layers) == set(expected) and len(layers) == 14
+    fp32 = load_model(base_model)
     for name, layer in layers.items():
         assert torch.equal(layer.dequantized(), expected[name]), name
-        q, scale = quantize_weight(load_model(base_model).get_submodule(name).weight, bits, group)
-        assert torch.equal(q, layer.qweight) and torch.equal(scale, layer.weight_scale), name
+        if symmetric:
+            q, scale = quantize_weight(fp32.get_submodule(name).weight, bits, group)
+            assert torch.equal(q, layer.qweight) and torch.equal(scale, layer.weight_scale), name
+        else:
+            assert layer.weight_zero_point.abs().sum() > 0
+            few = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
+            reference = F.linear(few.bfloat16().float(), layer.dequantized())
+            assert float((layer(few) - reference).abs().max()) <= 2**-6 * float(reference.abs().max()), name
+    tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = fp32(tokens).logits, ours(tokens).logits
+    assert float((out - ref).norm() / ref.norm()) < (0.005 if bits == 8 else 0.06)
+    # saved again by lmforge (zero points packed as compressed-tensors packs them): the same weights
+    again = load_model(save_quantized(ours, tmp_path, tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]["symmetric"] is symmetric
+    for name, layer in quant_layers(again).items():
+        assert torch.equal(layer.dequantized(), expected[name]), name
 
 
 def test_generate_on_a_quantised_directory_is_the_argmax_chain(quantized, capsys):

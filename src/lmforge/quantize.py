@@ -17,9 +17,10 @@ and whose errors reach every token.
    infers pack-quantized for both) and what vLLM's WNA16 kernels and transformers (through compressed-tensors)
    load; the tests read our directories with that package and read its directories with ours.
 3. Loading (`load_quantized`, which checkpoint.load_model calls for such a directory) unpacks each layer once into
-   int8 and builds the model with QuantLinear in its place; the Engine, generate, chat, serve and eval then run
-   it unchanged. Its C decoder runs plain nn.Linear models only (cpu_decode.unsupported), so a quantised model
-   decodes through PyTorch.
+   int8 and builds the model with QuantLinear in its place (asymmetric weights too, llm-compressor's W4A16_ASYM:
+   `weight_zero_point`, packed along the output dim, and w = (q - zero_point) * scale); the Engine, generate,
+   chat, serve and eval then run it unchanged. Its C decoder runs plain nn.Linear models only
+   (cpu_decode.unsupported), so a quantised model decodes through PyTorch.
 
 The matmul, measured (batch 1, the `small` preset's shapes, 2 threads, a 2-core AVX-512 machine shared with
 other jobs: best of 20 runs of 50, microseconds; benchmarks/quantize.py measures the whole decode):
@@ -98,12 +99,15 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
     return q.to(torch.int8).reshape(out_features, in_features), scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q * scale, each scale over its row's in / scale.shape[1] consecutive inputs."""
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """(q - zero_point) * scale, each scale (and zero point) over its row's in / scale.shape[1] consecutive inputs."""
     out_features, in_features = q.shape
     groups = scale.shape[1]
-    w = q.reshape(out_features, groups, in_features // groups).to(dtype) * scale.to(dtype).unsqueeze(-1)
-    return w.reshape(out_features, in_features)
+    w = q.reshape(out_features, groups, in_features // groups).to(dtype)
+    if zero_point is not None:
+        w = w - zero_point.to(dtype).unsqueeze(-1)
+    return (w * scale.to(dtype).unsqueeze(-1)).reshape(out_features, in_features)
 
 
 # -- 2. compressed-tensors' packing -------------------------------------------------------------
@@ -129,9 +133,9 @@ def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Ten
     return (unsigned.reshape(packed.shape[0], -1)[:, : shape[1]] - 2 ** (bits - 1)).to(torch.int8)
 
 
-def quantization_config(bits: int, group_size: int | None, ignore: list[str]) -> dict:
+def quantization_config(bits: int, group_size: int | None, ignore: list[str], symmetric: bool = True) -> dict:
     """config.json's `quantization_config`, as compressed-tensors' ModelCompressor.update_config writes it."""
-    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
                "strategy": "channel" if group_size is None else "group", "group_size": group_size}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
@@ -143,15 +147,20 @@ def quantization_config(bits: int, group_size: int | None, ignore: list[str]) ->
 # -- 3. the quantised layer ---------------------------------------------------------------------
 
 class QuantLinear(nn.Module):
-    """A linear layer with int8 weights (int4 values held one per byte) and float scales."""
+    """A linear layer with int8 weights (int4 values held one per byte), float scales and, for asymmetric
+    weights (which lmforge reads but does not write: llm-compressor's W4A16_ASYM), int8 zero points."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", symmetric: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.symmetric = symmetric
         groups = 1 if group_size is None else in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        if not symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8,
+                                                                  device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -168,13 +177,16 @@ class QuantLinear(nn.Module):
         return layer
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_weight(self.qweight, self.weight_scale, dtype or self.weight_scale.dtype)
+        return dequantize_weight(self.qweight, self.weight_scale, dtype or self.weight_scale.dtype,
+                                 None if self.symmetric else self.weight_zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and rows <= KERNEL_ROWS:
+        # the int8 kernel has no zero points; the int4 one has (`_int4pack`)
+        kernel = self.symmetric or self.group_size is not None
+        if x.device.type == "cpu" and rows <= KERNEL_ROWS and kernel:
             y = self._packed_matmul(x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        elif self.group_size is None:  # a row's scale commutes with the matmul: scale the outputs
+        elif self.group_size is None and self.symmetric:  # a row's scale commutes with the matmul: scale the outputs
             y = F.linear(x, self.qweight.to(x.dtype)) * self.weight_scale.to(x.dtype).squeeze(1)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
@@ -198,20 +210,23 @@ class QuantLinear(nn.Module):
 
     def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the weights as _convert_weight_to_int4pack_for_cpu packs q + 8, [groups, out, 2] bf16 scales and
-        zeros): its kernel computes w = (u - 8) * scale + zero, so zero = 0 is our symmetric q * scale. Made at
-        the first call after the weights change (their version counters say so)."""
+        zeros): its kernel computes w = (u - 8) * scale + zero = q * scale + zero, so zero = 0 is our symmetric
+        q * scale and zero = -zero_point * scale the asymmetric (q - zero_point) * scale. Made at the first call
+        after the weights change (their version counters say so)."""
         key = (self.qweight._version, self.weight_scale._version, self.qweight.data_ptr())
         if getattr(self, "_int4_key", None) != key:
             unsigned = (self.qweight.to(torch.int32) + 8).contiguous()
-            scales = self.weight_scale.t().to(torch.bfloat16)
+            scales = self.weight_scale.t().float()
+            zeros = torch.zeros_like(scales) if self.symmetric else -self.weight_zero_point.t().float() * scales
             self._int4 = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1),
-                          torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous())
+                          torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous())
             self._int4_key = key
         return self._int4
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
-                + ("per channel" if self.group_size is None else f"group_size={self.group_size}"))
+                + ("per channel" if self.group_size is None else f"group_size={self.group_size}")
+                + ("" if self.symmetric else ", asymmetric"))
 
 
 def quantizable(model: Transformer) -> dict[str, nn.Linear]:
@@ -250,14 +265,16 @@ def save_quantized(model: Transformer, source: Path, path: Path) -> Path:
             prefix = to_disk_name(f"{module}.weight", cfg).removesuffix(".weight")
             tensors[f"{prefix}.weight_packed"] = pack(t, layers[module].bits)
             tensors[f"{prefix}.weight_shape"] = torch.tensor(t.shape)
-        elif leaf == "weight_scale":
-            tensors[to_disk_name(f"{module}.weight", cfg).removesuffix("weight") + "weight_scale"] = t
+        elif leaf in ("weight_scale", "weight_zero_point"):
+            if leaf == "weight_zero_point":  # packed along the output dim (compressed-tensors' packed_dim=0)
+                t = pack(t.t(), layers[module].bits).t().contiguous()
+            tensors[to_disk_name(f"{module}.weight", cfg).removesuffix("weight") + leaf] = t
         else:
             tensors[name] = t
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ignore = sorted({"lm_head", *(to_disk_name(f"{n}.weight", cfg).removesuffix(".weight") for n in linear_names)})
     hf_config = read_json(source / "config.json", CheckpointError)
-    hf_config["quantization_config"] = quantization_config(first.bits, first.group_size, ignore)
+    hf_config["quantization_config"] = quantization_config(first.bits, first.group_size, ignore, first.symmetric)
 
     def write(tmp: Path):
         shards = _shards(tensors, DEFAULT_MAX_SHARD_BYTES)
@@ -278,12 +295,12 @@ def save_quantized(model: Transformer, source: Path, path: Path) -> Path:
     return atomic_directory_write(path, write)
 
 
-def _scheme(qconfig: dict, config_file: Path) -> tuple[int, int | None]:
-    """(bits, group_size) of a compressed-tensors quantization_config this loader reads, or a CheckpointError
-    naming what it does not: one group of symmetric int weights, 4 or 8 bits, per channel or per group."""
+def _scheme(qconfig: dict, config_file: Path) -> tuple[int, int | None, bool]:
+    """(bits, group_size, symmetric) of a compressed-tensors quantization_config this loader reads, or a
+    CheckpointError naming what it does not: one group of int weights, 4 or 8 bits, per channel or per group."""
     def unsupported(what: str) -> CheckpointError:
         return CheckpointError(f"{config_file}: quantization_config: {what} is not supported (lmforge reads "
-                               "compressed-tensors pack-quantized int4/int8 weights, symmetric, per channel or group)")
+                               "compressed-tensors pack-quantized int4/int8 weights, per channel or group)")
 
     if qconfig.get("quant_method") != "compressed-tensors":
         raise unsupported(f"quant_method {qconfig.get('quant_method')!r}")
@@ -297,24 +314,26 @@ def _scheme(qconfig: dict, config_file: Path) -> tuple[int, int | None]:
         raise unsupported(f"format {fmt!r}")
     if group.get("input_activations") or group.get("output_activations"):
         raise unsupported("activation quantization")
-    if weights.get("type") != "int" or weights.get("num_bits") not in (4, 8) or not weights.get("symmetric", True):
-        raise unsupported(f"weights {weights.get('type')} {weights.get('num_bits')} bits, "
-                          f"symmetric={weights.get('symmetric')}")
+    if weights.get("type") != "int" or weights.get("num_bits") not in (4, 8):
+        raise unsupported(f"weights {weights.get('type')} {weights.get('num_bits')} bits")
     if weights.get("strategy") not in ("channel", "group"):
         raise unsupported(f"strategy {weights.get('strategy')!r}")
-    return weights["num_bits"], weights.get("group_size") if weights["strategy"] == "group" else None
+    group_size = weights.get("group_size") if weights["strategy"] == "group" else None
+    return weights["num_bits"], group_size, bool(weights.get("symmetric", True))
 
 
 def load_quantized(path: Path, cfg: ModelConfig, qconfig: dict, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> Transformer:
     """A compressed-tensors directory (see the module's docstring) as a Transformer with QuantLinear layers."""
-    bits, group_size = _scheme(qconfig, path / "config.json")
+    bits, group_size, symmetric = _scheme(qconfig, path / "config.json")
     shapes = read_shapes(weight_files(path))
     plain = {n: s for n, s in shapes.items() if n.rpartition(".")[2] not in PACKED_NAMES}
     packed = {n.removesuffix(".weight_packed"): file for n, (file, _) in shapes.items()
               if n.endswith(".weight_packed")}
-    if any(n.endswith(".weight_zero_point") for n in shapes):
-        raise CheckpointError(f"{path}: zero points (asymmetric weights) are not supported")
+    for prefix in packed:  # what each packed layer needs beside its weight_packed
+        for leaf in ("weight_scale", "weight_shape") + (() if symmetric else ("weight_zero_point",)):
+            if f"{prefix}.{leaf}" not in shapes:
+                raise CheckpointError(f"{path}: '{prefix}.weight_packed' without '{prefix}.{leaf}'")
     layer_shapes = {}
     for prefix, file in packed.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -327,7 +346,7 @@ def load_quantized(path: Path, cfg: ModelConfig, qconfig: dict, *, dtype: torch.
         name = next(_from_disk(f"{prefix}.weight", None, cfg))[0].removesuffix(".weight")
         linear = model.get_submodule(name)
         _replace(model, name, QuantLinear(in_features, out_features, bits, group_size, linear.bias is not None,
-                                          dtype=dtype, device=device))
+                                          dtype=dtype, device=device, symmetric=symmetric))
         names[prefix] = name
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for file in sorted({file for file, _ in shapes.values()}):
@@ -337,6 +356,11 @@ def load_quantized(path: Path, cfg: ModelConfig, qconfig: dict, *, dtype: torch.
                 if leaf == "weight_packed":
                     q = unpack(f.get_tensor(disk_name), bits, layer_shapes[prefix])
                     params[f"{names[prefix]}.qweight"].copy_(q)
+                elif leaf == "weight_zero_point" and not symmetric:  # packed along the output dim
+                    out_features = layer_shapes[prefix][0]
+                    groups = f.get_tensor(disk_name).shape[1]
+                    zero_point = unpack(f.get_tensor(disk_name).t().contiguous(), bits, (groups, out_features)).t()
+                    params[f"{names[prefix]}.weight_zero_point"].copy_(zero_point)
                 elif leaf == "weight_scale":
                     scale = f.get_tensor(disk_name)
                     target = params[f"{names[prefix]}.weight_scale"]
