@@ -11,6 +11,10 @@ come from `gguf`'s tables, not from here). What differs between families:
   Hugging Face's layout rotates the two halves of each head, so the rows of q_proj and k_proj are reordered
   within each head (`permute_for_llama`); qwen2 and qwen3 rotate halves in llama.cpp too, and stay as they are.
 - qwen2 has biases on q, k and v; qwen3 an RMSNorm on each head's q and k.
+- MoE (mixtral, which llama.cpp runs as llama, and qwen3_moe): each layer's experts are stacked into one
+  [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps), the router is
+  ffn_gate_inp; llama.cpp's graphs for them softmax the router, take the top k and renormalise, so a
+  config that routes otherwise (no renormalisation, dense layers between, shared experts) is refused.
 Weights are written as --type says: f32, f16, bf16, q8_0 or q4_0 (blocks of 32 by `gguf.quants`); norms and
 biases stay f32, a matrix whose rows are not whole blocks falls back to f16 (as convert_hf_to_gguf.py does),
 and with q4_0 the token embedding (also the output layer when tied) is q8_0 (llama.cpp's own q4_0 files keep
@@ -26,7 +30,7 @@ llama.cpp splits text with. lmforge's tokenizers (and Qwen2/3's) split with Qwen
 "qwen2"; Llama 3's is "llama-bpe". A tokenizer that splits any other way is refused, as llama.cpp would
 tokenize it differently from how the model was trained.
 
-Not exported yet: the MoE families (qwen2_moe, qwen3_moe, mixtral) and deepseek_v3 (MLA), which llama.cpp runs.
+Not exported yet: qwen2_moe (its gated shared expert) and deepseek_v3 (MLA), which llama.cpp runs.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from lmforge.tokenizer import SPLIT_PATTERN, Tokenizer
 K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.cpp's llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_K_M, ...
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS)
 # model_type -> the architecture llama.cpp runs it as (gguf.MODEL_ARCH's member), and whether q/k are permuted
-FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
-            "qwen3": ("QWEN3", False)}
-LATER = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")  # llama.cpp runs them; this exporter not yet
+FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "mixtral": ("LLAMA", True),
+            "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False), "qwen3_moe": ("QWEN3MOE", False)}
+LATER = ("qwen2_moe", "deepseek_v3")  # llama.cpp runs them; this exporter not yet
 
 # The pre-tokenizer regexes llama.cpp knows, as tokenizer.json writes them, with the BPE model's ignore_merges
 # (a word that is a token is taken whole; llama.cpp sets it with "llama-bpe" only): (regex, ignore_merges) -> name
@@ -173,6 +177,24 @@ def _quant_type(name: str, tensor: torch.Tensor, kind: str):
     return wanted if tensor.shape[-1] % block == 0 else Q.F16
 
 
+def hf_tensors(model):
+    """(Hugging Face name, tensor) of each tensor the file holds: not a tied output layer; each MoE layer's
+    experts stacked per projection, `model.layers.N.mlp.experts.gate_proj.weight` [experts, out, in], the name
+    llama.cpp's converter maps to ffn_gate_exps."""
+    cfg = model.config
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        expert = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if expert:
+            experts.setdefault((expert[1], expert[3]), {})[int(expert[2])] = tensor
+        else:
+            yield name, tensor
+    for (prefix, projection), each in experts.items():
+        yield f"{prefix}.{projection}.weight", torch.stack([each[i] for i in range(len(each))])
+
+
 def rope_metadata(writer, cfg) -> torch.Tensor | None:
     """RoPE scaling as llama.cpp reads it; Llama 3's scaling is a tensor of per-frequency factors (returned)."""
     import gguf
@@ -223,6 +245,14 @@ def check_exportable(cfg, model_dir: Path) -> tuple[str, bool]:
         raise ExportError(f"{model_dir}: mlp_bias is not exported (llama.cpp's {cfg.model_type} has no MLP biases)")
     if cfg.attention_bias != cfg.o_proj_bias and cfg.model_type in ("llama", "mistral"):
         raise ExportError(f"{model_dir}: q/k/v biases without an output bias is not a llama layout")
+    if cfg.num_experts:
+        routing = {"norm_topk_prob": (cfg.norm_topk_prob, True), "scoring_func": (cfg.scoring_func, "softmax"),
+                   "routed_scaling_factor": (cfg.routed_scaling_factor, 1.0),
+                   "dense layers": (cfg.has_dense_layers, False),
+                   "shared experts": (bool(cfg.n_shared_experts or cfg.shared_expert_intermediate_size), False)}
+        for what, (value, wanted) in routing.items():
+            if value != wanted:
+                raise ExportError(f"{model_dir}: {what} {value}: llama.cpp's {cfg.model_type} has {wanted}")
     return FAMILIES[cfg.model_type]
 
 
@@ -293,6 +323,9 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
                    "head_count_kv": cfg.num_key_value_heads, "key_length": cfg.head_dim,
                    "value_length": cfg.head_dim, "rope_dimension_count": cfg.head_dim,
                    "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.rms_norm_eps}
+        if cfg.num_experts:
+            hparams.update(expert_count=cfg.num_experts, expert_used_count=cfg.num_experts_per_tok,
+                           expert_feed_forward_length=cfg.moe_intermediate_size)
         for key, value in hparams.items():
             getattr(writer, f"add_{key}")(value)
         rope_freqs = rope_metadata(writer, cfg)
@@ -302,8 +335,7 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
         names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-        tensors = [(n, p) for n, p in model.state_dict().items()
-                   if not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+        tensors = list(hf_tensors(model))
         if rope_freqs is not None:
             tensors.append(("rope_freqs.weight", rope_freqs))
         for hf_name, tensor in tensors:
