@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from lmforge.checkpoint import load_model
 from lmforge.cli import main as cli
 from lmforge.infer import Engine
-from lmforge.quantize import KERNEL_ROWS, QuantLinear, pack, quantize_weight, save_quantized, unpack
+from lmforge.quantize import KERNEL_ROWS, QuantLinear, pack, quantize, quantize_weight, save_quantized, unpack
 from lmforge.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,6 +214,10 @@ def test_generate_on_a_quantised_directory_is_the_argmax_chain(quantized, capsys
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert generated == ids[len(prompt):]
     assert captured.out == tokenizer.decode(generated) + "\n"
+    for scheme in quantized:  # bf16 activations and scales run too (their text may differ: only check it runs)
+        assert cli(["generate", "--model", str(quantized[scheme]), "--prompt", "The cat", "--dtype", "bfloat16",
+                    "--max-new-tokens", "4", "--ignore-eos"]) == 0
+        assert "4 tokens in" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_naming_it(base_model, quantized, tmp_path, capsys):
@@ -223,7 +227,12 @@ def test_bad_input_is_one_line_naming_it(base_model, quantized, tmp_path, capsys
         assert err.count("\n") == 1 and err.startswith("lmforge: error: ")
         return err
 
-    assert "unknown scheme 'int3'" in error("--scheme", "int3")
+    with pytest.raises(SystemExit) as exit_status:  # the option parser's usage error
+        cli(["quantize", "--model", str(base_model), "--out", str(tmp_path / "q"), "--scheme", "int3"])
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2 and err.count("\n") == 1 and "scheme" in err and "'int3'" in err
+    with pytest.raises(ValueError, match="unknown scheme 'int3': one of int8, int4"):
+        quantize(base_model, "int3", tmp_path / "q")
     assert "group size 64 does not divide the input width 32 of model.layers.0.self_attn.q_proj" in error(
         "--scheme", "int4", "--group-size", "64")
     assert "group size 48: one of 32, 64, 128" in error("--scheme", "int4", "--group-size", "48")

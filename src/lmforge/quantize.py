@@ -42,10 +42,12 @@ prompt's prefill, where the kernels lose to one fp32 matmul) dequantizes and run
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -71,6 +73,7 @@ from lmforge.checkpoint import (
 from lmforge.config import ModelConfig
 from lmforge.files import atomic_directory_write, read_json
 from lmforge.model import Transformer, build_model
+from lmforge.settings import parse_args
 
 SCHEMES = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128)
@@ -397,13 +400,20 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, group_size: in
     return save_quantized(model, source, Path(out))
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a Hugging Face model directory (fp32, bf16 or fp16)")
-    parser.add_argument("--scheme", required=True, help="int8 (per output channel) or int4 (per group)")
-    parser.add_argument("--group-size", type=int, default=128, help="int4's group: 32, 64 or 128 (default 128)")
-    parser.add_argument("--out", required=True, help="the directory to write")
-    args = parser.parse_args(argv)
-    out = quantize(args.model, args.scheme, args.out, args.group_size)
-    print(out)
+@dataclass
+class QuantizeConfig:
+    model: str = field(default="", metadata={"help": "a Hugging Face model directory (fp32, bf16 or fp16)"})
+    scheme: Literal["int8", "int4"] = field(default="int8", metadata={
+        "help": "int8: one scale per output channel; int4: one per group of --group-size inputs"})
+    group_size: int = field(default=128, metadata={"help": "int4's group: 32, 64 or 128"})
+    out: str = field(default="", metadata={"help": "the directory to write"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(QuantizeConfig, argv, prog="lmforge quantize", description=__doc__.split("\n\n")[0])
+    for name in ("model", "out"):
+        if not getattr(args, name):
+            print(f"lmforge quantize: error: --{name} is required", file=sys.stderr)
+            return 2
+    print(quantize(args.model, args.scheme, args.out, args.group_size))
     return 0
