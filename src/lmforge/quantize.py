@@ -47,7 +47,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from safetensors import safe_open
@@ -407,6 +407,7 @@ class QuantizeConfig:
         "help": "int8: one scale per output channel; int4: one per group of --group-size inputs"})
     group_size: int = field(default=128, metadata={"help": "int4's group: 32, 64 or 128"})
     out: str = field(default="", metadata={"help": "the directory to write"})
+    ALIASES: ClassVar[dict[str, str]] = {"method": "scheme"}  # DESIGN.md's command line names it --method
 
 
 def main(argv: list[str] | None = None) -> int:
