@@ -16,7 +16,7 @@ import torch
 
 from lmforge import cli
 from lmforge.checkpoint import load_model, save_model
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, preset
 from lmforge.export import CHATML_OLLAMA, LLAMA3_PATTERN, TYPES, export_gguf, llama_cpp_template, permute_for_llama
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
@@ -40,8 +40,10 @@ def family_model(model_type: str, tokenizer_dir: Path, out: Path, seed: int = 0,
         base.update(attention_bias=True)
     if model_type in ("qwen3", "qwen3_moe"):
         base.update(qk_norm=True, head_dim=32)
-    if model_type in ("qwen3_moe", "mixtral"):  # mixtral's experts are intermediate_size wide
+    if model_type in ("qwen3_moe", "mixtral", "qwen2_moe"):  # mixtral's experts are intermediate_size wide
         base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128 if model_type == "mixtral" else 64)
+    if model_type == "qwen2_moe":
+        base.update(attention_bias=True, norm_topk_prob=False, shared_expert_intermediate_size=96)
     model = build_model(ModelConfig(**{**base, **overrides}), seed=seed)
     with torch.no_grad():  # norms and biases away from their 1 / 0 start, so a misnamed one would show
         for name, p in model.named_parameters():
@@ -183,7 +185,7 @@ def test_k_quants_are_llama_cpps_own_mixes(tokenizer_dir, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no f32 file left behind
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "qwen2_moe"])
 def test_other_families_logits_equal_lmforges(model_type, tokenizer_dir, tmp_path):
     model_dir = family_model(model_type, tokenizer_dir, tmp_path / "model", seed=1)
     path = export_gguf(model_dir, tmp_path / "model.gguf", "f32")
@@ -340,14 +342,11 @@ def test_bad_input_is_one_line_naming_it(tmp_path, llama_dir, tokenizer_dir, cap
         cli.main(["export", "--model", str(llama_dir), "--out", str(tmp_path / "a.gguf"), "--type", "iq2_xs"])
     assert exit_.value.code == 2 and "iq2_xs" in error_line(capsys)
 
-    moe = save_model(build_model(ModelConfig(model_type="qwen2_moe", vocab_size=300, hidden_size=32,
-                                             intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                             num_key_value_heads=2, num_experts=2, moe_intermediate_size=32,
-                                             shared_expert_intermediate_size=32, attention_bias=True), seed=0),
-                     tmp_path / "moe", tokenizer_dir=tokenizer_dir)
-    assert cli.main(["export", "--model", str(moe), "--out", str(tmp_path / "a.gguf")]) == 1
-    assert error_line(capsys) == (f"lmforge: error: {moe}: model_type 'qwen2_moe' is not exported to GGUF yet "
-                                  "(exported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe)")
+    mla = save_model(build_model(preset("tiny-mla", vocab_size=300, num_hidden_layers=2), seed=0),
+                     tmp_path / "mla", tokenizer_dir=tokenizer_dir)
+    assert cli.main(["export", "--model", str(mla), "--out", str(tmp_path / "a.gguf")]) == 1
+    assert error_line(capsys) == (f"lmforge: error: {mla}: model_type 'deepseek_v3' is not exported to GGUF yet "
+                                  "(exported: llama, mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe)")
     unnormalised = family_model("qwen3_moe", tokenizer_dir, tmp_path / "unnormalised", norm_topk_prob=False)
     assert cli.main(["export", "--model", str(unnormalised), "--out", str(tmp_path / "a.gguf")]) == 1
     assert error_line(capsys) == (f"lmforge: error: {unnormalised}: norm_topk_prob False: llama.cpp's qwen3_moe "

@@ -11,10 +11,11 @@ come from `gguf`'s tables, not from here). What differs between families:
   Hugging Face's layout rotates the two halves of each head, so the rows of q_proj and k_proj are reordered
   within each head (`permute_for_llama`); qwen2 and qwen3 rotate halves in llama.cpp too, and stay as they are.
 - qwen2 has biases on q, k and v; qwen3 an RMSNorm on each head's q and k.
-- MoE (mixtral, which llama.cpp runs as llama, and qwen3_moe): each layer's experts are stacked into one
-  [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps), the router is
-  ffn_gate_inp; llama.cpp's graphs for them softmax the router, take the top k and renormalise, so a
-  config that routes otherwise (no renormalisation, dense layers between, shared experts) is refused.
+- MoE (mixtral, which llama.cpp runs as llama, qwen2_moe, qwen3_moe): each layer's experts are stacked into
+  one [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps), the router is
+  ffn_gate_inp (kept f32, as llama.cpp keeps it); llama.cpp's graphs for them softmax the router and take the
+  top k, renormalised (but qwen2_moe's, not), with a sigmoid-gated shared expert (qwen2_moe's only), in
+  every layer, so a config that routes otherwise is refused.
 Weights are written as --type says: f32, f16, bf16, q8_0 or q4_0 (blocks of 32 by `gguf.quants`); norms and
 biases stay f32, a matrix whose rows are not whole blocks falls back to f16 (as convert_hf_to_gguf.py does),
 and with q4_0 the token embedding (also the output layer when tied) is q8_0 (llama.cpp's own q4_0 files keep
@@ -30,7 +31,7 @@ llama.cpp splits text with. lmforge's tokenizers (and Qwen2/3's) split with Qwen
 "qwen2"; Llama 3's is "llama-bpe". A tokenizer that splits any other way is refused, as llama.cpp would
 tokenize it differently from how the model was trained.
 
-Not exported yet: qwen2_moe (its gated shared expert) and deepseek_v3 (MLA), which llama.cpp runs.
+Not exported yet: deepseek_v3 (MLA, sigmoid routing in groups), which llama.cpp runs.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.cpp's llama_ftype: 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS)
 # model_type -> the architecture llama.cpp runs it as (gguf.MODEL_ARCH's member), and whether q/k are permuted
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "mixtral": ("LLAMA", True),
-            "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False), "qwen3_moe": ("QWEN3MOE", False)}
-LATER = ("qwen2_moe", "deepseek_v3")  # llama.cpp runs them; this exporter not yet
+            "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False), "qwen2_moe": ("QWEN2MOE", False),
+            "qwen3_moe": ("QWEN3MOE", False)}
+LATER = ("deepseek_v3",)  # llama.cpp runs it; this exporter not yet
 
 # The pre-tokenizer regexes llama.cpp knows, as tokenizer.json writes them, with the BPE model's ignore_merges
 # (a word that is a token is taken whole; llama.cpp sets it with "llama-bpe" only): (regex, ignore_merges) -> name
@@ -168,7 +170,7 @@ def _quant_type(name: str, tensor: torch.Tensor, kind: str):
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
-    if tensor.ndim == 1 or kind == "f32":
+    if tensor.ndim == 1 or kind == "f32" or ".ffn_gate_inp" in name:  # a router: f32, as llama.cpp keeps it
         return Q.F32
     wanted = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[kind]
     if wanted == Q.Q4_0 and name in ("token_embd.weight", "output.weight"):
@@ -186,6 +188,8 @@ def hf_tensors(model):
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
+        if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings and cfg.model_type == "qwen2_moe":
+            yield "lm_head.weight", tensor  # llama.cpp's qwen2moe has no fallback to the embedding
         expert = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", name)
         if expert:
             experts.setdefault((expert[1], expert[3]), {})[int(expert[2])] = tensor
@@ -246,10 +250,13 @@ def check_exportable(cfg, model_dir: Path) -> tuple[str, bool]:
     if cfg.attention_bias != cfg.o_proj_bias and cfg.model_type in ("llama", "mistral"):
         raise ExportError(f"{model_dir}: q/k/v biases without an output bias is not a llama layout")
     if cfg.num_experts:
-        routing = {"norm_topk_prob": (cfg.norm_topk_prob, True), "scoring_func": (cfg.scoring_func, "softmax"),
+        qwen2_moe = cfg.model_type == "qwen2_moe"
+        routing = {"norm_topk_prob": (cfg.norm_topk_prob, not qwen2_moe),
+                   "scoring_func": (cfg.scoring_func, "softmax"),
                    "routed_scaling_factor": (cfg.routed_scaling_factor, 1.0),
                    "dense layers": (cfg.has_dense_layers, False),
-                   "shared experts": (bool(cfg.n_shared_experts or cfg.shared_expert_intermediate_size), False)}
+                   "DeepSeek's shared experts": (bool(cfg.n_shared_experts), False),
+                   "a gated shared expert": (bool(cfg.shared_expert_intermediate_size), qwen2_moe)}
         for what, (value, wanted) in routing.items():
             if value != wanted:
                 raise ExportError(f"{model_dir}: {what} {value}: llama.cpp's {cfg.model_type} has {wanted}")
@@ -326,6 +333,8 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
         if cfg.num_experts:
             hparams.update(expert_count=cfg.num_experts, expert_used_count=cfg.num_experts_per_tok,
                            expert_feed_forward_length=cfg.moe_intermediate_size)
+        if cfg.shared_expert_intermediate_size:
+            hparams.update(expert_shared_feed_forward_length=cfg.shared_expert_intermediate_size)
         for key, value in hparams.items():
             getattr(writer, f"add_{key}")(value)
         rope_freqs = rope_metadata(writer, cfg)
