@@ -270,10 +270,19 @@ def llama_cpp_quantize(source: Path, out: Path, kind: str) -> Path:
     except ImportError:
         raise ExportError(f"--type {kind}: llama.cpp's K-quants are made by llama.cpp itself, through "
                           "llama-cpp-python, which is not installed (pip install llama-cpp-python)") from None
+    import logging
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[kind]
     params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp's log goes through it: only errors, not every tensor
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if failed:
         raise ExportError(f"--type {kind}: llama.cpp's quantizer failed on {source}")
     return out
 
