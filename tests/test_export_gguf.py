@@ -167,6 +167,19 @@ def test_every_type_loads_and_its_logits_follow_f32s(exported, held_out, kind):
     assert corr > least_corr and abs(ppl - 1) < most_ppl - 1 and size < most_size
 
 
+def test_a_bf16_checkpoint_goes_into_bf16_bit_for_bit(llama_dir, tokenizer_dir, tmp_path):
+    import gguf
+
+    model = load_model(llama_dir)
+    stored = save_model(model, tmp_path / "bf16", tokenizer_dir=tokenizer_dir, dtype=torch.bfloat16)
+    path = export_gguf(stored, tmp_path / "model.gguf", "bf16")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    embedding = tensors["token_embd.weight"]
+    assert embedding.tensor_type.name == "BF16"
+    ours = model.model.embed_tokens.weight.detach().to(torch.bfloat16).view(torch.int16).numpy()
+    assert np.array_equal(np.asarray(embedding.data).view(np.int16).reshape(ours.shape), ours)
+
+
 def test_k_quants_are_llama_cpps_own_mixes(tokenizer_dir, tmp_path):
     import gguf
 

@@ -311,6 +311,7 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
     import gguf
 
     from lmforge.checkpoint import load_model
+    from lmforge.merge import base_dtype
 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model: no model directory '{model_dir}'")
@@ -320,7 +321,7 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
     arch_name, permute = check_exportable(cfg, model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     pre_tokenizer_name(tokenizer)  # refused before the weights are read
-    model = load_model(model_dir, dtype=torch.float32)
+    model = load_model(model_dir, dtype=base_dtype(model_dir))  # as stored: each tensor goes to fp32 on its own
     arch = getattr(gguf.MODEL_ARCH, arch_name)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -353,26 +354,33 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
         names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-        tensors = list(hf_tensors(model))
-        if rope_freqs is not None:
-            tensors.append(("rope_freqs.weight", rope_freqs))
-        for hf_name, tensor in tensors:
-            name = (hf_name if hf_name == "rope_freqs.weight"
-                    else names.get_name(hf_name, try_suffixes=(".weight", ".bias")))
-            if name is None:
-                raise ExportError(f"{model_dir}: tensor '{hf_name}' has no name in llama.cpp's "
-                                  f"{gguf.MODEL_ARCH_NAMES[arch]}")
-            tensor = tensor.detach().float()
-            if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = permute_for_llama(tensor, cfg.num_attention_heads)
-            elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                tensor = permute_for_llama(tensor, cfg.num_key_value_heads)
-            qtype = _quant_type(name, tensor, kind)
-            data = gguf.quants.quantize(np.ascontiguousarray(tensor.numpy()), qtype)
-            writer.add_tensor(name, data, raw_dtype=qtype)
+
+        def tensors():
+            """(GGUF name, fp32 tensor as llama.cpp lays it out), one at a time."""
+            extra = [] if rope_freqs is None else [("rope_freqs.weight", rope_freqs)]
+            for hf_name, tensor in [*hf_tensors(model), *extra]:
+                name = hf_name if extra and hf_name == extra[0][0] else names.get_name(
+                    hf_name, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise ExportError(f"{model_dir}: tensor '{hf_name}' has no name in llama.cpp's "
+                                      f"{gguf.MODEL_ARCH_NAMES[arch]}")
+                tensor = tensor.detach().float()
+                if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                    tensor = permute_for_llama(tensor, cfg.num_attention_heads)
+                elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                    tensor = permute_for_llama(tensor, cfg.num_key_value_heads)
+                yield name, tensor, _quant_type(name, tensor, kind)
+
+        # the tensors' table first (names, types, sizes), then each tensor converted and written in turn, so
+        # memory holds the model and one converted tensor, not a second copy of the model
+        for name, tensor, qtype in tensors():
+            shape = gguf.quants.quant_shape_to_byte_shape(tuple(tensor.shape), qtype)
+            writer.add_tensor_info(name, shape, np.dtype(np.uint8), math.prod(shape), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for _, tensor, qtype in tensors():
+            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(tensor.numpy()), qtype))
         writer.close()
         os.replace(tmp, out)
     finally:
