@@ -254,3 +254,28 @@ def test_eval_runs_the_quantised_model(base_model, quantized, tmp_path):
         assert cli(["eval", "--model", str(model), "--tasks", f"bpb:{text}", "--out", str(out)]) == 0
         bpb[name] = json.loads((out / "results.json").read_text())["results"][f"bpb:{text}"]["bits_per_byte"]
     assert bpb["int8"] != bpb["fp32"] and abs(bpb["int8"] / bpb["fp32"] - 1) < 0.01, bpb
+
+
+def test_moe_experts_are_quantised_and_routers_named_in_ignore(tmp_path):
+    """Mixtral (its experts' on-disk names w1/w3/w2 under block_sparse_moe): every expert quantised, the routers
+    left in float and listed in `ignore` (the loaders' `Linear` targets would match them), logits near fp32."""
+    from safetensors import safe_open
+    from train_helpers import tiny_config
+
+    from lmforge.checkpoint import save_model
+    from lmforge.model import build_model
+
+    model = build_model(tiny_config(model_type="mixtral", num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=64, vocab_size=300), seed=0)
+    save_model(model, tmp_path / "fp32")
+    assert cli(["quantize", "--model", str(tmp_path / "fp32"), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == ["lm_head", *(f"model.layers.{i}.block_sparse_moe.gate" for i in range(2))]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.weight_packed" in f.keys()
+    quantized = load_model(tmp_path / "q")
+    assert len(quant_layers(quantized)) == 2 * (4 + 4 * 3)
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = model(tokens).logits, quantized(tokens).logits
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.005

@@ -66,7 +66,6 @@ from lmforge.checkpoint import (
     check_weights,
     load_model,
     read_shapes,
-    state_dict_for_saving,
     to_disk_name,
     weight_files,
 )
@@ -262,20 +261,25 @@ def save_quantized(model: Transformer, source: Path, path: Path) -> Path:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     first = next(iter(layers.values()))
     tensors = {}
-    for name, t in state_dict_for_saving(model).items():
+    for name, t in model.state_dict().items():  # in-memory names; on disk, the family's (to_disk_name)
+        t = t.detach().contiguous().cpu()
         module, _, leaf = name.rpartition(".")
-        if leaf == "qweight":
-            prefix = to_disk_name(f"{module}.weight", cfg).removesuffix(".weight")
+        prefix = to_disk_name(f"{module}.weight", cfg).removesuffix(".weight")
+        if module in layers and leaf == "qweight":
             tensors[f"{prefix}.weight_packed"] = pack(t, layers[module].bits)
             tensors[f"{prefix}.weight_shape"] = torch.tensor(t.shape)
-        elif leaf in ("weight_scale", "weight_zero_point"):
-            if leaf == "weight_zero_point":  # packed along the output dim (compressed-tensors' packed_dim=0)
-                t = pack(t.t(), layers[module].bits).t().contiguous()
-            tensors[to_disk_name(f"{module}.weight", cfg).removesuffix("weight") + leaf] = t
+        elif module in layers and leaf == "weight_zero_point":  # packed along the output dim (packed_dim=0)
+            tensors[f"{prefix}.{leaf}"] = pack(t.t(), layers[module].bits).t().contiguous()
+        elif module in layers:  # weight_scale, bias
+            tensors[f"{prefix}.{leaf}"] = t
         else:
-            tensors[name] = t
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    ignore = sorted({"lm_head", *(to_disk_name(f"{n}.weight", cfg).removesuffix(".weight") for n in linear_names)})
+            tensors[to_disk_name(name, cfg)] = t
+    # `Linear` targets match every linear layer in the loaders (transformers, vLLM): name the ones left as they
+    # were, as HF builds them (lm_head, tied or not; MoE routers, which lmforge holds as plain weights)
+    kept = [name.removesuffix(".weight") for name, p in model.named_parameters()
+            if name.startswith("model.layers.") and name.endswith(".weight") and p.dim() == 2
+            and name.removesuffix(".weight") not in layers]
+    ignore = ["lm_head", *sorted(to_disk_name(f"{n}.weight", cfg).removesuffix(".weight") for n in kept)]
     hf_config = read_json(source / "config.json", CheckpointError)
     hf_config["quantization_config"] = quantization_config(first.bits, first.group_size, ignore, first.symmetric)
 
