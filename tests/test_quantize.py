@@ -279,3 +279,26 @@ def test_moe_experts_are_quantised_and_routers_named_in_ignore(tmp_path):
     with torch.no_grad():
         ref, out = model(tokens).logits, quantized(tokens).logits
     assert 0 < float((out - ref).norm() / ref.norm()) < 0.005
+
+
+def test_a_bf16_model_stays_bf16(base_model, tmp_path):
+    """The source's dtype is kept: embeddings and norms bf16 on disk, the scales bf16 (as compressed-tensors keeps
+    them), each weight within about half a step of the bf16 weight."""
+    from safetensors import safe_open
+
+    from lmforge.checkpoint import save_model
+
+    bf16 = load_model(base_model, dtype=torch.bfloat16)
+    save_model(bf16, tmp_path / "bf16")
+    assert cli(["quantize", "--model", str(tmp_path / "bf16"), "--scheme", "int4", "--group-size", "32",
+                "--out", str(tmp_path / "q")]) == 0
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        dtypes = {name: f.get_tensor(name).dtype for name in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.mlp.up_proj.weight_scale"] == torch.bfloat16
+    for name, layer in quant_layers(load_model(tmp_path / "q")).items():
+        w = bf16.get_submodule(name).weight.detach().float()
+        step = layer.weight_scale.float().repeat_interleave(32, dim=1)
+        # a bf16 scale is max|w| / 7.5 rounded by up to 2^-8 of itself, so a group's largest weight, clamped to
+        # the top level, may miss it by up to 0.5 + 7.5 x 2^-8 steps
+        assert ((w - layer.dequantized().float()).abs() <= step * (0.5 + 7.5 * 2**-8)).all(), name

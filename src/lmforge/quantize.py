@@ -7,7 +7,8 @@ and whose errors reach every token.
 1. int8: one scale per output channel, symmetric: scale = max|w_row| / 127.5, q = clamp(round(w / scale), -128, 127).
    int4: one scale per group of `group_size` inputs of a row, symmetric: scale = max|w_group| / 7.5, q in [-8, 7].
    These are compressed-tensors' own formulas (calculate_qparams: amax / (range / 2)), so a weight quantised here
-   and one quantised by that package are the same integers, and |w - q * scale| <= scale / 2 for every weight.
+   and one quantised by that package are the same integers, and |w - q * scale| <= scale / 2 for every weight
+   (scales keep the source's dtype: a bf16 one, rounded, can leave a group's largest weight 0.53 steps off).
 2. The directory is a Hugging Face model directory whose config.json carries compressed-tensors'
    `quantization_config` (quant_method "compressed-tensors", format "pack-quantized", one config group of
    `Linear` targets, `ignore` naming the rest). Each quantised layer's `weight` becomes three tensors:
@@ -393,8 +394,10 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, group_size: in
     source = Path(model_dir)
     if (source / "config.json").is_file() and "quantization_config" in read_json(source / "config.json"):
         raise ValueError(f"{source}: already quantised (its config.json has a quantization_config)")
-    model = load_model(source)
-    saved_dtype = DTYPES.get(read_json(source / "config.json").get("torch_dtype"), torch.float32)
+    hf_config = read_json(source / "config.json")
+    # the source's dtype stays: its unquantised tensors and the scales (as compressed-tensors keeps them)
+    saved_dtype = DTYPES.get(hf_config.get("dtype") or hf_config.get("torch_dtype"), torch.float32)
+    model = load_model(source, dtype=saved_dtype)
     bits = SCHEMES[scheme]
     group = None if scheme == "int8" else group_size
     for name, linear in quantizable(model).items():
