@@ -16,7 +16,7 @@ import torch
 
 from lmforge import cli
 from lmforge.checkpoint import load_model, save_model
-from lmforge.config import ModelConfig, preset
+from lmforge.config import ModelConfig
 from lmforge.export import CHATML_OLLAMA, LLAMA3_PATTERN, TYPES, export_gguf, llama_cpp_template, permute_for_llama
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
@@ -198,9 +198,18 @@ def test_k_quants_are_llama_cpps_own_mixes(tokenizer_dir, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no f32 file left behind
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "qwen2_moe"])
-def test_other_families_logits_equal_lmforges(model_type, tokenizer_dir, tmp_path):
-    model_dir = family_model(model_type, tokenizer_dir, tmp_path / "model", seed=1)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1,
+           scoring_func="sigmoid", expert_score_bias=True)
+FAMILY_CASES = {"qwen2": {}, "qwen3": {}, "mistral": {}, "qwen3_moe": {}, "mixtral": {}, "qwen2_moe": {},
+                "deepseek_v3": MLA,  # and with its routing in groups, a low-rank q, scaling, no renormalisation
+                "deepseek_v3-groups": {**MLA, "q_lora_rank": 32, "n_group": 2, "topk_group": 1,
+                                       "routed_scaling_factor": 2.5, "norm_topk_prob": False}}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_other_families_logits_equal_lmforges(case, tokenizer_dir, tmp_path):
+    model_dir = family_model(case.split("-")[0], tokenizer_dir, tmp_path / "model", seed=1, **FAMILY_CASES[case])
     path = export_gguf(model_dir, tmp_path / "model.gguf", "f32")
     ids = Tokenizer.from_dir(tokenizer_dir).encode(PROMPT * 3)
     reference, got = lmforge_logits(model_dir, ids), llama_logits(path, ids)
@@ -355,11 +364,10 @@ def test_bad_input_is_one_line_naming_it(tmp_path, llama_dir, tokenizer_dir, cap
         cli.main(["export", "--model", str(llama_dir), "--out", str(tmp_path / "a.gguf"), "--type", "iq2_xs"])
     assert exit_.value.code == 2 and "iq2_xs" in error_line(capsys)
 
-    mla = save_model(build_model(preset("tiny-mla", vocab_size=300, num_hidden_layers=2), seed=0),
-                     tmp_path / "mla", tokenizer_dir=tokenizer_dir)
+    mla = family_model("deepseek_v3", tokenizer_dir, tmp_path / "mla", rope_interleave=False, **MLA)
     assert cli.main(["export", "--model", str(mla), "--out", str(tmp_path / "a.gguf")]) == 1
-    assert error_line(capsys) == (f"lmforge: error: {mla}: model_type 'deepseek_v3' is not exported to GGUF yet "
-                                  "(exported: llama, mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe)")
+    assert error_line(capsys) == (f"lmforge: error: {mla}: rope_interleave false: llama.cpp's deepseek2 rotates "
+                                  "adjacent pairs")
     unnormalised = family_model("qwen3_moe", tokenizer_dir, tmp_path / "unnormalised", norm_topk_prob=False)
     assert cli.main(["export", "--model", str(unnormalised), "--out", str(tmp_path / "a.gguf")]) == 1
     assert error_line(capsys) == (f"lmforge: error: {unnormalised}: norm_topk_prob False: llama.cpp's qwen3_moe "

@@ -16,6 +16,9 @@ come from `gguf`'s tables, not from here). What differs between families:
   ffn_gate_inp (kept f32, as llama.cpp keeps it); llama.cpp's graphs for them softmax the router and take the
   top k, renormalised (but qwen2_moe's, not), with a sigmoid-gated shared expert (qwen2_moe's only), in
   every layer, so a config that routes otherwise is refused.
+- deepseek_v3 (llama.cpp's deepseek2): multi-head latent attention, whose kv_b_proj is split per head into
+  k_b (transposed) and v_b, as llama.cpp attends over the compressed latent; its first_k_dense_replace dense
+  layers, shared experts, sigmoid or softmax routing in groups with the score-correction bias and scaling.
 Weights are written as --type says: f32, f16, bf16, q8_0 or q4_0 (blocks of 32 by `gguf.quants`); norms and
 biases stay f32, a matrix whose rows are not whole blocks falls back to f16 (as convert_hf_to_gguf.py does),
 and with q4_0 the token embedding (also the output layer when tied) is q8_0 (llama.cpp's own q4_0 files keep
@@ -30,8 +33,6 @@ merges, the special ids, the chat template, and `tokenizer.ggml.pre`, the name o
 llama.cpp splits text with. lmforge's tokenizers (and Qwen2/3's) split with Qwen2's regex, llama.cpp's
 "qwen2"; Llama 3's is "llama-bpe". A tokenizer that splits any other way is refused, as llama.cpp would
 tokenize it differently from how the model was trained.
-
-Not exported yet: deepseek_v3 (MLA, sigmoid routing in groups), which llama.cpp runs.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS)
 # model_type -> the architecture llama.cpp runs it as (gguf.MODEL_ARCH's member), and whether q/k are permuted
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "mixtral": ("LLAMA", True),
             "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False), "qwen2_moe": ("QWEN2MOE", False),
-            "qwen3_moe": ("QWEN3MOE", False)}
-LATER = ("deepseek_v3",)  # llama.cpp runs it; this exporter not yet
+            "qwen3_moe": ("QWEN3MOE", False), "deepseek_v3": ("DEEPSEEK2", False)}
 
 # The pre-tokenizer regexes llama.cpp knows, as tokenizer.json writes them, with the BPE model's ignore_merges
 # (a word that is a token is taken whole; llama.cpp sets it with "llama-bpe" only): (regex, ignore_merges) -> name
@@ -193,8 +193,13 @@ def hf_tensors(model):
         expert = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", name)
         if expert:
             experts.setdefault((expert[1], expert[3]), {})[int(expert[2])] = tensor
+        elif name.endswith("kv_b_proj.weight"):  # MLA: split per head into k_b [heads, latent, nope], v_b
+            heads = tensor.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+            k_b, v_b = heads.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+            yield name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2)
+            yield name.replace("kv_b_proj", "v_b_proj"), v_b
         else:
-            yield name, tensor
+            yield name.replace("e_score_correction_bias", "e_score_correction.bias"), tensor
     for (prefix, projection), each in experts.items():
         yield f"{prefix}.{projection}.weight", torch.stack([each[i] for i in range(len(each))])
 
@@ -238,18 +243,22 @@ def rope_metadata(writer, cfg) -> torch.Tensor | None:
 
 
 def check_exportable(cfg, model_dir: Path) -> tuple[str, bool]:
-    if cfg.model_type in LATER:
-        raise ExportError(f"{model_dir}: model_type '{cfg.model_type}' is not exported to GGUF yet "
-                          f"(exported: {', '.join(FAMILIES)})")
     if cfg.model_type not in FAMILIES:
-        raise ExportError(f"{model_dir}: model_type '{cfg.model_type}' has no GGUF export")
+        raise ExportError(f"{model_dir}: model_type '{cfg.model_type}' has no GGUF export "
+                          f"(exported: {', '.join(FAMILIES)})")
     if cfg.num_labels:
         raise ExportError(f"{model_dir}: a reward model (a score head); llama.cpp runs language models")
     if cfg.mlp_bias:
         raise ExportError(f"{model_dir}: mlp_bias is not exported (llama.cpp's {cfg.model_type} has no MLP biases)")
     if cfg.attention_bias != cfg.o_proj_bias and cfg.model_type in ("llama", "mistral"):
         raise ExportError(f"{model_dir}: q/k/v biases without an output bias is not a llama layout")
-    if cfg.num_experts:
+    if cfg.model_type == "deepseek_v3":
+        if not cfg.rope_interleave:
+            raise ExportError(f"{model_dir}: rope_interleave false: llama.cpp's deepseek2 rotates adjacent pairs")
+        if cfg.mlp_only_layers or cfg.decoder_sparse_step != 1:
+            raise ExportError(f"{model_dir}: dense layers other than the first first_k_dense_replace: llama.cpp's "
+                              "deepseek2 has those only")
+    elif cfg.num_experts:
         qwen2_moe = cfg.model_type == "qwen2_moe"
         routing = {"norm_topk_prob": (cfg.norm_topk_prob, not qwen2_moe),
                    "scoring_func": (cfg.scoring_func, "softmax"),
@@ -345,6 +354,23 @@ def write_gguf(model_dir: Path, out: Path, kind: str) -> Path:
                            expert_feed_forward_length=cfg.moe_intermediate_size)
         if cfg.shared_expert_intermediate_size:
             hparams.update(expert_shared_feed_forward_length=cfg.shared_expert_intermediate_size)
+        if cfg.is_mla:  # llama.cpp's deepseek2 attends over the compressed latent: one "kv head" of that width
+            hparams.update(head_count_kv=1, kv_lora_rank=cfg.kv_lora_rank,
+                           key_length=cfg.kv_lora_rank + cfg.qk_rope_head_dim, value_length=cfg.kv_lora_rank,
+                           key_length_mla=cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+                           value_length_mla=cfg.v_head_dim, rope_dimension_count=cfg.qk_rope_head_dim,
+                           leading_dense_block_count=cfg.first_k_dense_replace if cfg.num_experts else
+                           cfg.num_hidden_layers,
+                           q_lora_rank=cfg.q_lora_rank or 0)  # 0: q_proj whole (llama.cpp reads the key unless
+                                                              # the layer count is a "lite" model's)
+            if "mscale_all_dim" in (cfg.rope_scaling or {}):
+                hparams.update(rope_scaling_yarn_log_mul=0.1 * cfg.rope_scaling["mscale_all_dim"])
+        if cfg.model_type == "deepseek_v3" and cfg.num_experts:
+            hparams.update(expert_shared_count=cfg.n_shared_experts, expert_weights_scale=cfg.routed_scaling_factor,
+                           expert_weights_norm=cfg.norm_topk_prob, expert_group_count=cfg.n_group,
+                           expert_group_used_count=cfg.topk_group,
+                           expert_gating_func=gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
+                           else gguf.ExpertGatingFuncType.SOFTMAX)
         for key, value in hparams.items():
             getattr(writer, f"add_{key}")(value)
         rope_freqs = rope_metadata(writer, cfg)
