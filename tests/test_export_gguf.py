@@ -205,6 +205,12 @@ FAMILY_CASES = {"qwen2": {}, "qwen3": {}, "mistral": {}, "qwen3_moe": {}, "mixtr
                 "deepseek_v3": MLA,  # and with its routing in groups, a low-rank q, scaling, no renormalisation
                 "deepseek_v3-groups": {**MLA, "q_lora_rank": 32, "n_group": 2, "topk_group": 1,
                                        "routed_scaling_factor": 2.5, "norm_topk_prob": False}}
+# RoPE scaling, with an original context shorter than the prompt so that it matters
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+FAMILY_CASES.update({"llama-linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+                     "llama-yarn": {"rope_scaling": YARN}, "qwen2-yarn": {"rope_scaling": YARN},
+                     "deepseek_v3-yarn": {**MLA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                                  "beta_fast": 32, "beta_slow": 1}}})
 
 
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
