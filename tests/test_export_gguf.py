@@ -333,6 +333,15 @@ def test_chat_template_renders_alike_in_llama_cpp_python(exported, llama_dir):
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]
     rendered = Jinja2ChatFormatter(template, eos_token="<|endoftext|>", bos_token="")(messages=chat).prompt
     assert rendered == tokenizer.render_chat(chat, add_generation_prompt=True)
+    # and llama.cpp's own C API (what llama-cli and llama-server use without --jinja) on the file's template
+    import ctypes
+
+    c_template = llama_cpp.llama_model_chat_template(model._model.model, None)
+    messages = (llama_cpp.llama_chat_message * len(chat))(
+        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in chat])
+    buffer = ctypes.create_string_buffer(4096)
+    length = llama_cpp.llama_chat_apply_template(c_template, messages, len(chat), True, buffer, len(buffer))
+    assert buffer.raw[:length].decode() == rendered
     assert model.token_eos() == tokenizer.eos_id
     assert llama_cpp_template("{%- generation -%}x{% endgeneration %}") == "{%- if true -%}x{% endif %}"
 
