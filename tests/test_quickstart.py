@@ -64,6 +64,18 @@ def test_final_model_loads_in_transformers_with_the_same_greedy_tokens(smoke):
     assert ours.token_ids == ids[0, len(prompt):].tolist()
 
 
+def test_gguf_export_loads_in_llama_cpp(smoke):
+    import llama_cpp
+
+    from lmforge.tokenizer import Tokenizer
+
+    gguf = smoke / "gguf" / "model-q8_0.gguf"
+    assert "FROM " in (gguf.parent / "Modelfile").read_text()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False)
+    text = "ROMEO:\nWhat light through yonder window breaks?"
+    assert llm.tokenize(text.encode(), add_bos=False) == Tokenizer.from_dir(smoke / "model").encode(text)
+
+
 def test_second_run_reuses_every_stage(smoke, capsys):
     before = (smoke / "report.json").read_text()
     assert main(["--out-dir", str(smoke), "--smoke", "true", "--eval-items", "8"]) == 0

@@ -8,8 +8,9 @@
     5. GRPO from there, rewarded for the right `#### N` (held-out accuracy before and after)
     6. evaluate every stage's model on the same tasks (`lmforge eval`): Shakespeare bits per byte and
        next-line multiple choice, arithmetic exact match
-    7. export the final model (a Hugging Face directory with its tokenizer and chat template) and print the
-       commands that chat with and serve it; report.md / report.json in --out-dir hold every number.
+    7. export the final model (a Hugging Face directory with its tokenizer and chat template, and a q8_0 GGUF
+       file with an Ollama Modelfile) and print the commands that chat with and serve it; report.md /
+       report.json in --out-dir hold every number.
 
 Each stage is also a command of its own, printed as `$ lmforge ...` before it runs: this file only strings
 them together. A stage whose output exists is skipped, so an interrupted run continues where it stopped.
@@ -306,6 +307,14 @@ def export_stage(run: Run) -> Path:
     return final
 
 
+def gguf_stage(run: Run, model: Path) -> Path:
+    """The final model as a q8_0 GGUF file for llama.cpp, with an Ollama Modelfile beside it."""
+    out = run.path("gguf", "model-q8_0.gguf")
+    if not out.is_file():
+        lmforge("export", "--model", str(model), "--format", "ollama", "--type", "q8_0", "--out", str(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(QuickstartConfig, argv, prog="lmforge quickstart", description=__doc__)
     run = Run(cfg, Path(cfg.out_dir))
@@ -322,10 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     run.stages.append(StageReport("eval", "every stage's model on the same tasks", seconds))
     own_metrics(run)
     model = export_stage(run)
-    q = shlex.quote(str(model))
+    gguf = gguf_stage(run, model)
+    q, g = shlex.quote(str(model)), shlex.quote(str(gguf))
     commands = [f"lmforge chat --model {q}", f"lmforge serve --model {q} --port 8000   # OpenAI API + web chat",
                 f"lmforge generate --model {q} --prompt 'ROMEO:' --max-new-tokens 100",
-                f"lmforge eval --model {q} --tasks arithmetic shakespeare-cloze humaneval-mini"]
+                f"lmforge eval --model {q} --tasks arithmetic shakespeare-cloze humaneval-mini",
+                f"ollama create lmforge-quickstart -f {shlex.quote(str(gguf.parent / 'Modelfile'))}   # {g}, q8_0"]
     report = write_report(run.out, run.stages, run.evals, SHOWN, commands, title="lmforge quickstart")
     print("\n" + terminal_table(run.evals, SHOWN))
     print(f"\nthe final model: {model}\n" + "\n".join(f"    {c}" for c in commands))
