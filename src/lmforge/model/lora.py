@@ -23,6 +23,10 @@ load PEFT's:
 
 The formulas follow peft/tuners/lora/layer.py and dora.py (PEFT 0.21), including where PEFT
 detaches the norm and how it merges.
+
+QLoRA: the base layer may be an `NF4Linear` (model/nf4.py, a 4-bit frozen weight). It is then kept
+as the submodule `base_layer` and dequantised where the weight is needed (DoRA's row norms, a
+merge); the adapters are the same, and so is the file, which applies to the unquantised base.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import nn
 
 from lmforge.checkpoint import to_disk_name
 from lmforge.files import atomic_directory_write, read_json
+from lmforge.model.nf4 import NF4Linear
 
 ALL_LINEAR = "all-linear"
 _PREFIX = "base_model.model."  # what PEFT puts before a module name in the adapter file
@@ -81,18 +86,22 @@ class LoraConfig:
 class LoraLinear(nn.Module):
     """A frozen linear layer plus a low-rank (LoRA) or magnitude-and-direction (DoRA) update."""
 
-    def __init__(self, base: nn.Linear, settings: LoraConfig):
+    def __init__(self, base: nn.Linear | NF4Linear, settings: LoraConfig):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameter objects: names and storage unchanged
+        if isinstance(base, NF4Linear):
+            self.base_layer = base  # QLoRA: the 4-bit frozen weight, dequantised on the fly
+            base_dtype, device = base.dtype, base.codes.device
+        else:
+            self.weight = base.weight  # the same Parameter objects: names and storage unchanged
+            base_dtype, device = base.weight.dtype, base.weight.device
         self.register_parameter("bias", base.bias)
         self.scaling = settings.scaling
         self.use_dora = settings.use_dora
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         # Half-precision base weights get fp32 adapters, as PEFT does by default (autocast_adapter_dtype):
         # the adapter is small, and its updates are too fine for bf16.
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        device = base.weight.device
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         self.lora_A = nn.Parameter(torch.empty(settings.r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, settings.r, device=device, dtype=dtype))
         with torch.no_grad():
@@ -103,6 +112,16 @@ class LoraLinear(nn.Module):
             if self.use_dora:
                 self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(dtype))
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(getattr(self, "base_layer", None), NF4Linear)
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen weight W in `dtype` (its own by default); an NF4 base is dequantised."""
+        if self.quantized:
+            return self.base_layer.dequantize(dtype or self.base_layer.dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in fp32, shaped like the base weight."""
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
@@ -110,10 +129,10 @@ class LoraLinear(nn.Module):
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row, as a constant (DoRA section 4.3)."""
         with torch.no_grad():
-            return torch.linalg.vector_norm(self.weight.float() + self.delta_weight(), dim=1)
+            return torch.linalg.vector_norm(self.base_weight(torch.float32) + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)
         dropped = self.dropout(x).to(self.lora_A.dtype)
         lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
         if not self.use_dora:
@@ -122,13 +141,15 @@ class LoraLinear(nn.Module):
         # BA, so no gradient flows through it; then
         #   y = W x + b + (m/n - 1) * W x' + (m/n) * s * B A x'      (x' = dropout(x))
         # which is m/n * (W + s B A) x + b when dropout is off.
-        weight = self.weight.to(x.dtype)
         with torch.no_grad():
+            weight = self.base_weight(x.dtype)
             lora_weight = (self.lora_B @ self.lora_A).to(x.dtype)
             norm = torch.linalg.vector_norm(weight + self.scaling * lora_weight, dim=1)
         scale = (self.lora_magnitude_vector / norm).view(1, -1)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base = result if self.bias is None else result - self.bias
+        elif self.quantized:
+            base = self.base_layer.matmul(dropped.to(x.dtype))
         else:
             base = F.linear(dropped.to(x.dtype), weight)
         return result + ((scale - 1) * base + scale * lora * self.scaling).to(result.dtype)
@@ -136,15 +157,15 @@ class LoraLinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """The plain weight that computes the same function (PEFT's merge), in the base dtype."""
         with torch.no_grad():
-            weight = self.weight.float() + self.delta_weight()
+            weight = self.base_weight(torch.float32) + self.delta_weight()
             if self.use_dora:
                 norm = torch.linalg.vector_norm(weight, dim=1)
                 weight = (self.lora_magnitude_vector.float() / norm)[:, None] * weight
-            return weight.to(self.weight.dtype)
+            return weight.to(self.base_layer.dtype if self.quantized else self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.lora_A.shape[0]}, "
-                f"scaling={self.scaling:g}, dora={self.use_dora}")
+                f"scaling={self.scaling:g}, dora={self.use_dora}" + (", base nf4" if self.quantized else ""))
 
 
 # -- applying, merging ---------------------------------------------------------------------------
@@ -160,7 +181,9 @@ def target_module_names(model: nn.Module, target_modules: list[str] | str) -> li
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     names = []
     for name, module in model.named_modules():
-        if not (name.startswith("model.layers.") and isinstance(module, nn.Linear)):
+        if not (name.startswith("model.layers.") and isinstance(module, (nn.Linear, NF4Linear))):
+            continue
+        if name.endswith(".base_layer"):  # the NF4 weight inside a LoraLinear
             continue
         if targets == [ALL_LINEAR]:
             names.append(name)
@@ -208,7 +231,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain nn.Linear layers back."""
     for name, m in lora_modules(model).items():
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight = nn.Parameter(m.merged_weight(), requires_grad=m.weight.requires_grad)
+        linear.weight = nn.Parameter(m.merged_weight(), requires_grad=not m.quantized and m.weight.requires_grad)
         linear.bias = m.bias
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, linear)
@@ -352,7 +375,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             continue
         tensors[name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")] = t
     ours_by_disk = {_disk_name(model, n): n for n, m in model.named_modules()
-                    if isinstance(m, (nn.Linear, LoraLinear))}
+                    if isinstance(m, (nn.Linear, NF4Linear, LoraLinear)) and not n.endswith(".base_layer")}
     adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     unknown = [k for k in adapted if k not in ours_by_disk]
     if unknown:

@@ -8,6 +8,8 @@
       lora    low-rank adapters on `lora.target_modules` (Hu et al. 2021); checkpoints are PEFT adapter dirs
       dora    LoRA with a learned magnitude per row (Liu et al. 2024); the same format, use_dora=true
       freeze  only the blocks in `freeze.layers` (negative = from the end) and the modules in `freeze.modules`
+   `--quant nf4` (QLoRA, lora/dora only): the frozen base's linear layers in the blocks are held as 4-bit
+   NormalFloat (model/nf4.py) and dequantised on the fly; the adapter applies to the unquantised base
 3. the data: conversations (OpenAI messages, ShareGPT, Alpaca, MiniMind ...) rendered with the chat
    template; labels only on assistant replies; padded or packed rows; a new seeded order every epoch
 4. the objective: chunked cross-entropy on the labelled tokens. The Trainer does the rest.
@@ -27,7 +29,8 @@ import torch
 from lmforge.checkpoint import model_from, save_model
 from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, pack, sft_batches
 from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
-from lmforge.settings import check_ranges
+from lmforge.model.nf4 import quantize_linears_nf4
+from lmforge.settings import OptionError, check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
@@ -72,6 +75,10 @@ class SFTConfig:
     packed: bool = field(default=False, metadata={"help": "pack several samples per row of max_len tokens"})
     method: Literal["full", "lora", "dora", "freeze"] = field(default="full", metadata={"help": "what is trained"})
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: Literal["none", "nf4"] = field(default="none", metadata={
+        "help": "lora/dora: hold the frozen base's block linears in 4-bit NF4 (QLoRA), dequantised on the fly"})
+    double_quant: bool = field(default=False, metadata={
+        "help": "quant nf4: quantise the blocks' scales too (int8 per 256: 4.13 bits a weight, not 4.5)"})
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     merge: bool = field(default=False, metadata={"help": "lora/dora: also write RUN_DIR/merged, the merged model"})
     chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer + loss",
@@ -142,8 +149,15 @@ def freeze_except(model: torch.nn.Module, layers: list[int], modules: list[str])
 
 
 def build(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
+    quant = getattr(cfg, "quant", "none")  # build is shared with stages that have no quant option
+    if quant != "none" and cfg.method not in ("lora", "dora"):
+        raise OptionError(f"quant: {quant} needs method lora or dora (a 4-bit base is frozen), not {cfg.method}")
+    if getattr(cfg, "double_quant", False) and quant == "none":
+        raise OptionError("double_quant: needs quant nf4")
     model = model_from(cfg.model, device=device, seed=cfg.train.seed, vocab_size=tokenizer.vocab_size,
                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    if quant == "nf4":
+        quantize_linears_nf4(model, double_quant=cfg.double_quant)
     if cfg.method in ("lora", "dora"):
         apply_lora(model, replace(cfg.lora, use_dora=cfg.method == "dora" or cfg.lora.use_dora))
     elif cfg.method == "freeze":
