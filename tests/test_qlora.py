@@ -41,6 +41,18 @@ def test_nf4_code_is_bitsandbytes_table():
     assert (NF4_CODE > 0).sum() == 8 and (NF4_CODE < 0).sum() == 7 and bool((NF4_CODE.diff() > 0).all())
 
 
+def test_same_bytes_as_bitsandbytes_where_installed():
+    """Not installed in CI (and not needed): where it is, its quantize_4bit must store what ours stores.
+    With bitsandbytes 0.50.2's CPU backend: the same bytes, absmax equal, dequantised within 1.5e-8."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    w = weights((256, 512), seed=3)
+    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = quantize_nf4(w)
+    assert torch.equal(packed.flatten().to(torch.uint8), ours.codes)
+    torch.testing.assert_close(state.absmax.float(), ours.absmax, atol=0, rtol=0)
+    torch.testing.assert_close(functional.dequantize_4bit(packed, state).float(), dequantize_nf4(ours))
+
+
 def weights(shape, seed):
     """Normal weights whose scale varies across blocks, with a few outliers, as trained weights look."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,8 @@ whose linear weights are stored in 4 bits:
   (`get_4bit_type("nf4")` in bitsandbytes/functional.py: -1.0, -0.6961928009986877, ..., 1.0).
 * **Blockwise absmax.** The flattened weight is cut into blocks of 64 values; each block is divided
   by its largest magnitude (kept in fp32) and every value stored as the index of the nearest level,
-  two indices a byte: 4 bits + 32/64 bits of scale = 4.5 bits a weight.
+  two indices a byte: 4 bits + 32/64 bits of scale = 4.5 bits a weight. The bytes are bitsandbytes':
+  its `quantize_4bit(w, blocksize=64, quant_type="nf4")` (0.50.2, CPU) stores the same codes and absmax.
 * **Double quantisation** (optional): the fp32 scales, less their mean, are themselves quantised to
   int8 in blocks of 256 with one fp32 scale each, 8/64 + 32/(64*256) bits a weight: 4.127 in all.
   (The paper stores them as 8-bit floats; symmetric int8 is used here, a simpler code with the same
