@@ -172,9 +172,11 @@ def qlora_config(tmp_path, base_model, chats, *extra) -> sft.SFTConfig:
         "--lora.target-modules", "all-linear", "--quant", "nf4", *QUIET, *extra])
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_sft_qlora_trains_and_peft_loads_the_adapter(tmp_path, base_model, chats, method):
-    result = sft.run(qlora_config(tmp_path, base_model, chats, "--method", method, "--lora.dropout", "0.1"))
+@pytest.mark.parametrize("method, precision", [("lora", "bf16"), ("dora", "bf16-pure")])
+def test_sft_qlora_trains_and_peft_loads_the_adapter(tmp_path, base_model, chats, method, precision):
+    """Under bf16 autocast and pure bf16 (the base dequantised to bf16, the adapters in fp32)."""
+    result = sft.run(qlora_config(tmp_path, base_model, chats, "--method", method, "--lora.dropout", "0.1",
+                                  "--train.precision", precision))
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0] - 0.3
     config = json.loads((result.model_dir / "adapter_config.json").read_text())
@@ -197,7 +199,8 @@ def test_sft_qlora_trains_and_peft_loads_the_adapter(tmp_path, base_model, chats
     assert not torch.allclose(merged, base_logits, atol=1e-2)
     if method == "lora":  # resuming from step 4 (the 4-bit base rebuilt from the model dir) repeats steps 5-8
         resumed = sft.run(qlora_config(tmp_path / "again", base_model, chats, "--method", method,
-                                       "--lora.dropout", "0.1", "--train.resume", str(tmp_path / "checkpoint-000004")))
+                                       "--lora.dropout", "0.1", "--train.precision", precision,
+                                       "--train.resume", str(tmp_path / "checkpoint-000004")))
         assert [h["loss"] for h in resumed.history] == losses[4:]
 
 
