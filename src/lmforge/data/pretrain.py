@@ -211,7 +211,7 @@ def _split(value, key: str, path: Path) -> Split:
     return split
 
 
-def _is_val(index: int, val_fraction: float) -> bool:
+def is_held_out_piece(index: int, val_fraction: float) -> bool:
     # Piece i is held out when the rounded running count of held-out pieces, round((i+1) * f), steps up:
     # a fraction f of the pieces, spread evenly over the corpus rather than all taken from its end, and
     # the first one already at piece 1/(2f) so that small corpora get a validation split too.
@@ -264,7 +264,7 @@ def prepare(tokenizer_dir: str | Path, data, out_dir: str | Path, text_field: st
                   disable=not (show_progress and sys.stderr.isatty())) as bar:  # a log file gets the summary line only
             for job in encoded:
                 for tokens, piece in job:
-                    split = "val" if _is_val(index, val_fraction) else "train"
+                    split = "val" if is_held_out_piece(index, val_fraction) else "train"
                     writers[split].write(tokens, piece.ends_document)
                     index += 1
                     read += piece.nbytes

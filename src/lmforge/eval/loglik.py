@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lmforge.data.formats import DataError, TextPiece, iter_text_pieces, read_records, resolve_files
-from lmforge.data.pretrain import MIN_PIECE_BYTES, Manifest, _is_val
+from lmforge.data.pretrain import MIN_PIECE_BYTES, Manifest, is_held_out_piece
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -170,14 +170,14 @@ def rolling_loglikelihoods(model: Transformer, tokenizer: Tokenizer, texts: list
 def heldout_pieces(files, val_fraction: float = BUILTIN_VAL_FRACTION, piece_bytes: int = 1 << 16) -> list[TextPiece]:
     """The text pieces `data.pretrain.prepare(..., files, val_fraction=, piece_bytes=)` puts in its val
     split, in order: the same cut into pieces (shrunk for a small corpus as prepare shrinks it) and the same
-    every-k-th choice (`_is_val`)."""
+    every-k-th choice (`is_held_out_piece`)."""
     if not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction: {val_fraction} should be in (0, 0.5]")
     files = resolve_files(files)
     total = sum(f.stat().st_size for f in files)
     piece_bytes = min(piece_bytes, max(MIN_PIECE_BYTES, int(total * val_fraction)))
     pieces = iter_text_pieces(files, piece_bytes=piece_bytes)
-    return [piece for index, piece in enumerate(pieces) if _is_val(index, val_fraction)]
+    return [piece for index, piece in enumerate(pieces) if is_held_out_piece(index, val_fraction)]
 
 
 @functools.lru_cache(maxsize=4)
