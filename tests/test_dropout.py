@@ -13,7 +13,7 @@ from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfigError, from_hf, to_hf
 from lmforge.settings import OptionError, parse_args_or_raise
 from lmforge.train import pretrain, sft
-from lmforge.train.trainer import set_dropout
+from lmforge.train.stage import set_dropout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = ["embd_pdrop", "attention_dropout", "resid_pdrop"]

@@ -22,7 +22,8 @@ from lmforge.settings import parse_args_or_raise
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import reward
 from lmforge.train.checkpointing import load_state
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer
+from lmforge.train.stage import EpochBatches
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).parents[1]

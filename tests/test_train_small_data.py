@@ -21,7 +21,8 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import pretrain, sft
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.schedule import lr_at
-from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainingSet, repeat_warning
+from lmforge.train.stage import TrainingSet, repeat_warning
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = ["--train.progress", "false", "--train.peak-flops", "1e11", "--train.device", "cpu"]

@@ -44,7 +44,8 @@ from lmforge.train.objectives import distillation_loss
 from lmforge.train.pretrain import LoaderBatches, validation_bytes_per_token
 from lmforge.train.rollout import Sampler
 from lmforge.train.sft import index_batches, read_samples, shift_labels
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
+from lmforge.train.stage import EpochBatches, stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult
 
 # The teacher computes in the precision the student trains in; it needs no fp32 master weights.
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-pure": torch.bfloat16,

@@ -47,7 +47,8 @@ from lmforge.train.objectives import (
     with_router_aux_loss,
 )
 from lmforge.train.sft import FreezeConfig, build, index_batches, weights_saver
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
+from lmforge.train.stage import EpochBatches, stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult
 
 REFERENCE_FILE = "reference_logps.safetensors"
 

@@ -50,7 +50,8 @@ from lmforge.train.policy import (
 from lmforge.train.rewards import exact_answer
 from lmforge.train.rollout import RewardSet, Rollouts, RolloutSettings, Sampler
 from lmforge.train.sft import FreezeConfig, build, weights_saver
-from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env, stage_main
+from lmforge.train.stage import stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult, setup_env
 
 
 @dataclass

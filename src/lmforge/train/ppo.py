@@ -55,7 +55,8 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.grpo import RLConfig, completion_labels, run_rl
 from lmforge.train.objectives import token_logps, with_router_aux_loss
 from lmforge.train.policy import clipped_surrogate, clipped_value_loss, gae, kl_k1, kl_k3, masked_mean, whiten
-from lmforge.train.trainer import OptimConfig, TrainConfig, TrainResult, setup_env, stage_main
+from lmforge.train.stage import stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, TrainResult, setup_env
 
 
 @dataclass

@@ -25,16 +25,8 @@ from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
 from lmforge.train.objectives import DEFAULT_CHUNK, causal_lm_loss
-from lmforge.train.trainer import (
-    OptimConfig,
-    TrainConfig,
-    Trainer,
-    TrainingSet,
-    TrainResult,
-    dropout_option,
-    set_dropout,
-    stage_main,
-)
+from lmforge.train.stage import TrainingSet, dropout_option, set_dropout, stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult
 
 
 @dataclass

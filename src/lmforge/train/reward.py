@@ -50,7 +50,8 @@ from lmforge.train.environment import setup_env
 from lmforge.train.metrics import read_metrics
 from lmforge.train.objectives import with_router_aux_loss
 from lmforge.train.sft import FreezeConfig, freeze_except, index_batches, weights_saver
-from lmforge.train.trainer import EpochBatches, OptimConfig, TrainConfig, Trainer, TrainResult, stage_main
+from lmforge.train.stage import EpochBatches, stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, Trainer, TrainResult
 
 SIDES = ("chosen_input_ids", "rejected_input_ids")
 

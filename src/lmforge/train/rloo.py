@@ -23,7 +23,8 @@ import torch
 from lmforge.train.grpo import RLConfig, completion_labels, run_rl
 from lmforge.train.objectives import token_logps, with_router_aux_loss
 from lmforge.train.policy import global_nanstd, leave_one_out_advantages, masked_mean
-from lmforge.train.trainer import OptimConfig, TrainConfig, TrainResult, stage_main
+from lmforge.train.stage import stage_main
+from lmforge.train.trainer import OptimConfig, TrainConfig, TrainResult
 
 
 @dataclass

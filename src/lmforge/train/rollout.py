@@ -38,7 +38,7 @@ from lmforge.train.objectives import token_logps
 from lmforge.train.policy import nanstd, num_items
 from lmforge.train.rewards import RewardFunction, load_reward_function, score
 from lmforge.train.sft import index_batches
-from lmforge.train.trainer import EpochBatches
+from lmforge.train.stage import EpochBatches
 
 
 class Sampler:
