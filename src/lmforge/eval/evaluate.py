@@ -84,6 +84,9 @@ def load_for_eval(path: str | Path, dtype: str = "float32") -> Loaded:
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: {dtype!r} should be float32 or bfloat16")
     path = Path(path)
+    if path.suffix == ".gguf":
+        raise ValueError(f"model: {path}: GGUF files are not evaluated yet; evaluate the model directory it was "
+                         "exported from")
     if not path.is_dir():
         raise FileNotFoundError(f"model: {path} is not a directory")
     if (path / "adapter_config.json").is_file():
