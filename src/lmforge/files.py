@@ -28,6 +28,15 @@ def read_json(path: Path, error: type[Exception] = ValueError, kind: type | None
     return value
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a hidden sibling and one rename: a reader sees the old file or the whole
+    new one (a report, results.json), never half of it."""
+    tmp = temporary_beside(path)
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 # -- directories written whole: a crash at any moment leaves the old one or the new one, never a mix ----------
 
 def temporary_beside(path: Path, shared: bool = False) -> Path:

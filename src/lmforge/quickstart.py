@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge import cli
+from lmforge.files import atomic_directory_write, write_text_atomic
 from lmforge.report import StageReport, terminal_table, write_report
 from lmforge.settings import parse_args
 
@@ -97,9 +98,7 @@ def stage_done(run: Run, name: str) -> StageReport | None:
 
 def finish(run: Run, report: StageReport) -> StageReport:
     run.path("stages").mkdir(parents=True, exist_ok=True)
-    tmp = run.path("stages", f".{report.name}.json.tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2))
-    tmp.replace(run.path("stages", f"{report.name}.json"))
+    write_text_atomic(run.path("stages", f"{report.name}.json"), json.dumps(asdict(report), indent=2))
     run.stages.append(report)
     return report
 
@@ -300,10 +299,7 @@ def export_stage(run: Run) -> Path:
     final = run.path("model")
     if not final.is_dir():
         source = run.path("rl", "final").resolve()
-        tmp = run.path(".model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        tmp.replace(final)
+        atomic_directory_write(final, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
     return final
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import lmforge
+from lmforge.files import write_text_atomic
 
 
 @dataclass
@@ -117,11 +118,8 @@ def write_report(out: str | Path, stages: list[StageReport], evals: dict[str, di
     md += ["", "## Use the result", "", "```sh"] + commands + ["```", ""]
     payload = {"title": title, "seconds": total, "environment": env, "stages": [asdict(s) for s in stages],
                "evals": evals, "commands": commands}
-    for name, text in (("report.json", json.dumps(payload, indent=2) + "\n"), ("report.md", "\n".join(md))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
-    return out / "report.md"
+    write_text_atomic(out / "report.json", json.dumps(payload, indent=2) + "\n")
+    return write_text_atomic(out / "report.md", "\n".join(md))
 
 
 def terminal_table(evals: dict[str, dict[str, dict[str, float]]], shown: dict[str, list[str]]) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import CheckpointError, load_model
-from lmforge.files import read_json
+from lmforge.files import read_json, write_text_atomic
 from lmforge.settings import parse_args
 from lmforge.tokenizer import Tokenizer
 
@@ -193,11 +193,8 @@ def write_results(out: Path, cfg: EvalConfig, results: dict[str, dict], seconds:
                "results": {task: r["metrics"] for task, r in results.items()}}
     samples = "".join(json.dumps({"task": task, **sample}) + "\n" for task, r in results.items()
                       for sample in r["samples"])
-    for name, text in (("samples.jsonl", samples), ("results.json", json.dumps(payload, indent=2) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
-    return out / "results.json"
+    write_text_atomic(out / "samples.jsonl", samples)
+    return write_text_atomic(out / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
 def evaluate(cfg: EvalConfig, loaded: Loaded | None = None, echo=print) -> dict[str, dict]:
