@@ -74,5 +74,3 @@ def test_bad_tasks_fail_before_loading(tmp_path, capsys):
     assert f"no such file or directory {missing}" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "arithmetic"]) == 1
     assert "is not a directory" in capsys.readouterr().err
-    assert cli.main(["eval", "--model", str(tmp_path / "model.gguf"), "--tasks", "arithmetic"]) == 1
-    assert "GGUF files are not evaluated yet" in capsys.readouterr().err

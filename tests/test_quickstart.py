@@ -29,8 +29,8 @@ def smoke(tmp_path_factory):
 def test_every_stage_reported(smoke):
     report = json.loads((smoke / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["data", "base", "sft", "dpo", "rl", "eval"]
-    assert list(report["evals"]) == STAGES
-    for stage in STAGES:
+    assert list(report["evals"]) == [*STAGES, "q8_0.gguf"]
+    for stage in [*STAGES, "q8_0.gguf"]:
         assert set(report["evals"][stage]) == {"shakespeare-bpb", "shakespeare-cloze", "arithmetic"}
     evals = report["evals"]
     assert evals["base"]["shakespeare-bpb"]["bits_per_byte"] < evals["init"]["shakespeare-bpb"]["bits_per_byte"]
@@ -40,7 +40,10 @@ def test_every_stage_reported(smoke):
     assert by_name["dpo"]["steps"] == 4 and by_name["rl"]["steps"] == 3
     assert report["environment"]["torch"] == torch.__version__
     markdown = (smoke / "report.md").read_text()
-    assert "| task | metric | init | base | sft | dpo | rl |" in markdown
+    assert "| task | metric | init | base | sft | dpo | rl | q8_0.gguf |" in markdown
+    # the exported file scores as the model it came from, within what 8 bits change
+    bpb = [evals[s]["shakespeare-bpb"]["bits_per_byte"] for s in ("rl", "q8_0.gguf")]
+    assert bpb[1] == pytest.approx(bpb[0], rel=1e-3)
     for png in ("pretrain/loss.png", "sft/loss.png", "rl/reward.png"):
         assert f"]({png})" in markdown and (smoke / png).stat().st_size > 0
     assert "ROMEO:" in markdown and "user: " in markdown  # a sample and a chat transcript

@@ -6,8 +6,8 @@
     3. SFT it on the problems' worked solutions (held-out exact-match accuracy; a chat transcript)
     4. DPO on pairs of the SFT model's own right and wrong answers (`lmforge rejection --pairs-out`)
     5. GRPO from there, rewarded for the right `#### N` (held-out accuracy before and after)
-    6. evaluate every stage's model on the same tasks (`lmforge eval`): Shakespeare bits per byte and
-       next-line multiple choice, arithmetic exact match
+    6. evaluate every stage's model, and the exported q8_0 GGUF file, on the same tasks (`lmforge eval`):
+       Shakespeare bits per byte and next-line multiple choice, arithmetic exact match
     7. export the final model (a Hugging Face directory with its tokenizer and chat template, and a q8_0 GGUF
        file with an Ollama Modelfile) and print the commands that chat with and serve it; report.md /
        report.json in --out-dir hold every number.
@@ -321,13 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     sft_stage(run)
     dpo_stage(run)
     rl_stage(run)
+    model = export_stage(run)
+    gguf = gguf_stage(run, model)
     seconds = eval_stage(run, "init", init_model(run))
     for stage in run.stages[1:]:
         seconds += eval_stage(run, stage.name, run.path(stage.model))
-    run.stages.append(StageReport("eval", "every stage's model on the same tasks", seconds))
+    seconds += eval_stage(run, "q8_0.gguf", gguf)  # the exported file, read back as llama.cpp holds it
+    run.stages.append(StageReport("eval", "every stage's model, and the q8_0 GGUF, on the same tasks", seconds))
     own_metrics(run)
-    model = export_stage(run)
-    gguf = gguf_stage(run, model)
     q, g = shlex.quote(str(model)), shlex.quote(str(gguf))
     commands = [f"lmforge chat --model {q}", f"lmforge serve --model {q} --port 8000   # OpenAI API + web chat",
                 f"lmforge generate --model {q} --prompt 'ROMEO:' --max-new-tokens 100",

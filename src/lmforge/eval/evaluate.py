@@ -25,11 +25,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from lmforge.checkpoint import CheckpointError, load_model
 from lmforge.files import read_json, write_text_atomic
+from lmforge.model import KV_CACHE_HELP
 from lmforge.settings import parse_args
 from lmforge.tokenizer import Tokenizer
 
@@ -39,7 +41,8 @@ KINDS = ("bpb", "mc", "gen", "code", "lm_eval")
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="", metadata={"help": "an HF model directory or a PEFT adapter directory"})
+    model: str = field(default="", metadata={"help": "an HF model directory, a PEFT adapter directory or a GGUF "
+                                                     "file (dequantised; gguf_read.py)"})
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "shakespeare-cloze"], metadata={
         "help": f"built-in ({', '.join(BUILTIN)}) or KIND:PATH with KIND one of {', '.join(KINDS)}"})
     out: str = field(default="runs/eval", metadata={"help": "directory for results.json and samples.jsonl"})
@@ -58,6 +61,8 @@ class EvalConfig:
                 "shorter sequences scores better at its training length)", "min": 2})
     batch_size: int = field(default=16, metadata={"help": "sequences per scoring forward", "min": 1})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    kv_cache: Literal["auto", "int8"] = field(default="auto", metadata={
+        "help": KV_CACHE_HELP + "; used by the tasks that generate (gen, code, arithmetic, humaneval-mini)"})
     seed: int = 0
 
 
@@ -68,25 +73,27 @@ class Loaded:
     model_dir: Path  # where the tokenizer and generation config come from (the base, for an adapter)
     engine: object = None  # built on first use (infer.engine.Engine)
 
-    def get_engine(self):
+    def get_engine(self, kv_cache_dtype: str = "auto"):
         if self.engine is None:
             from lmforge.infer.engine import Engine, default_eos_ids
 
-            self.engine = Engine(self.model, self.tokenizer, max_batch_size=64,
+            self.engine = Engine(self.model, self.tokenizer, max_batch_size=64, kv_cache_dtype=kv_cache_dtype,
                                  eos_ids=default_eos_ids(self.model, self.tokenizer, self.model_dir))
         return self.engine
 
 
 def load_for_eval(path: str | Path, dtype: str = "float32") -> Loaded:
-    """A model directory, or a PEFT adapter directory merged into the base model it names."""
+    """A model directory, a PEFT adapter directory merged into the base model it names, or a GGUF file."""
     from lmforge.checkpoint import DTYPES
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: {dtype!r} should be float32 or bfloat16")
     path = Path(path)
-    if path.suffix == ".gguf":
-        raise ValueError(f"model: {path}: GGUF files are not evaluated yet; evaluate the model directory it was "
-                         "exported from")
+    if path.suffix == ".gguf":  # weights dequantised, tokenizer rebuilt as llama.cpp splits text (gguf_read)
+        from lmforge.gguf_read import load_gguf
+
+        model, tokenizer = load_gguf(path, dtype=DTYPES[dtype])
+        return Loaded(model, tokenizer, path)
     if not path.is_dir():
         raise FileNotFoundError(f"model: {path} is not a directory")
     if (path / "adapter_config.json").is_file():
@@ -144,15 +151,15 @@ def run_task(task: str, loaded: Loaded, cfg: EvalConfig) -> dict:
         from lmforge.eval.generative import builtin_arithmetic, evaluate_generative, read_generative
 
         items = read_generative(path, cfg.limit) if path else builtin_arithmetic(cfg.limit or 500, cfg.seed)
-        return evaluate_generative(loaded.get_engine(), items, chat=use_chat(cfg, tokenizer), n=cfg.n, k=tuple(cfg.k),
-                                   temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
+        return evaluate_generative(loaded.get_engine(cfg.kv_cache), items, chat=use_chat(cfg, tokenizer), n=cfg.n,
+                                   k=tuple(cfg.k), temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
                                    fewshot=[] if not cfg.num_fewshot else fewshot_items(path, cfg))
     if kind in ("humaneval-mini", "code"):
         from lmforge.eval.code import builtin_humaneval, evaluate_code, read_humaneval
 
         problems = (read_humaneval(path) if path else builtin_humaneval())[:cfg.limit]
-        return evaluate_code(loaded.get_engine(), problems, n=cfg.n, k=tuple(cfg.k), temperature=cfg.temperature,
-                             max_tokens=cfg.max_tokens, chat=cfg.chat == "true")
+        return evaluate_code(loaded.get_engine(cfg.kv_cache), problems, n=cfg.n, k=tuple(cfg.k),
+                             temperature=cfg.temperature, max_tokens=cfg.max_tokens, chat=cfg.chat == "true")
     from lmforge.eval.harness import run_lm_eval
 
     return {"metrics": run_lm_eval(model, tokenizer, [path], limit=cfg.limit,
