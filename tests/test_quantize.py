@@ -239,8 +239,8 @@ def test_bad_input_is_one_line_naming_it(base_model, quantized, tmp_path, capsys
     assert not (tmp_path / "q").exists()
     assert cli(["quantize", "--model", str(quantized["int8"]), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 1
     assert "already quantised" in capsys.readouterr().err
-    assert cli(["quantize", "--model", str(base_model), "--method", "int4", "--group-size", "32", "--out",
-                str(tmp_path / "q")]) == 0  # DESIGN.md's name of --scheme
+    assert cli(["quantize", "--model", str(base_model), "--scheme", "int4", "--method", "rtn", "--group-size", "32",
+                "--out", str(tmp_path / "q")]) == 0  # rtn: round to nearest, the default (awq: test_awq.py)
     assert load_model(tmp_path / "q").model.layers[0].mlp.down_proj.bits == 4
 
 

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("lmforge.train.ppo", "RLHF with PPO: a value model, per-token KL penalty, GAE, clipped losses"),
     "eval": ("lmforge.eval.evaluate", "evaluate a model: bits per byte, multiple choice, exact match, code (pass@k)"),
     "merge": ("lmforge.merge", "fold a LoRA/DoRA adapter into its base model: a plain HF dir"),
-    "quantize": ("lmforge.quantize", "weight-only int8/int4 (round to nearest), a compressed-tensors HF dir"),
+    "quantize": ("lmforge.quantize", "weight-only int8/int4 (round to nearest or AWQ), a compressed-tensors HF dir"),
     "export": ("lmforge.export", "a model as a GGUF file for llama.cpp (f32 to 4-bit), or with an Ollama Modelfile"),
     "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
     "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),

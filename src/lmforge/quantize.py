@@ -1,4 +1,5 @@
-"""`lmforge quantize`: weight-only int8 and int4 by round-to-nearest, written in the compressed-tensors format.
+"""`lmforge quantize`: weight-only int8 and int4 by round-to-nearest, after AWQ's scales with `--method awq`
+(awq.py), written in the compressed-tensors format.
 
 What is quantised: every linear layer of the blocks (attention and MLP projections, experts), as the usual
 recipes do (llm-compressor's W8A16 / W4A16): not the embeddings, not lm_head, not an MoE router, which are small
@@ -48,7 +49,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -255,9 +256,11 @@ def quantize_model(model: Transformer, bits: int, group_size: int | None,
 
 # -- 4. saving and loading ----------------------------------------------------------------------
 
-def save_quantized(model: Transformer, source: Path, path: Path) -> Path:
+def save_quantized(model: Transformer, source: Path, path: Path, note: dict | None = None) -> Path:
     """Write a quantised model as a compressed-tensors directory at `path` (atomically): config.json is
-    `source`'s with `quantization_config` added; generation and tokenizer files are copied from `source`."""
+    `source`'s with `quantization_config` added; generation and tokenizer files are copied from `source`.
+    `note` (how the weights were chosen: AWQ's calibration) goes in quantization_config["lmforge"], a key
+    compressed-tensors' QuantizationConfig ignores (extra="ignore"), as do vLLM and transformers through it."""
     cfg = model.config
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     first = next(iter(layers.values()))
@@ -283,6 +286,8 @@ def save_quantized(model: Transformer, source: Path, path: Path) -> Path:
     ignore = ["lm_head", *sorted(to_disk_name(f"{n}.weight", cfg).removesuffix(".weight") for n in kept)]
     hf_config = read_json(source / "config.json", CheckpointError)
     hf_config["quantization_config"] = quantization_config(first.bits, first.group_size, ignore, first.symmetric)
+    if note:
+        hf_config["quantization_config"]["lmforge"] = note
 
     def write(tmp: Path):
         shards = _shards(tensors, DEFAULT_MAX_SHARD_BYTES)
@@ -384,27 +389,43 @@ def load_quantized(path: Path, cfg: ModelConfig, qconfig: dict, *, dtype: torch.
 
 # -- 5. the command -----------------------------------------------------------------------------
 
-def quantize(model_dir: str | Path, scheme: str, out: str | Path, group_size: int = 128) -> Path:
+def quantize(model_dir: str | Path, scheme: str, out: str | Path, group_size: int = 128, method: str = "rtn",
+             calibration: str = "builtin", calibration_samples: int = 32, calibration_seq_len: int = 512) -> Path:
     """Quantise the model directory `model_dir` with `scheme` (int8: per channel; int4: groups of `group_size`)
-    and write the compressed-tensors directory `out`."""
+    and write the compressed-tensors directory `out`. `method` awq first searches AWQ's scales (and clipping) on
+    `calibration_samples` rows of `calibration_seq_len` tokens of `calibration` (awq.py) and folds them into the
+    fp weights, which are then rounded to nearest as with rtn: the directory's format is the same."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme '{scheme}': one of {', '.join(SCHEMES)}")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"group size {group_size}: one of {', '.join(map(str, GROUP_SIZES))}")
+    if method not in ("rtn", "awq"):
+        raise ValueError(f"unknown method '{method}': rtn or awq")
     source = Path(model_dir)
     if (source / "config.json").is_file() and "quantization_config" in read_json(source / "config.json"):
         raise ValueError(f"{source}: already quantised (its config.json has a quantization_config)")
     hf_config = read_json(source / "config.json")
     # the source's dtype stays: its unquantised tensors and the scales (as compressed-tensors keeps them)
     saved_dtype = DTYPES.get(hf_config.get("dtype") or hf_config.get("torch_dtype"), torch.float32)
-    model = load_model(source, dtype=saved_dtype)
+    # AWQ searches and folds in fp32, then the model is cast back (its folded norms rounded as a bf16 model's are)
+    model = load_model(source, dtype=torch.float32 if method == "awq" else saved_dtype)
     bits = SCHEMES[scheme]
     group = None if scheme == "int8" else group_size
     for name, linear in quantizable(model).items():
         if group is not None and linear.in_features % group:
             raise ValueError(f"group size {group} does not divide the input width {linear.in_features} of {name}")
+    note = None
+    if method == "awq":
+        from lmforge.awq import apply_awq, calibration_tokens  # awq.py imports this module's quantiser
+        from lmforge.tokenizer import Tokenizer
+
+        tokens = calibration_tokens(Tokenizer.from_dir(source), calibration, calibration_samples,
+                                    calibration_seq_len)
+        apply_awq(model, tokens, bits, group)
+        model.to(saved_dtype)
+        note = {"method": "awq", "calibration": calibration, "calibration_tokens": list(tokens.shape)}
     quantize_model(model, bits, group, scale_dtype=saved_dtype)
-    return save_quantized(model, source, Path(out))
+    return save_quantized(model, source, Path(out), note)
 
 
 @dataclass
@@ -413,8 +434,15 @@ class QuantizeConfig:
     scheme: Literal["int8", "int4"] = field(default="int8", metadata={
         "help": "int8: one scale per output channel; int4: one per group of --group-size inputs"})
     group_size: int = field(default=128, metadata={"help": "int4's group: 32, 64 or 128"})
+    method: Literal["rtn", "awq"] = field(default="rtn", metadata={
+        "help": "rtn: round to nearest; awq: first fold activation-aware scales (and clipping) searched on "
+                "--calibration text into the weights (AWQ, Lin et al. 2023), then round to nearest"})
+    calibration: str = field(default="builtin", metadata={
+        "help": "awq's text: a .txt/.jsonl/.parquet file, or builtin (the built-in Shakespeare less the 5% "
+                "that prepare holds out for validation)"})
+    calibration_samples: int = field(default=32, metadata={"help": "awq's calibration rows", "min": 1})
+    calibration_seq_len: int = field(default=512, metadata={"help": "tokens per calibration row", "min": 2})
     out: str = field(default="", metadata={"help": "the directory to write"})
-    ALIASES: ClassVar[dict[str, str]] = {"method": "scheme"}  # DESIGN.md's command line names it --method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,5 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name):
             print(f"lmforge quantize: error: --{name} is required", file=sys.stderr)
             return 2
-    print(quantize(args.model, args.scheme, args.out, args.group_size))
+    print(quantize(args.model, args.scheme, args.out, args.group_size, args.method, args.calibration,
+                   args.calibration_samples, args.calibration_seq_len))
     return 0
