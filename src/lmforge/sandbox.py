@@ -128,16 +128,16 @@ def run_command(argv: list[str], workdir: str, config: SandboxConfig = SandboxCo
     (at the `namespaces` level it is chowned to the sandbox's uid; the files in it stay ours)."""
     isolation = choose_isolation() if config.isolation == "auto" else config.isolation
     start = time.monotonic()
-    proc, errors = _start(argv, workdir, config, isolation)
+    proc, errors = start_launcher(argv, workdir, config, isolation)
     try:
         out, err, timed_out, truncated = _collect(proc, config)
     finally:
-        _kill(proc)
-        setup_error = _read_all(errors)
+        kill_launcher(proc)
+        setup_error = read_and_close(errors)
     if setup_error:
         raise SandboxError(f"sandbox ({isolation}): {setup_error.strip()}")
-    stdout, stderr = (_text(b, config.max_output_bytes) for b in (out, err))
-    reason = _reason(proc.returncode, stderr, timed_out, truncated)
+    stdout, stderr = (output_text(b, config.max_output_bytes) for b in (out, err))
+    reason = stop_reason(proc.returncode, stderr, timed_out, truncated)
     return SandboxResult(proc.returncode, stdout, stderr, timed_out, truncated, reason, isolation,
                          protections(isolation), time.monotonic() - start)
 
@@ -173,8 +173,10 @@ def choose_isolation() -> str:
 # -- our side: start the launcher, read its output, kill it ---------------------------------------------
 
 
-def _start(argv: list[str], workdir: str, config: SandboxConfig, isolation: str):
-    """Start the launcher in a session of its own; returns it and the read end of its setup-error pipe."""
+def start_launcher(argv: list[str], workdir: str, config: SandboxConfig, isolation: str,
+                   pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """Start the launcher in a session of its own; returns it and the read end of its setup-error pipe.
+    `pass_fds` reach the program open, with their numbers (sandbox_session.py's private pipes)."""
     environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
                    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     spec = {"argv": argv, "workdir": os.path.realpath(workdir), "isolation": isolation, "limits": asdict(config),
@@ -184,7 +186,8 @@ def _start(argv: list[str], workdir: str, config: SandboxConfig, isolation: str)
         spec["error_fd"] = errors_write  # pass_fds keeps its number in the launcher
         proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(spec)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(errors_write,), env=environment, cwd=workdir, start_new_session=True)
+                                pass_fds=(errors_write, *pass_fds), env=environment, cwd=workdir,
+                                start_new_session=True)
     except BaseException:
         os.close(errors_read)
         raise
@@ -217,7 +220,7 @@ def _collect(proc: subprocess.Popen, config: SandboxConfig) -> tuple[bytes, byte
     return bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()]), False, False
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def kill_launcher(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher's process group (launcher, init, the program unless it left the group; with a
     pid namespace, init's death kills the rest) and reap the launcher. The launcher is not reaped before
     this, so its pid, which is the group's id, cannot have been reused."""
@@ -228,7 +231,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-def _read_all(fd: int) -> str:
+def read_and_close(fd: int) -> str:
     """What is in the setup-error pipe now (its writers are dead or will never write), and close it."""
     os.set_blocking(fd, False)
     data = b""
@@ -242,12 +245,12 @@ def _read_all(fd: int) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _text(data: bytes, cap: int) -> str:
+def output_text(data: bytes, cap: int) -> str:
     text = data[:cap].decode("utf-8", "replace")
     return text + f"\n[output truncated at {cap} bytes]" if len(data) > cap else text
 
 
-def _reason(returncode: int | None, stderr: str, timed_out: bool, truncated: bool) -> str | None:
+def stop_reason(returncode: int | None, stderr: str, timed_out: bool, truncated: bool) -> str | None:
     """Why the program stopped early, from how it ended: the limits kill with SIGXCPU / SIGXFSZ, and Python
     turns a failed allocation into MemoryError and an oversized write into OSError 'File too large'."""
     last_line = stderr.rstrip().rsplit("\n", 1)[-1]
