@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
     "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),
     "serve": ("lmforge.infer.server", "OpenAI-compatible HTTP API and web chat over a model directory"),
+    "agent": ("lmforge.agent", "a CodeAct agent: the model writes Python, a sandboxed interpreter runs it"),
 }
 
 

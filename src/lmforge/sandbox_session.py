@@ -59,6 +59,23 @@ class CellResult(SandboxResult):
 
     state_lost: bool = False
 
+    def observation(self, max_chars: int = 2000) -> str:
+        """What a model reads after its code ran (agent.py): stdout, stderr, and what the sandbox did, cut to
+        max_chars (the head and the tail kept: a traceback's last line is what matters)."""
+        parts = [text.rstrip("\n") for text in (self.stdout, self.stderr) if text.strip()]
+        if self.timed_out:
+            parts.append(f"[timed out after {self.seconds:.0f} s]")
+        elif self.reason and self.reason not in ("memory", "file size"):  # those two show their traceback
+            parts.append(f"[stopped: {self.reason}]")
+        if self.state_lost:
+            parts.append("[the interpreter was restarted: variables from earlier steps are gone]")
+        text = "\n".join(parts) or "[no output]"
+        if len(text) > max_chars:
+            head = max_chars * 2 // 3
+            tail = text[len(text) - (max_chars - head):]
+            text = f"{text[:head]}\n[... {len(text) - max_chars} characters cut ...]\n{tail}"
+        return text
+
 
 class PythonSession:
     """One persistent interpreter in the sandbox (see the module's docstring). Started on the first cell;

@@ -1,6 +1,6 @@
 """Built-in verifiable tasks: arithmetic word problems with checkable integer answers, in GSM8K's format.
 
-    lmforge tasks --out runs/tasks [--train 5000 --test 500 --max-ops 3 --max-digits 2 --seed 0]
+    lmforge tasks --out runs/tasks [--train 5000 --test 500 --max-ops 3 --max-digits 2 --seed 0] [--codeact]
 
 A problem is a short story of 1..max_ops operations on a count of things ("Ava has 12 apples. She buys 5
 more. Then she gives 3 to a friend. How many apples does Ava have now?"), with numbers of 1..max_digits
@@ -21,6 +21,8 @@ size holds a test question.
     sft.jsonl                  {"messages": [user question, assistant solution]}
     preference.jsonl           {"prompt", "chosen", "rejected"}: the solution against one with a slip in a step
     prompts.jsonl              {"prompt", "answer"}: RL prompts with the number to reach
+and with --codeact, CodeAct trajectories of bigger problems (data/codeact.py): codeact_sft.jsonl,
+codeact_direct_sft.jsonl, codeact_test.jsonl.
 The answer checks (`extract_answer`) are lm-evaluation-harness's two for GSM8K: strict (the number after
 `#### `) and flexible (the last number in the text).
 """
@@ -64,19 +66,17 @@ class Problem:
     def question(self) -> str:
         she = "She" if self.name in FEMININE else "He"
         her = "her" if self.name in FEMININE else "his"
-        story = [f"{self.name} has {self.start} {self.things}."]
-        for i, (kind, n) in enumerate(self.ops):
+        events = []
+        for kind, n in self.ops:
             if kind == "add":
-                sentence = f"{she} buys {n} more."
+                events.append(f"{she} buys {n} more.")
             elif kind == "subtract":
-                sentence = f"{she} gives {n} to a friend."
+                events.append(f"{she} gives {n} to a friend.")
             elif kind == "multiply":
-                sentence = f"{she} {MULTIPLES[n]} {her} {self.things}."
+                events.append(f"{she} {MULTIPLES[n]} {her} {self.things}.")
             else:
-                sentence = f"{she} splits them equally into {n} bags and keeps one bag."
-            story.append(sentence if i == 0 else "Then " + sentence[0].lower() + sentence[1:])
-        story.append(f"How many {self.things} does {self.name} have now?")
-        return " ".join(story)
+                events.append(f"{she} splits them equally into {n} bags and keeps one bag.")
+        return story(f"{self.name} has {self.start} {self.things}.", events, self.name, self.things)
 
     @property
     def steps(self) -> list[str]:
@@ -94,6 +94,12 @@ class Problem:
     @property
     def held_out(self) -> bool:
         return is_held_out(self.question)
+
+
+def story(opening: str, events: list[str], name: str, things: str) -> str:
+    """A problem's text: the opening, the events ("Then ..." from the second on), the question."""
+    told = [event if i == 0 else "Then " + event[0].lower() + event[1:] for i, event in enumerate(events)]
+    return " ".join([opening, *told, f"How many {things} does {name} have now?"])
 
 
 def apply(kind: str, count: int, n: int) -> int:
@@ -251,6 +257,9 @@ class TasksConfig:
                                               "max": 8})
     max_digits: int = field(default=2, metadata={"help": "most digits in a number (1..max_digits)", "min": 1,
                                                  "max": 4})
+    codeact: bool = field(default=False, metadata={
+        "help": "also write CodeAct trajectories (data/codeact.py): bigger problems (multi-digit products, "
+                "--max-ops more steps) solved by code run in the sandbox, as many as --train and --test"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                      description="Write the built-in arithmetic word problems (GSM8K format) and what post-training "
                                  "reads of them: SFT conversations, preference pairs, RL prompts.")
     paths = write_tasks(cfg.out, cfg.train, cfg.test, cfg.seed, cfg.max_ops, cfg.max_digits)
+    if cfg.codeact:
+        from lmforge.data.codeact import write_codeact
+
+        paths |= write_codeact(cfg.out, cfg.train, cfg.test, cfg.seed, cfg.max_ops)
     for name, path in paths.items():
         print(f"{name:10s} {len(path.read_text(encoding='utf-8').splitlines()):6d} records -> {path}")
     return 0
