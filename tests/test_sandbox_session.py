@@ -63,6 +63,9 @@ def test_an_infinite_loop_times_out_and_a_fresh_interpreter_says_the_state_was_l
         result = session.run("print('started', flush=True)\nwhile True:\n    pass\n")
         assert result.timed_out and result.state_lost and result.reason == "timeout"
         assert result.returncode == -signal.SIGKILL and result.stdout == "started\n"
+        stuck = session.run("import subprocess\nsubprocess.run(['/bin/sleep', '93.71'])\n")
+        assert stuck.timed_out and stuck.state_lost
+        assert leftover("93.71") == [], "an interpreter stuck in a cell outlived its timeout"
         after = session.run("print('x' in globals())")
         assert (after.stdout, after.state_lost) == ("False\n", False)  # fresh, and it says so only once
         assert session.workdir != first_dir and not os.path.exists(first_dir)

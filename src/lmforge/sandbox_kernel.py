@@ -10,12 +10,14 @@ program can pass for a result frame. As in Jupyter, the value of a last expressi
 
 Between cells the kernel kills the processes the cell started (all of its process group but itself), so a
 fork bomb's children do not outlive their cell; a process that left the group lives until the session ends.
+When the session closes, the kernel's group is killed (by the keeper, below) wherever it is stuck.
 """
 
 import ast
 import contextlib
 import json
 import os
+import select
 import signal
 import sys
 import traceback
@@ -78,7 +80,7 @@ def main(commands: int, results: int) -> None:
         os.set_inheritable(fd, False)  # a program the cell runs does not get the protocol's pipes
     kernel = os.getpid()
     os.setpgid(0, 0)  # the cells' processes are in this group, killed after each cell
-    keeper = _keeper()
+    keeper = _keeper(kernel, commands)
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     while (frame := read_frame(commands)) is not None:
         error = run_cell(frame.decode("utf-8", "replace"), namespace, kernel)
@@ -87,16 +89,23 @@ def main(commands: int, results: int) -> None:
         write_frame(results, json.dumps({"error": error}).encode())
 
 
-def _keeper() -> int:
+def _keeper(kernel: int, commands: int) -> int:
     """An idle process in a process group of its own, for the kernel to stand in while it kills its own
-    group (a group's id is its leader's pid, so the kernel can leave its group and come back). It exits when
-    the kernel dies (the end of a pipe only the kernel's side holds)."""
+    group (a group's id is its leader's pid, so the kernel can leave its group and come back). It also ends
+    the kernel's group when the session closes its end of COMMANDS (or dies): where no pid namespace takes
+    every process with it (`rlimits`), a kernel stuck in a cell would outlive the sandbox's launcher. It
+    exits when the kernel does (the end of a pipe only the kernel's side holds)."""
     alive_read, alive_write = os.pipe()
     keeper = os.fork()
     if keeper == 0:
         os.close(alive_write)
         os.setpgid(0, 0)
-        os.read(alive_read, 1)
+        watch = select.poll()
+        watch.register(alive_read, select.POLLIN)
+        watch.register(commands, 0)  # no events asked: poll returns at a hang-up, the session's end closed
+        watch.poll()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kernel, signal.SIGKILL)
         os._exit(0)
     os.close(alive_read)
     os.setpgid(keeper, keeper)  # in both processes, so it is done whichever runs first
