@@ -8,6 +8,7 @@ same prompt and sampling parameters: the HTTP layer must add the schema and noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -105,14 +106,23 @@ def model_dir(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("serve"))
 
 
-@pytest.fixture(scope="module")
-def live(model_dir):
-    engine = Engine.from_pretrained(model_dir, max_batch_size=8)
+@contextlib.contextmanager
+def serving(model_dir: Path, max_batch_size: int = 8):
+    """An engine on `model_dir` running in the background, served live."""
+    engine = Engine.from_pretrained(model_dir, max_batch_size=max_batch_size)
     engine.start()
     server = LiveServer.start(engine)
-    yield server
-    server.close()
-    engine.stop()
+    try:
+        yield server
+    finally:
+        server.close()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    with serving(model_dir) as server:
+        yield server
 
 
 def chat_prompt(engine: Engine, messages) -> list[int]:

@@ -33,6 +33,7 @@ iterates or awaits, is request.py's; the text API over the engine is llm.py's.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import threading
@@ -81,6 +82,7 @@ class _Sample:
         self.last_token = -1
         self.pending_ids: list[int] = []  # tokens (and log-probs) not yet sent in a Delta
         self.pending_logprobs: list[TokenLogprob] = []
+        self.matcher = engine.grammars.matcher(p.grammar) if p.grammar is not None else None  # grammar.py
 
 
 class Engine:
@@ -156,6 +158,8 @@ class Engine:
                              f"so a prompt may have at most {self.max_len - 1}")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
+        if params.grammar is not None:
+            self.grammars.check(params.grammar)  # GrammarError (a ValueError) with llguidance's message
         request = Request(self, list(prompt), params)
         with self._cond:
             self._waiting.append(request)
@@ -424,6 +428,9 @@ class Engine:
     def _advance(self, samples: list[_Sample], logits: torch.Tensor) -> None:
         """Pick each sample's next token from its logits row, record it, emit text, retire finished ones. A
         request with a row that gives no token (NaN logits: DistributionError) fails alone."""
+        constrained = [i for i, s in enumerate(samples) if s.matcher is not None]
+        if constrained:  # what would break a sample's grammar is masked before its sampler chooses
+            self.grammars.apply(logits, constrained, [samples[i].matcher for i in constrained])
         tokens = choose_tokens(logits, [s.sampler for s in samples])
         failed = {s.request: t for s, t in zip(samples, tokens) if isinstance(t, DistributionError)}
         if failed:  # those requests fail alone; the rest of the batch goes on
@@ -441,8 +448,11 @@ class Engine:
             if lp is not None:
                 out.logprobs.append(lp)
                 sample.pending_logprobs.append(lp)
+            ended = sample.matcher is not None and self.grammars.advance(sample.matcher, token)
             if token in sample.stop_ids:
                 text, reason = sample.detok.finish(), "stop"
+            elif ended:  # the grammar is complete: nothing may follow
+                text, reason = sample.detok.add(token) + sample.detok.finish(), "stop"
             else:
                 text = sample.detok.add(token)
                 if sample.detok.stopped:
@@ -511,6 +521,13 @@ class Engine:
         sample.pending_ids, sample.pending_logprobs = [], []
 
     # -- cache rows ---------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def grammars(self):
+        """llguidance's view of the tokenizer, built when a request first brings a grammar (grammar.py)."""
+        from lmforge.infer.grammar import Grammars
+
+        return Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
 
     @property
     def cache_device(self) -> torch.device:

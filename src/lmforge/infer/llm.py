@@ -47,13 +47,15 @@ class ContextLengthError(ValueError):
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[Prompt], *, add_special_tokens: bool = True,
-                   add_generation_prompt: bool = True, max_len: int | None = None) -> list[list[int]]:
+                   add_generation_prompt: bool = True, max_len: int | None = None,
+                   tools: list[dict] | None = None) -> list[list[int]]:
     """Token ids of each prompt (see the module's docstring). `add_special_tokens` applies to texts, and
     `add_generation_prompt` (the opening of the assistant's turn) to chats. With `max_len`, a prompt that
     cannot leave room for one token of reply is a ContextLengthError from its length alone
     (`Tokenizer.min_tokens`), so a megabyte of text is refused without tokenizing it. Tokenizing releases
-    the GIL, and a batch of texts (or of chats) is tokenized in parallel threads."""
-    texts = [prompt if isinstance(prompt, str) else _render_chat(tokenizer, prompt, add_generation_prompt)
+    the GIL, and a batch of texts (or of chats) is tokenized in parallel threads. `tools`: function definitions
+    the chat template shows the model (OpenAI's / transformers' form)."""
+    texts = [prompt if isinstance(prompt, str) else _render_chat(tokenizer, prompt, add_generation_prompt, tools)
              for prompt in prompts]
     if max_len is not None:
         for text in texts:
@@ -65,11 +67,12 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[Prompt], *, add_special_t
     return [tokenizer.encode(text, add_special_tokens=special) for text, special in zip(texts, specials)]
 
 
-def _render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def _render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> str:
     """The chat as the model's template renders it; a template that refuses the messages (its
     raise_exception), or none at all, is a ChatTemplateError."""
     try:
-        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except TokenizerError:  # the template does not compile: an error of the tokenizer directory, naming it
         raise
     except Exception as e:  # templates are code from the model's author: any error is theirs to word

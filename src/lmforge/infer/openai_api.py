@@ -37,6 +37,8 @@ MAX_LOGIT_BIAS = 300
 MAX_STOP_TOKEN_IDS = 300
 
 
+MAX_TOOLS = 128  # functions in one request, calls in one message
+
 # -- request schemas ------------------------------------------------------------------------------------------
 
 
@@ -62,9 +64,60 @@ class TextPart(Schema):
     text: str
 
 
+# tools and structured output (tools.py)
+
+class FunctionDefinition(Schema):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Schema):
+    name: str
+
+
+class NamedToolChoice(Schema):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(Schema):
+    name: str
+    arguments: str
+
+
+class ToolCall(Schema):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class JSONSchemaFormat(Schema):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+
+
 class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | listed(TextPart) | None = None
+    tool_calls: listed(ToolCall, max_length=MAX_TOOLS) | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
 
 class StreamOptions(Schema):
@@ -98,6 +151,10 @@ class SamplingRequest(Schema):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: listed(ChatMessage, min_length=1)
+    tools: listed(ToolDefinition, max_length=MAX_TOOLS) | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: a forced reply is one call (tools.tool_call_grammar)
+    response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

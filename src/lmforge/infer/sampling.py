@@ -81,6 +81,8 @@ class SamplingParams:
     # alternatives per position; None = not computed. Scoring text (lm-evaluation-harness's loglikelihood
     # via the completions API's `echo`) needs them; such a prompt is prefilled whole, not from the prefix cache.
     prompt_logprobs: int | None = None
+    # Constrained decoding: a grammar (grammar.py's json_grammar / lark_grammar) every token must keep to.
+    grammar: str | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise SamplingParamError (a ValueError) naming the first bad field."""

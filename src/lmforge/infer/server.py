@@ -15,8 +15,10 @@ Endpoints (the request and response schemas are OpenAI's, so the official `opena
 Request fields: stream (+ stream_options.include_usage), n, stop, max_tokens / max_completion_tokens,
 temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logprobs / top_logprobs, user
 (ignored), and vLLM's extensions of the sampling parameters (the `openai` client sends them in
-`extra_body`): top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Others of OpenAI's (tools,
-response_format, best_of, ...) are refused by name rather than silently ignored. `usage` also gives
+`extra_body`): top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Chat also takes tools,
+tool_choice, tool messages and response_format (tools.py: calls parsed in the chat template's format, and
+constrained decoding for "required", a named function and JSON output, grammar.py). Others of OpenAI's
+(best_of, audio, ...) are refused by name rather than silently ignored. `usage` also gives
 prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
 The schemas, the wording of errors and the answers' pieces are in openai_api.py. Prompts become token ids
 through llm.encode_prompts, as for `lmforge generate` and the Python API: a chat through the model's template
@@ -76,6 +78,7 @@ except ImportError as e:  # an optional extra: only this command needs it
     raise ImportError(f"lmforge serve needs the `serve` extra: pip install 'lmforge[serve]' ({e})") from None
 
 from lmforge.infer.engine import Engine
+from lmforge.infer.grammar import GrammarError
 from lmforge.infer.guard import Guard, allowed_host_names
 from lmforge.infer.llm import ChatTemplateError, ContextLengthError, Prompt, encode_prompts
 from lmforge.infer.openai_api import (
@@ -100,6 +103,7 @@ from lmforge.infer.openai_api import (
 )
 from lmforge.infer.request import aiter_all
 from lmforge.infer.sampling import SamplingParamError, SamplingParams, parse_logit_bias
+from lmforge.infer.tools import ToolPlan, ToolStream, parse_tool_calls, plan, template_messages
 from lmforge.settings import parse_args
 from lmforge.tokenizer import TokenizerError
 
@@ -233,13 +237,25 @@ class Server:
                            f"at least {e.at_least} tokens ({e.chars} characters), which leaves no room for a reply.",
                            param, "context_length_exceeded") from None
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True, fit_context: bool = True
-                    ) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True, fit_context: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat rendered with the model's own template (transformers' apply_chat_template's)."""
-        chat = [{"role": "system" if m.role == "developer" else m.role,  # OpenAI's new name for system
-                 "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
-                for m in messages]
-        return self.encode([chat], "messages", fit_context, add_generation_prompt=add_generation_prompt)[0]
+        return self.encode([template_messages(messages)], "messages", fit_context,
+                           add_generation_prompt=add_generation_prompt, tools=tools)[0]
+
+    def tool_plan(self, req: ChatCompletionRequest) -> ToolPlan:
+        """The request's tools, tool_choice and response_format as a ToolPlan (tools.py), or a 400."""
+        tokenizer = self.engine.tokenizer
+        added = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
+        try:
+            tools = plan(req.tools, req.tool_choice, req.response_format, tokenizer.chat_template, added,
+                         parallel=req.parallel_tool_calls is not False)
+            if tools.grammar is not None:
+                self.engine.grammars.check(tools.grammar)
+            return tools
+        except GrammarError as e:
+            raise APIError(400, f"Invalid schema: {excerpt(str(e), 300)}",
+                           "tools" if req.tools else "response_format") from None
 
     def completion_prompts(self, prompt) -> list[list[int]]:
         """A completions prompt (text, texts, token ids, or lists of token ids) as token-id lists."""
@@ -299,9 +315,11 @@ class Server:
         req = await self.parse(ChatCompletionRequest, http_request)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
-        prompt = await asyncio.to_thread(self.chat_prompt, req.messages)
+        tools = await asyncio.to_thread(self.tool_plan, req)  # compiles a grammar: not on the event loop
+        prompt = await asyncio.to_thread(self.chat_prompt, req.messages, tools=tools.tools)
         params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, bool(req.logprobs),
                              req.top_logprobs or 0)
+        params.grammar = tools.grammar
         request = self.submit(prompt, params)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         choices = [Choice(i) for i in range(params.n)]
@@ -317,26 +335,37 @@ class Server:
                 return {**meta, "object": "chat.completion.chunk", "choices": choice_list,
                         **({"usage": usage} if include_usage else {})}
 
-            async def body():
-                # Each choice opens with its role, as OpenAI's stream does.
-                for choice in choices:
-                    yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
-                async for _, delta in aiter_all([request]):
-                    choices[delta.index].add(delta)
-                    yield chunk([{"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
-                                  "logprobs": logprobs_of(delta.logprobs or []) if delta.logprobs else None,
-                                  "finish_reason": delta.finish_reason}])
-                if include_usage:
-                    yield chunk([], _usage(len(prompt), choices, [request]))
-
-            return _sse(body(), [request])
+            return _sse(self.chat_stream(request, choices, tools.kind, chunk, logprobs_of, len(prompt),
+                                         include_usage), [request])
 
         await self._collect([request], lambda number, delta: choices[delta.index].add(delta), http_request)
         return await _json_answer(lambda: {
             **meta, "object": "chat.completion", "usage": _usage(len(prompt), choices, [request]), "choices": [
-                {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                 "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason} for c in choices]})
+                {"index": c.index, **reply_message(c.text, c.finish_reason, tools.kind),
+                 "logprobs": logprobs_of(c.logprobs)} for c in choices]})
+
+    async def chat_stream(self, request, choices: list[Choice], kind: str | None, chunk, logprobs_of,
+                          prompt_tokens: int, include_usage: bool):
+        """The chat's server-sent events: each choice opens with its role, as OpenAI's stream does; then its text,
+        and with tools (`kind`) its calls as tool-call deltas once each is complete (tools.ToolStream)."""
+        streams = [ToolStream(kind) if kind else None for _ in choices]
+        for choice in choices:
+            yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        async for _, delta in aiter_all([request]):
+            choices[delta.index].add(delta)
+            stream, reason = streams[delta.index], delta.finish_reason
+            parts = ([{"content": delta.text}] if delta.text else []) if stream is None else stream.feed(delta.text)
+            if reason and stream is not None:
+                parts += stream.finish()
+                reason = "tool_calls" if stream.calls and reason == "stop" else reason
+            logprobs = logprobs_of(delta.logprobs or []) if delta.logprobs else None
+            for i, part in enumerate(parts or [{}]):
+                last = i == max(len(parts), 1) - 1
+                yield chunk([{"index": delta.index, "delta": part, "logprobs": logprobs if i == 0 else None,
+                              "finish_reason": reason if last else None}])
+        if include_usage:
+            yield chunk([], _usage(prompt_tokens, choices, [request]))
 
     # -- completions -------------------------------------------------------------------------------
 
@@ -434,6 +463,15 @@ class Server:
                 add(number, delta)
         finally:
             watcher.cancel()
+
+
+def reply_message(text: str, finish_reason: str | None, kind: str | None) -> dict:
+    """A whole reply's `message` and `finish_reason`: with tools (`kind`), its calls parsed out (tools.py)."""
+    content, calls = parse_tool_calls(text, kind) if kind else (text, [])
+    if calls and finish_reason == "stop":
+        return {"message": {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls},
+                "finish_reason": "tool_calls"}
+    return {"message": {"role": "assistant", "content": text, "refusal": None}, "finish_reason": finish_reason}
 
 
 async def _json_answer(build) -> JSONResponse:
