@@ -50,6 +50,7 @@ from lmforge.sandbox import (
 
 KERNEL_SOURCE = (Path(__file__).parent / "sandbox_kernel.py").read_text(encoding="utf-8")
 POLL_SECONDS = 0.05  # how often a cell checks that the interpreter is still alive while it waits
+STOP_SECONDS = 2.0  # how long a stop waits for the interpreter to be gone (killed: it is at once, unloaded)
 
 
 @dataclass
@@ -190,12 +191,23 @@ class PythonSession:
         proc, self._proc = self._proc, None
         kill_launcher(proc)
         setup_error = read_and_close(self._errors)
-        for fd in (self._commands, self._results):
-            os.close(fd)
+        os.close(self._commands)  # the kernel's keeper kills its group at this (the `rlimits` level's cleanup)
+        _wait_for_end(self._results, STOP_SECONDS)  # the kernel and its keeper hold it: gone when it ends
+        os.close(self._results)
         shutil.rmtree(self.workdir, ignore_errors=True)
         if setup_error:
             raise SandboxError(f"sandbox session ({self.isolation}): {setup_error.strip()}")
         return proc.returncode
+
+
+def _wait_for_end(fd: int, seconds: float) -> None:
+    """Read and drop what `fd` holds until its end (every writer gone), at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if selector.select(remaining) and _read_some(fd) == b"":
+                return
 
 
 def _read_some(fd: int) -> bytes | None:
