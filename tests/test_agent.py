@@ -39,8 +39,9 @@ def test_the_action_is_the_first_code_block_or_python_tool_call():
     assert find_action({"content": hermes + "\n```python\nprint(1)\n```"}).code == "print(2)"
     assert find_action({"content": "```python\nprint(1)\n```\n" + hermes}).code == "print(1)\n"
     call = {"id": "call_7", "type": "function", "function": {"name": "python", "arguments": '{"code": "x = 3"}'}}
-    action = find_action({"content": "", "tool_calls": [call]})
-    assert (action.code, action.call_id) == ("x = 3", "call_7")
+    broken = {"id": "call_6", "type": "function", "function": {"name": "python", "arguments": '{"code": '}}
+    action = find_action({"content": "", "tool_calls": [broken, call]})
+    assert (action.code, action.call) == ("x = 3", call)
     for final in ("The answer is 42.\n#### 42", "<tool_call>{not json}</tool_call> #### 1",
                   '<tool_call>{"name": "search", "arguments": {"code": "x"}}</tool_call>', "```\nplain fence\n```"):
         assert find_action({"content": final}) is None

@@ -54,7 +54,7 @@ Policy = Callable[[list[dict]], dict]
 class Action:
     code: str
     end: int  # where the action ends in the reply's content (the rest is dropped)
-    call_id: str | None = None  # an OpenAI tool call's id, answered by the tool message
+    call: dict | None = None  # an OpenAI tool call, answered by the tool message with its id
 
 
 @dataclass
@@ -67,22 +67,19 @@ class Trajectory:
 
 
 def find_action(reply: dict) -> Action | None:
-    """The reply's first action (see the module's docstring), or None: the reply is a final answer."""
+    """The reply's first action (see the module's docstring), or None: the reply is a final answer. A call
+    whose arguments are not JSON with a string `code` is no action."""
     content = reply.get("content") or ""
     for call in reply.get("tool_calls") or []:
         function = call.get("function", call)
-        if function.get("name") == "python":
-            arguments = function.get("arguments")
-            code = _code_argument(json.loads(arguments) if isinstance(arguments, str) else arguments)
-            if code is not None:
-                return Action(code, len(content), call.get("id"))
+        if function.get("name") == "python" and (code := _code_argument(function.get("arguments"))) is not None:
+            return Action(code, len(content), call)
     found = []
     for match in HERMES_CALL.finditer(content):
-        try:
-            call = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if call.get("name") == "python" and (code := _code_argument(call.get("arguments"))) is not None:
+        call = _json(match.group(1))
+        code = _code_argument(call.get("arguments")) if isinstance(call, dict) and call.get("name") == "python" \
+            else None
+        if code is not None:
             found.append(Action(code, match.end()))
             break
     if match := CODE_BLOCK.search(content):
@@ -91,8 +88,17 @@ def find_action(reply: dict) -> Action | None:
 
 
 def _code_argument(arguments) -> str | None:
+    """`code` of a call's arguments (a JSON object, or its text as OpenAI sends it), if a string."""
+    arguments = _json(arguments) if isinstance(arguments, str) else arguments
     code = arguments.get("code") if isinstance(arguments, dict) else None
     return code if isinstance(code, str) else None
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def run_agent(policy: Policy, question: str, session: PythonSession, max_steps: int = 5,
@@ -113,15 +119,15 @@ def run_agent(policy: Policy, question: str, session: PythonSession, max_steps: 
             show(final)
             return Trajectory(messages, extract_answer(final["content"]), steps, action is None)
         assistant = {"role": "assistant", "content": (reply.get("content") or "")[:action.end]}
-        if action.call_id is not None:
-            assistant["tool_calls"] = reply["tool_calls"]
+        if action.call is not None:
+            assistant["tool_calls"] = [action.call]  # the one answered: OpenAI wants a reply to each
         messages.append(assistant)
         show(assistant)
         result = session.run(action.code)
         steps += 1
         tool = {"role": "tool", "content": result.observation(max_observation_chars)}
-        if action.call_id is not None:
-            tool["tool_call_id"] = action.call_id
+        if action.call is not None:
+            tool["tool_call_id"] = action.call.get("id", "")
         messages.append(tool)
         show(tool)
 
