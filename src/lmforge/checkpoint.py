@@ -139,27 +139,36 @@ def save_model(model: Transformer, path: str | Path, *, tokenizer_dir: str | Pat
            **(generation_config or {})}
 
     def write(tmp: Path):
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_weights(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if not cfg.num_labels:
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            copy_tokenizer(tokenizer_dir, tmp)
 
     return atomic_directory_write(path, write)
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes and their index, as transformers writes them."""
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, directory: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(tokenizer_dir) / name, directory / name)
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -78,18 +78,21 @@ class Transformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, document_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] -> ModelOutput.
 
         position_ids [B, T]: each token's position (default 0..T-1). With a `cache`, the new
         tokens are written at these positions and attend to every cached position <= their own.
         document_ids [B, T]: for packed sequences, tokens attend only within their document.
         return_hidden: skip the output projection (the trainer's chunked loss does it itself).
+        inputs_embeds [B, T, hidden]: the embeddings to use instead of input_ids' (a LLaVA model's, with
+        image features in place of its placeholder tokens; model/llava.py).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = F.dropout(self.model.embed_tokens(input_ids), self.config.embd_pdrop, self.training)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = F.dropout(x, self.config.embd_pdrop, self.training)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, position_ids, x.dtype)
