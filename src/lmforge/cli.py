@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("lmforge.tokenizer", "train a byte-level BPE tokenizer with chat special tokens"),
     "prepare": ("lmforge.data.pretrain", "tokenize text into memory-mapped pretraining shards"),
     "tasks": ("lmforge.data.arithmetic", "write the built-in arithmetic word problems (GSM8K format) as JSONL"),
+    "shapes": ("lmforge.data.shapes", "write the built-in synthetic images (shapes, colours, counts, positions, "
+               "words) with questions and captions as chat JSONL"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
     "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
     "dpo": ("lmforge.train.dpo", "preference optimisation: DPO and its family (TRL's losses), KTO"),

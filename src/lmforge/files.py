@@ -37,6 +37,15 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def write_jsonl_files(out: Path, records: dict[str, list[dict]]) -> dict[str, Path]:
+    """Each list of records as `out/NAME.jsonl`, one JSON object a line; returns the files by name."""
+    paths = {}
+    for name, rows in records.items():
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return paths
+
+
 # -- directories written whole: a crash at any moment leaves the old one or the new one, never a mix ----------
 
 def temporary_beside(path: Path, shared: bool = False) -> Path:

@@ -30,12 +30,12 @@ The answer checks (`extract_answer`) are lm-evaluation-harness's two for GSM8K: 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.files import write_jsonl_files
 from lmforge.settings import parse_args
 
 HELD_OUT_EVERY = 10  # one problem in this many (by its question's hash) belongs to the held-out set
@@ -240,11 +240,7 @@ def write_tasks(out: str | Path, train: int = 5000, test: int = 500, seed: int =
         "prompts": [{"prompt": [{"role": "user", "content": p.question}], "answer": str(p.answer)}
                     for p in train_set],
     }
-    paths = {}
-    for name, rows in records.items():
-        paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return paths
+    return write_jsonl_files(out, records)
 
 
 @dataclass

@@ -30,12 +30,12 @@ Files, beside the arithmetic tasks':
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.arithmetic import FEMININE, NAMES, THINGS, is_held_out, story
+from lmforge.files import write_jsonl_files
 from lmforge.sandbox import SandboxConfig
 from lmforge.sandbox_session import PythonSession
 
@@ -178,8 +178,4 @@ def write_codeact(out: str | Path, train: int = 5000, test: int = 500, seed: int
                                              {"role": "assistant", "content": p.solution}]} for p in train_set],
         "codeact_test": [{"question": p.question, "answer": p.solution} for p in test_set],
     }
-    paths = {}
-    for name, rows in records.items():
-        paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return paths
+    return write_jsonl_files(out, records)
