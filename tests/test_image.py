@@ -39,6 +39,20 @@ def test_equals_siglip_image_processor(size):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=name)
 
 
+def test_files_read_and_preprocess_as_transformers_does(tmp_path):
+    """Through a file: PNG keeps every mode (a palette's transparency too), JPEG loses alpha; read_image then
+    preprocess equals the processor on Image.open of the same file."""
+    hf = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    for name, image in images().items():
+        for suffix in (".png", ".jpg") if image.mode in ("RGB", "L") else (".png",):
+            path = tmp_path / f"{name}{suffix}"
+            image.save(path)
+            with Image.open(path) as opened:
+                expected = hf(images=[opened], return_tensors="pt")["pixel_values"]
+            got = preprocess([read_image(path)], ImageProcessorConfig(size=32))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=path.name)
+
+
 def test_unsupported_processor_settings():
     with pytest.raises(ImageError, match="do_center_crop"):
         ImageProcessorConfig.from_hf({"size": {"height": 8, "width": 8}, "do_center_crop": True})

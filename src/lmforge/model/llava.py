@@ -233,7 +233,7 @@ LLAVA_PRESETS: dict[str, dict] = {
     # 64 px images in 8 px patches: 64 image tokens, a 0.4M-parameter tower, with the `tiny` text model.
     "tiny-llava": dict(text="tiny", vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
                                                 num_hidden_layers=2, num_attention_heads=4)),
-    # 128 px in 16 px patches: 64 image tokens, a 4.7M-parameter tower, with the `small` text model.
+    # 128 px in 16 px patches: 64 image tokens, a 5.0M-parameter tower, with the `small` text model.
     "small-llava": dict(text="small", vision=dict(image_size=128, patch_size=16, hidden_size=256,
                                                   intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4)),
 }

@@ -48,11 +48,6 @@ IMAGE_TOKEN = "<image>"
 TEXT_PREFIX = "language_model."
 
 
-def is_llava_dir(path: str | Path) -> bool:
-    file = Path(path) / "config.json"
-    return file.is_file() and read_json(file, CheckpointError).get("model_type") == "llava"
-
-
 def add_image_token(tokenizer_dir: str | Path, out_dir: str | Path) -> int:
     """Copy a tokenizer directory to `out_dir` with `<image>` added as a special token (kept if it is
     there already); returns its id, the model's image_token_index."""

@@ -44,7 +44,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: s
                 raise ImageError(f"{label}: {width}x{height} pixels is over the limit of {max_pixels} "
                                  "(a decompression bomb?)")
             image.load()
-            return image.copy() if image.format else image
+            return image.copy()  # closing the file destroys the opened image's data; the copy keeps it
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ImageError(f"{label}: not a readable image ({' '.join(str(e).split())})") from None
     except OSError as e:  # truncated or corrupt data; a missing file keeps its FileNotFoundError
