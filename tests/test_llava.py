@@ -187,3 +187,32 @@ def test_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="5 layers in config.json, 3 in the weights"):
         load_llava(tmp_path)
+
+
+def test_cache_sharding_and_gradients(tmp_path):
+    """A prefill with the image into the KV cache, then a step without it, gives the full forward's logits; a
+    sharded bf16 save loads in transformers; every parameter (tower, projector, language model) gets a gradient."""
+    cfg = llava_from_hf(hf_config("llama-last-layer").to_dict())
+    model = build_llava(cfg).eval()
+    randomize(model, seed=9)
+    ids, pixels = inputs(cfg, images=1)
+    with torch.no_grad():
+        full = model(ids, pixels).logits
+        cache = model.language_model.new_cache(1, ids.shape[1])
+        T = ids.shape[1] - 1
+        prefill = model(ids[:, :T], pixels, position_ids=torch.arange(T)[None], cache=cache).logits
+        step = model(ids[:, T:], position_ids=torch.tensor([[T]]), cache=cache).logits
+    torch.testing.assert_close(torch.cat([prefill, step], 1), full, atol=1e-5, rtol=1e-5)
+
+    save_llava(model, tmp_path, dtype=torch.bfloat16, max_shard_bytes=20_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = load_llava(tmp_path)(ids, pixels).logits
+        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels).logits, expected, atol=1e-4, rtol=1e-4)
+
+    model.train()
+    logits = model(ids, pixels).logits
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert no_grad == [n for n in no_grad if "post_layernorm" in n]  # LLaVA reads the layers before it
