@@ -91,7 +91,7 @@ def llava_from_hf(d: dict) -> LlavaConfig:
         raise ModelConfigError(f"vision_config.model_type: '{vision.get('model_type')}' is not supported; "
                                f"supported: {VISION_MODEL_TYPE} (SigLIP's vision tower)")
     try:
-        text_cfg = from_hf(text)
+        text_cfg = from_hf({"model_type": "llama", **text})  # LlavaConfig's default text model
     except ModelConfigError as e:
         raise ModelConfigError(f"text_config.{e}") from None
     if "tie_word_embeddings" in d:  # LlavaConfig's own field wins over text_config's
