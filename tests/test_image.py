@@ -1,6 +1,7 @@
 """Image preprocessing equals transformers' SiglipImageProcessor (its Pillow backend) on the same images, in
 every mode a file may have; reading refuses a decompression bomb with a one-line error naming the file."""
 
+import base64
 import struct
 import zlib
 
@@ -12,7 +13,13 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil  # noqa: E402
 
-from lmforge.vision.image import ImageError, ImageProcessorConfig, preprocess, read_image  # noqa: E402
+from lmforge.vision.image import (  # noqa: E402
+    ImageError,
+    ImageProcessorConfig,
+    preprocess,
+    read_image,
+    read_image_url,
+)
 
 
 def images():
@@ -92,3 +99,17 @@ def test_read_image_refuses_bombs_and_junk(tmp_path):
         read_image(truncated)
     with pytest.raises(FileNotFoundError):
         read_image(tmp_path / "missing.png")
+
+
+def test_read_image_url(tmp_path):
+    Image.new("RGB", (6, 4), (1, 2, 3)).save(tmp_path / "a.png")
+    data = "data:image/png;base64," + base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    for url, base in ((data, None), ("a.png", tmp_path), (str(tmp_path / "a.png"), None),
+                      (f"file://{tmp_path / 'a.png'}", None)):
+        assert read_image_url(url, base).getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ImageError, match="not valid base64"):
+        read_image_url("data:image/png;base64,@@@")
+    with pytest.raises(ImageError, match="data URL"):
+        read_image_url("data:image/png;base64," + base64.b64encode(b"junk").decode())
+    with pytest.raises(ImageError, match="web URLs"):
+        read_image_url("https://example.com/a.png")

@@ -10,13 +10,17 @@ Preprocessing is SigLIP's (transformers' `SiglipImageProcessor`, its Pillow back
 The same numbers go into the model directory's preprocessor_config.json, so `AutoProcessor` there gives
 the same pixel values (tests/test_llava.py compares them).
 
-Reading is bounded: an image whose header declares more than `max_pixels` pixels is refused before its
-data is decoded (a "decompression bomb": a few kilobytes of PNG that would decode to gigabytes).
+Chat data names an image by a file path or a base64 data URL (`read_image_url`). Reading is bounded: an
+image whose header declares more than `max_pixels` pixels is refused before its data is decoded (a
+"decompression bomb": a few kilobytes of PNG that would decode to gigabytes).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +55,24 @@ def read_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: s
         if isinstance(e, FileNotFoundError):
             raise
         raise ImageError(f"{label}: not a readable image ({' '.join(str(e).split())})") from None
+
+
+DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)
+
+
+def read_image_url(url: str, base_dir: str | Path | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image an `image_url` names, as chat data carries them: a `data:image/...;base64,` URL, or a file path
+    (`file://` or plain; relative paths from `base_dir`, the data file's folder). Web URLs are not fetched here."""
+    if match := DATA_URL.fullmatch(url):
+        try:
+            data = base64.b64decode(match.group(1), validate=True)
+        except binascii.Error:
+            raise ImageError(f"{url[:40]}...: not valid base64") from None
+        return read_image(data, max_pixels, name=f"{url[:30]}... (a data URL)")
+    if url.startswith(("http://", "https://")):
+        raise ImageError(f"{url}: web URLs are not read here; give a file or a data URL")
+    path = Path(url.removeprefix("file://"))
+    return read_image(path if path.is_absolute() or base_dir is None else Path(base_dir) / path, max_pixels)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
