@@ -11,8 +11,8 @@ import random
 
 import jsonschema
 import pytest
-import torch
 from test_server import MODEL, build_model_dir, serving
+from train_helpers import memorize
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.infer.grammar import json_grammar
@@ -21,6 +21,7 @@ from lmforge.infer.tools import ToolStream, parse_tool_calls, tool_format
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -246,15 +247,7 @@ def taught(model_dir, out, steps: int = 120):
     model = load_model(model_dir)
     ids, mask = tokenizer.encode_chat([*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}],
                                       tools=[WEATHER, TIME])
-    x, labels = torch.tensor([ids[:-1]]), torch.tensor([[t if m else -100 for t, m in zip(ids[1:], mask[1:])]])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(x).logits[0], labels[0])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return save_model(model.eval(), out, tokenizer_dir=model_dir)
+    return save_model(memorize(model, ids, mask, steps, 3e-3), out, tokenizer_dir=model_dir)
 
 
 @pytest.fixture(scope="module")

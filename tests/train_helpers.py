@@ -77,3 +77,25 @@ def make_corpus(directory, chars: int = 120_000):
     prepare(directory / "tokenizer", [str(text_file)], directory / "data", val_fraction=0.1, workers=1,
             piece_bytes=4096, show_progress=False)
     return directory / "tokenizer", directory / "data"
+
+
+def memorize(model, ids: list[int], mask: list[int], steps: int, lr: float):
+    """Train `model` on one tokenized chat's masked tokens (an assistant's turns) until it repeats them. One
+    thread: these are module fixtures, set up before the one_thread fixture, and tiny steps lose to a second
+    thread's waits on a shared machine."""
+    import torch
+
+    x, labels = torch.tensor([ids[:-1]]), torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x).logits[0], labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()

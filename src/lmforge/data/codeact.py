@@ -24,6 +24,8 @@ arithmetic tasks are (arithmetic.is_held_out), so no train set of any size holds
 Files, beside the arithmetic tasks':
     codeact_sft.jsonl           {"messages": the trajectory} for each training problem
     codeact_direct_sft.jsonl    {"messages": [user question, assistant worked steps and `#### N`]}
+    codeact_rl.jsonl            {"question", "answer"}: the training problems as RL prompts (`lmforge grpo
+                                --sandbox true`)
     codeact_test.jsonl          {"question", "answer"}: held-out problems in GSM8K's format (`lmforge agent
                                 --data`, `lmforge eval --tasks gen:FILE`)
 """
@@ -176,6 +178,7 @@ def write_codeact(out: str | Path, train: int = 5000, test: int = 500, seed: int
         "codeact_sft": [{"messages": messages} for messages in trajectories],
         "codeact_direct_sft": [{"messages": [{"role": "user", "content": p.question},
                                              {"role": "assistant", "content": p.solution}]} for p in train_set],
+        "codeact_rl": [{"question": p.question, "answer": p.solution} for p in train_set],
         "codeact_test": [{"question": p.question, "answer": p.solution} for p in test_set],
     }
     return write_jsonl_files(out, records)

@@ -37,6 +37,7 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.model.lora import LoraConfig
 from lmforge.settings import check_ranges
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.agent_rollout import AgentSampler, agent_messages
 from lmforge.train.metrics import plot_series, read_metrics
 from lmforge.train.objectives import DEFAULT_CHUNK, token_logps, with_router_aux_loss
 from lmforge.train.policy import (
@@ -91,6 +92,12 @@ class RLConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "tokens per chunk of the output layer",
                                                                         "min": 1})
+    sandbox: bool = field(default=False, metadata={
+        "help": "CodeAct episodes: the policy's python blocks run in a sandboxed session and their output comes back "
+                "as a tool turn, masked out of the loss; the reward scores the final reply (train/agent_rollout.py)"})
+    max_steps: int = field(default=4, metadata={"help": "sandbox: most code actions per episode", "min": 0})
+    max_observation_chars: int = field(default=500, metadata={"help": "sandbox: an observation's most characters",
+                                                              "min": 1})
 
     @property
     def epsilon_upper(self) -> float:
@@ -153,7 +160,8 @@ def accuracy_fn(cfg: RLConfig, tokenizer: Tokenizer, val_prompts: list[RLPrompt]
     """val_fn for the Trainer: greedy answers to the held-out prompts (this process's share), the fraction
     right by exact_answer over every process, and their mean length."""
     mine = val_prompts[env.rank::env.world_size]
-    ids = [p[-max_prompt_length:] for p in encode_prompts(tokenizer, [p.messages for p in mine])]
+    messages = [agent_messages(p.messages) if cfg.sandbox else p.messages for p in mine]
+    ids = [p[-max_prompt_length:] for p in encode_prompts(tokenizer, messages)]
     samplers: dict[int, Sampler] = {}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -161,7 +169,12 @@ def accuracy_fn(cfg: RLConfig, tokenizer: Tokenizer, val_prompts: list[RLPrompt]
             params = SamplingParams(max_tokens=cfg.max_completion_length, temperature=0.0)
             samplers[id(model)] = Sampler(model, tokenizer, params, max_batch_size=64,
                                           max_len=max_prompt_length + cfg.max_completion_length)
-        outputs = samplers[id(model)](ids, [0] * len(ids))
+        if cfg.sandbox:  # greedy episodes, the sandbox in them
+            agent = AgentSampler(samplers[id(model)], tokenizer, cfg.max_completion_length, cfg.max_steps,
+                                 cfg.max_observation_chars)
+            outputs = agent(messages, ids, [0] * len(ids), 1)
+        else:
+            outputs = samplers[id(model)](ids, [0] * len(ids))
         right = exact_answer([p.messages for p in mine], [o.text for o in outputs], [p.answer for p in mine])
         totals = torch.tensor([sum(right), float(len(mine)), float(sum(len(o.token_ids) for o in outputs))],
                               dtype=torch.float64)
@@ -204,6 +217,7 @@ def run_rl(cfg: RLConfig, advantages, loss_fn, loss_type: str, settings_extra: d
         num_generations=cfg.num_generations, batch_size=cfg.batch_size, grad_accum=cfg.train.grad_accum,
         num_iterations=cfg.num_iterations, max_completion_length=cfg.max_completion_length, sampling=sampling,
         seed=cfg.train.seed, chunk_size=cfg.chunk_size, mask_truncated_completions=cfg.mask_truncated_completions,
+        sandbox=cfg.sandbox, max_steps=cfg.max_steps, max_observation_chars=cfg.max_observation_chars,
         **settings_extra)
     room = prompt_room(cfg, policy)
     train = Rollouts(prompts, tokenizer, policy, reference, rewards, advantages, settings, env, room, loss_type)

@@ -34,6 +34,7 @@ from lmforge.infer.engine import Engine, SamplingParams
 from lmforge.infer.llm import encode_prompts
 from lmforge.infer.request import Output
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.agent_rollout import AgentSampler, agent_messages
 from lmforge.train.objectives import token_logps
 from lmforge.train.policy import nanstd, num_items
 from lmforge.train.rewards import RewardFunction, load_reward_function, score
@@ -56,6 +57,10 @@ class Sampler:
 
     def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[Output]:
         """params.n outputs of each prompt, prompt by prompt; prompt i's sample j is seeded seeds[i] + j."""
+        return self.complete(prompts, [replace(self.params, seed=s) for s in seeds])
+
+    def complete(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Output]:
+        """Each prompt's params.n outputs under its own params, all batched, prompt by prompt."""
         was_training = self.model.training
         try:
             if self.engine is None:
@@ -63,7 +68,7 @@ class Sampler:
                 self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.max_batch_size, max_len=context,
                                      prefix_cache=False)
             self.model.eval()
-            requests = [self.engine.submit(p, replace(self.params, seed=s)) for p, s in zip(prompts, seeds)]
+            requests = [self.engine.submit(p, q) for p, q in zip(prompts, params)]
             for request in requests:
                 for _ in request:  # steps the engine, which runs every submitted request batched
                     pass
@@ -121,6 +126,9 @@ class RolloutSettings:
     old_logps: bool = False  # compute the sampling policy's log-probs (num_iterations > 1, RLOO, PPO)
     carry: tuple[str, ...] = ()  # per-sample tensors the stage's advantages put into the batch, served with
     # the micro-batches (PPO: the value model's values when sampled, and the returns)
+    sandbox: bool = False  # CodeAct episodes (agent_rollout.py): actions run in a sandbox, observations masked
+    max_steps: int = 4  # actions per episode
+    max_observation_chars: int = 500
 
 
 Advantages = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -143,14 +151,17 @@ class Rollouts:
         self.prompts, self.tokenizer, self.policy, self.reference = prompts, tokenizer, policy, reference
         self.rewards, self.advantages, self.s, self.env = rewards, advantages, settings, env
         self.loss_type = loss_type
+        self.messages = [agent_messages(p.messages) if s.sandbox else p.messages for p in prompts]
         self.prompt_ids = [ids[-max_prompt_length:] for ids in
-                           encode_prompts(tokenizer, [p.messages for p in prompts])]  # TRL keeps a prompt's end
+                           encode_prompts(tokenizer, self.messages)]  # TRL keeps a prompt's end
         self.prompts_per_step = per_step // s.num_generations
         self.order = EpochBatches(index_batches(len(prompts), self.prompts_per_step, s.seed, True, env.rank,
                                                 env.world_size, lambda indices: indices))
         params = replace(s.sampling, max_tokens=s.max_completion_length, n=s.num_generations)
         self.sampler = Sampler(policy, tokenizer, params, max_batch_size=per_step,
                                max_len=max_prompt_length + s.max_completion_length)
+        self.agent = AgentSampler(self.sampler, tokenizer, s.max_completion_length, s.max_steps,
+                                  s.max_observation_chars) if s.sandbox else None
         self.generations, self.buffer, self.served = 0, [], 0
 
     # -- one generation ------------------------------------------------------------------------------------
@@ -158,14 +169,20 @@ class Rollouts:
         """Samples of these prompts, scored: rows, completion mask, rewards, truncation, metrics' raw values."""
         s = self.s
         seeds = [int(np.random.default_rng([s.seed, self.generations, i]).integers(2**31)) for i in indices]
-        outputs = self.sampler([self.prompt_ids[i] for i in indices], seeds)
+        if self.agent is not None:  # episodes: the observations' tokens are in the completion, masked out
+            outputs = self.agent([self.messages[i] for i in indices], [self.prompt_ids[i] for i in indices], seeds,
+                                 s.num_generations)
+            masks = [o.mask for o in outputs]
+        else:
+            outputs = self.sampler([self.prompt_ids[i] for i in indices], seeds)
+            masks = [[1] * len(o.token_ids) for o in outputs]
         group = [i for i in indices for _ in range(s.num_generations)]
         completion_ids = [o.token_ids for o in outputs]
         total, per_function = self.rewards(
             [self.prompts[i].messages for i in group], [o.text for o in outputs], completion_ids,
             {"answer": [self.prompts[i].answer for i in group]})
         rows = [self.prompt_ids[i] + ids for i, ids in zip(group, completion_ids)]
-        mask = [[0] * len(self.prompt_ids[i]) + [1] * len(ids) for i, ids in zip(group, completion_ids)]
+        mask = [[0] * len(self.prompt_ids[i]) + m for i, m in zip(group, masks)]
         return {"input_ids": pad(rows, self.tokenizer.pad_id), "completion_mask": pad(mask, 0).float(),
                 "rewards": total, "per_function": per_function,
                 "truncated": torch.tensor([o.finish_reason == "length" for o in outputs]),
