@@ -157,3 +157,48 @@ def test_api_key_field(live, page):
         assert page.text_content("#speed").startswith("4 tokens")
     finally:
         locked.close()
+
+
+def test_agent_mode_shows_the_code_and_its_output(page, corpus, tmp_path_factory):
+    """`lmforge serve --agent true`: a policy taught one CodeAct episode writes its code, the server runs it in
+    the conversation's sandbox, the page shows code and output, and the model answers from the output."""
+    from test_agent_rollout import QUESTION, teach
+    from train_helpers import tiny_model
+
+    from lmforge.checkpoint import save_model
+    from lmforge.infer.agent_api import AgentSettings
+
+    root = tmp_path_factory.mktemp("web-agent")
+    base = save_model(tiny_model(seed=3, vocab_size=300, max_position_embeddings=512), root / "base",
+                      tokenizer_dir=corpus[0])
+    engine = Engine.from_pretrained(teach(base, corpus[0], root / "taught"), max_batch_size=2)
+    engine.start()
+    server = LiveServer.start(engine, agent=AgentSettings(max_steps=3))
+    bodies, deletes = [], []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/chat/completions")
+            and bodies.append(json.loads(r.post_data)))
+    page.on("request", lambda r: r.method == "DELETE" and deletes.append(r.url))
+    try:
+        page.goto(server.url + "/")
+        wait_until(page, f"document.getElementById('model-name').textContent === {json.dumps(MODEL + ' · agent')}")
+        page.eval_on_selector("#temperature", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+        page.fill("#max-tokens", "60")
+        page.fill("#prompt", QUESTION[0]["content"])
+        page.press("#prompt", "Enter")
+        wait_until(page, "document.querySelectorAll('.message.assistant:not(.streaming)').length === 2 "
+                         "&& !document.getElementById('send').disabled")
+        assert page.text_content(".message.assistant pre.code") == "print(6 * 7)\n"
+        assert page.text_content(".message.assistant pre.output") == "42"
+        final = page.locator(".message.assistant").nth(1).text_content()
+        assert final.startswith("The product is 42.") and "#### 42" in final
+        system, user, assistant, tool = bodies[-1]["messages"]
+        assert system["role"] == "system" and user == {"role": "user", "content": QUESTION[0]["content"]}
+        assert assistant["content"].endswith("```python\nprint(6 * 7)\n```") and tool == {"role": "tool",
+                                                                                          "content": "42"}
+        page.click("#new-chat")
+        wait_until(page, "true")
+        assert len(deletes) == 1 and "/v1/agent/session/" in deletes[0]
+    finally:
+        server.close()
+        engine.stop()
+        server.server.config.app.state.agent_sessions.close_all()

@@ -77,6 +77,7 @@ try:
 except ImportError as e:  # an optional extra: only this command needs it
     raise ImportError(f"lmforge serve needs the `serve` extra: pip install 'lmforge[serve]' ({e})") from None
 
+from lmforge.infer.agent_api import AgentSettings, add_agent_routes
 from lmforge.infer.engine import Engine
 from lmforge.infer.grammar import GrammarError
 from lmforge.infer.guard import Guard, allowed_host_names
@@ -514,9 +515,10 @@ def _sse(chunks, requests: list) -> StreamingResponse:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, host: str = "127.0.0.1",
                allowed_hosts: list[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_prompts: int = DEFAULT_MAX_PROMPTS) -> FastAPI:
+               max_prompts: int = DEFAULT_MAX_PROMPTS, agent: AgentSettings | None = None) -> FastAPI:
     """The FastAPI app over a started `engine`, to be served on `host` (the address bound decides the Host
-    check, see Guard). The caller owns the engine (starts and stops it)."""
+    check, see Guard). The caller owns the engine (starts and stops it). `agent`: the web chat's agent mode,
+    the sandbox behind /v1/agent (agent_api.py); its sessions are `app.state.agent_sessions`."""
     server = Server(engine, model_name, max_prompts)
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_host_names(host, list(allowed_hosts)),
@@ -548,6 +550,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, h
         return server.model_card
 
     app.post("/v1/chat/completions")(server.chat)
+    app.state.agent_sessions = add_agent_routes(app, agent)
     app.post("/v1/completions")(server.completions)
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
@@ -597,6 +600,12 @@ class ServeConfig:
         "min": 1})
 
 
+    agent: bool = field(default=False, metadata={
+        "help": "the web chat's agent mode: the model's ```python blocks run in a sandboxed interpreter per "
+                "conversation (/v1/agent, guarded by --api-key) and the page shows the code and its output"})
+    agent_max_steps: int = field(default=5, metadata={"help": "agent: code actions per message", "min": 1})
+    agent_cell_timeout: float = field(default=10.0, metadata={"help": "agent: seconds a code cell may run",
+                                                              "min": 0.1})
 def served_name(model: str) -> str:
     """The model id clients send by default: the directory's name as given, links not followed, so
     `--model runs/pretrain/final` serves "final" (not the checkpoint-NNNNNN it links to)."""
@@ -614,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
                                     prefix_cache=cfg.prefix_cache)
     name = cfg.name or served_name(cfg.model)
     app = create_app(engine, name, cfg.api_key, host=cfg.host, allowed_hosts=cfg.allowed_hosts,
-                     max_body_bytes=cfg.max_body_bytes, max_prompts=cfg.max_prompts)
+                     max_body_bytes=cfg.max_body_bytes, max_prompts=cfg.max_prompts,
+                     agent=AgentSettings(max_steps=cfg.agent_max_steps, cell_timeout=cfg.agent_cell_timeout)
+                     if cfg.agent else None)
     engine.start()
     try:
         print(f"serving '{name}' at http://{cfg.host}:{cfg.port}  (web chat: /, OpenAI API: /v1)", flush=True)
@@ -622,3 +633,5 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.stop()
     return 0
+        if app.state.agent_sessions is not None:
+            app.state.agent_sessions.close_all()

@@ -9,6 +9,11 @@ const $ = (id) => document.getElementById(id);
 const history = [];        // [{role, content}], what the model sees
 let model = null;          // the id /v1/models reports
 let controller = null;     // AbortController of the reply being streamed, if any
+let agent = null;          // /v1/agent's answer when the server runs the agent: {system_prompt, max_steps}
+// a fresh id for this conversation's interpreter on the server (getRandomValues: randomUUID needs https)
+const sessionId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)),
+                                   (b) => b.toString(16).padStart(2, "0")).join("");
+let agentSession = sessionId();
 const emptyHint = $("empty");
 
 function headers() {
@@ -29,6 +34,12 @@ async function loadModel() {
   if (!response.ok) throw new Error(await errorMessage(response));
   model = (await response.json()).data[0].id;
   $("model-name").textContent = model;
+  const info = await (await fetch("/v1/agent", { headers: headers() })).json();
+  if (info.enabled && !agent) {  // the conversation opens with the agent's system prompt (not shown)
+    agent = info;
+    history.unshift({ role: "system", content: agent.system_prompt });
+    $("model-name").textContent = `${model} · agent`;
+  }
 }
 
 function addMessage(role, text) {
@@ -72,15 +83,11 @@ function setBusy(busy) {
   $("stop").disabled = !busy;
 }
 
-async function send(text) {
-  if (!model) await loadModel();
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
-  const bubble = addMessage("assistant", "");
+// Stream one reply into `bubble`. Returns {reply, stopped, ...timings}, or null when the request failed (the
+// bubble then shows the error).
+async function streamReply(bubble) {
   bubble.classList.add("streaming");
   controller = new AbortController();
-  setBusy(true);
-
   // Text is shown at most every 40 ms, not per token: each update costs the browser a layout of the
   // whole reply, and a long reply streamed token by token would keep the page busy.
   const shown = bubble.appendChild(document.createTextNode(""));
@@ -93,7 +100,7 @@ async function send(text) {
   };
 
   const started = performance.now();
-  let reply = "", firstTokenAt = null, chunks = 0, usage = null, stopped = false;
+  let reply = "", firstTokenAt = null, chunks = 0, usage = null, stopped = false, failed = false;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -126,22 +133,76 @@ async function send(text) {
     if (error.name === "AbortError") {
       stopped = true;
     } else {
-      history.pop();  // the server did not take this turn; let the user send it again
+      failed = true;
       bubble.classList.add("error");
       bubble.textContent = `Error: ${error.message}`;
     }
   } finally {
     clearTimeout(timer);
-    show();
+    if (!failed) show();
     controller = null;
-    setBusy(false);
     bubble.classList.remove("streaming");
   }
-  if (bubble.classList.contains("error") || !bubble.isConnected) return;  // failed, or a new chat began
-  history.push({ role: "assistant", content: reply });
-  if (stopped) addNote(bubble, "stopped");
-  showSpeed(started, firstTokenAt, performance.now(), usage ? usage.completion_tokens : chunks, !usage,
-            usage?.prompt_tokens_details?.cached_tokens);
+  if (failed) return null;
+  return { reply, stopped, shown, started, firstTokenAt, chunks, usage };
+}
+
+// Agent mode (`lmforge serve --agent true`): the server finds the reply's ```python block, runs it in this
+// conversation's sandboxed interpreter and answers with the reply cut after the code, and the code's output.
+async function agentStep(reply) {
+  const response = await fetch("/v1/agent/step", {
+    method: "POST", headers: headers(), body: JSON.stringify({ session: agentSession, reply }),
+  });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+function addCode(bubble, code, output) {
+  for (const [className, text] of [["code", code], ["output", output]]) {
+    const block = document.createElement("pre");
+    block.className = className;
+    block.textContent = text;  // never innerHTML: code and its output are not trusted markup
+    bubble.append(block);
+  }
+  bubble.scrollIntoView({ block: "end" });
+}
+
+async function send(text) {
+  if (!model) await loadModel();
+  const turn = history.length;  // where this turn starts in the history, to take it back on an error
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  setBusy(true);
+  try {
+    for (let step = 0; ; step += 1) {
+      const bubble = addMessage("assistant", "");
+      const result = await streamReply(bubble);
+      if (result === null) {  // the server did not take this turn; let the user send it again
+        history.length = turn;
+        return;
+      }
+      if (!bubble.isConnected) return;  // a new chat began
+      const last = result.stopped || !agent || step === agent.max_steps;
+      const action = last ? null : await agentStep(result.reply).catch((error) => {
+        bubble.classList.add("error");
+        bubble.append(` Error: ${error.message}`);
+        return null;
+      });
+      if (!action || action.code === null) {
+        history.push({ role: "assistant", content: result.reply });
+        if (result.stopped) addNote(bubble, "stopped");
+        showSpeed(result.started, result.firstTokenAt, performance.now(),
+                  result.usage ? result.usage.completion_tokens : result.chunks, !result.usage,
+                  result.usage?.prompt_tokens_details?.cached_tokens);
+        return;
+      }
+      result.shown.data = action.content;  // the reply up to its code: what the model imagined after is dropped
+      addCode(bubble, action.code, action.observation);
+      history.push({ role: "assistant", content: action.content }, { role: "tool", content: action.observation });
+    }
+  } finally {
+    setBusy(false);
+  }
 }
 
 // Tokens per second of the last reply, counted from its first token (so the prompt's prefill is the
@@ -161,7 +222,12 @@ function showSpeed(started, firstTokenAt, ended, tokens, approximate, cached) {
 
 function newChat() {
   controller?.abort();
+  if (agent) {
+    fetch(`/v1/agent/session/${agentSession}`, { method: "DELETE", headers: headers() }).catch(() => {});
+    agentSession = sessionId();
+  }
   history.length = 0;
+  if (agent) history.push({ role: "system", content: agent.system_prompt });
   $("messages").replaceChildren(emptyHint);
   $("speed").textContent = "";
   $("prompt").focus();
@@ -170,7 +236,7 @@ function newChat() {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text || controller) return;
+  if (!text || !$("stop").disabled) return;  // a turn (and in agent mode its steps) is still running
   $("prompt").value = "";
   send(text);
 });
