@@ -549,8 +549,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, h
                            "model", "model_not_found")
         return server.model_card
 
-    app.post("/v1/chat/completions")(server.chat)
     app.state.agent_sessions = add_agent_routes(app, agent)
+    app.post("/v1/chat/completions")(server.chat)
     app.post("/v1/completions")(server.completions)
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
@@ -598,14 +598,14 @@ class ServeConfig:
     max_prompts: int = field(default=DEFAULT_MAX_PROMPTS, metadata={
         "help": "most prompts in one /v1/completions request (each is an engine request); vLLM's default",
         "min": 1})
-
-
     agent: bool = field(default=False, metadata={
         "help": "the web chat's agent mode: the model's ```python blocks run in a sandboxed interpreter per "
                 "conversation (/v1/agent, guarded by --api-key) and the page shows the code and its output"})
     agent_max_steps: int = field(default=5, metadata={"help": "agent: code actions per message", "min": 1})
     agent_cell_timeout: float = field(default=10.0, metadata={"help": "agent: seconds a code cell may run",
                                                               "min": 0.1})
+
+
 def served_name(model: str) -> str:
     """The model id clients send by default: the directory's name as given, links not followed, so
     `--model runs/pretrain/final` serves "final" (not the checkpoint-NNNNNN it links to)."""
@@ -632,6 +632,6 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     finally:
         engine.stop()
-    return 0
         if app.state.agent_sessions is not None:
             app.state.agent_sessions.close_all()
+    return 0
