@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "words) with questions and captions as chat JSONL"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a preset or an HF model dir on prepared shards"),
     "sft": ("lmforge.train.sft", "supervised fine-tuning: full, LoRA, DoRA or chosen layers"),
+    "vlm": ("lmforge.train.vlm", "train a LLaVA model: projector alignment on captions, then visual instruction SFT"),
     "dpo": ("lmforge.train.dpo", "preference optimisation: DPO and its family (TRL's losses), KTO"),
     "reward": ("lmforge.train.reward", "reward model: a scalar score head trained on preference pairs"),
     "distill": ("lmforge.train.distill", "knowledge distillation from a teacher: offline KL/JSD or on-policy (GKD)"),

@@ -190,6 +190,11 @@ class Llava(nn.Module):
         the other keyword arguments are the language model's (position_ids, cache, document_ids, return_hidden)."""
         return self.language_model(input_ids, inputs_embeds=self.embed(input_ids, pixel_values), **kwargs)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The language model's output matrix, which the chunked losses (train/objectives.py) read."""
+        return self.language_model.output_weight
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """The language model as Transformer.init_weights, the tower as SigLIP's, the projector ~ N(0, 0.02)

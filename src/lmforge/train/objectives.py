@@ -99,14 +99,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
                    chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy: batch["input_ids"] [B, T] predicts batch["labels"] [B, T] (already shifted;
-    -100 = not trained on); optional batch["position_ids"] and batch["document_ids"] for packed rows.
+    -100 = not trained on); optional batch["position_ids"] and batch["document_ids"] for packed rows, and
+    batch["pixel_values"] for a vision-language model (model/llava.py: its images' placeholders in input_ids).
 
     For MoE models the router's load-balancing loss is added with `config.router_aux_loss_coef`
     (Switch Transformer, Fedus et al. 2021, eq. 4), as transformers' `*ForCausalLM` do.
     Metrics: "ce" (the cross-entropy alone), "aux_loss" (MoE), "tokens" (tokens trained on, which the
     Trainer uses to weigh validation batches).
     """
-    extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    extra = {k: batch[k] for k in ("position_ids", "document_ids", "pixel_values") if k in batch}
     output = model(batch["input_ids"], return_hidden=True, **extra)
     ce = chunked_cross_entropy(output.hidden, unwrap_model(model).output_weight, batch["labels"], chunk_size)
     metrics = {"ce": ce.detach(), "tokens": (batch["labels"] != IGNORE_INDEX).sum()}
@@ -116,8 +117,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
 def with_router_aux_loss(loss: torch.Tensor, output, model: nn.Module, metrics: dict) -> torch.Tensor:
     """loss + router_aux_loss_coef * the MoE load-balancing loss of `output` (a ModelOutput), for every
     objective that trains a MoE model; records it in metrics["aux_loss"]. Dense models: loss unchanged."""
+    if output.aux_loss is None:
+        return loss
     coef = unwrap_model(model).config.router_aux_loss_coef
-    if output.aux_loss is None or coef <= 0:
+    if coef <= 0:
         return loss
     metrics["aux_loss"] = output.aux_loss.detach()
     return loss + coef * output.aux_loss

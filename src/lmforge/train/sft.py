@@ -157,11 +157,17 @@ def build(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
 
 
 def read_samples(files: list[str], cfg: SFTConfig, tokenizer: Tokenizer, what: str) -> list[SFTSample]:
-    dataset = SFTDataset(files, tokenizer, cfg.max_len, cfg.format, cfg.loss_on, cfg.skip_bad)
+    return all_samples(SFTDataset(files, tokenizer, cfg.max_len, cfg.format, cfg.loss_on, cfg.skip_bad), what,
+                       cfg.train.device)
+
+
+def all_samples(dataset, what: str, device: str) -> list:
+    """Every sample of a dataset of conversations (SFTDataset, data/vlm.ImageChatDataset): none is an error
+    naming the files (`what`: the option that named them), skipped bad records are reported."""
     samples = list(dataset)
     if not samples:
-        raise ValueError(f"{what}: no trainable conversation in {files} ({dataset.stats.summary()})")
-    if dataset.stats.skipped and setup_env(cfg.train.device).is_main:
+        raise ValueError(f"{what}: no trainable conversation in {dataset.files} ({dataset.stats.summary()})")
+    if dataset.stats.skipped and setup_env(device).is_main:
         print(f"{what}: skipped bad input: {dataset.stats.summary()}")
     return samples
 

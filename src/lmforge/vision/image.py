@@ -117,13 +117,23 @@ class ImageProcessorConfig:
                    image_mean=tuple(d.get("image_mean", SIGLIP_MEAN)), image_std=tuple(d.get("image_std", SIGLIP_STD)))
 
 
-def preprocess(images: list[Image.Image], cfg: ImageProcessorConfig) -> torch.Tensor:
-    """Images -> pixel values [N, 3, size, size], float32 (the module docstring's four steps)."""
+def resize(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """Steps 1 and 2: the image as RGB bytes [size, size, 3], uint8 (a quarter of its pixel values' memory, so
+    a data set of images can be held as these and normalised batch by batch)."""
+    return np.asarray(to_rgb(image).resize((cfg.size, cfg.size), resample=cfg.resample))
+
+
+def normalise(images: list[np.ndarray], cfg: ImageProcessorConfig) -> torch.Tensor:
+    """Steps 3 and 4: resized RGB bytes -> pixel values [N, 3, size, size], float32."""
     mean = np.asarray(cfg.image_mean, dtype=np.float32)
     std = np.asarray(cfg.image_std, dtype=np.float32)
     out = []
-    for image in images:
-        resized = to_rgb(image).resize((cfg.size, cfg.size), resample=cfg.resample)
-        pixels = (np.asarray(resized, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
+    for rgb in images:
+        pixels = (rgb.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
         out.append(((pixels - mean) / std).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
+
+
+def preprocess(images: list[Image.Image], cfg: ImageProcessorConfig) -> torch.Tensor:
+    """Images -> pixel values [N, 3, size, size], float32 (the module docstring's four steps)."""
+    return normalise([resize(image, cfg) for image in images], cfg)
