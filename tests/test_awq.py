@@ -175,7 +175,10 @@ def test_the_command_writes_compressed_tensors_that_its_package_loads(base_model
     compressed-tensors, with our logits), the method recorded under a key compressed-tensors ignores, and the
     int4 model nearer fp32 than no model at all; bad input is one line naming it."""
     from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
+    from lmforge.checkpoint import save_model
 
     text = tmp_path / "calibration.txt"
     text.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 20)
@@ -194,6 +197,14 @@ def test_the_command_writes_compressed_tensors_that_its_package_loads(base_model
         torch.testing.assert_close(hf(tokens).logits, ours(tokens).logits, rtol=1e-5, atol=1e-5)
         assert relative(ours(tokens).logits, load_model(base_model)(tokens).logits) < 0.06
     assert "--method RTN|AWQ" in _help(capsys) and "--calibration-samples" in _help(capsys)
+    # a bf16 model: searched in fp32, saved in bf16 (its norms and scales)
+    save_model(load_model(base_model, dtype=torch.bfloat16), tmp_path / "bf16", tokenizer_dir=base_model)
+    assert cli(["quantize", "--model", str(tmp_path / "bf16"), "--scheme", "int4", "--group-size", "32", "--method",
+                "awq", "--calibration", str(text), "--calibration-samples", "2", "--calibration-seq-len", "32",
+                "--out", str(tmp_path / "awq-bf16")]) == 0
+    with safe_open(str(tmp_path / "awq-bf16" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.input_layernorm.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.bfloat16
     assert cli(["quantize", "--model", str(base_model), "--scheme", "int4", "--group-size", "32", "--method", "awq",
                 "--calibration", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q")]) == 1
     err = capsys.readouterr().err
