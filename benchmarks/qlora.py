@@ -11,7 +11,8 @@ of all tensor storages alive (weights, buffers, adapters, their optimizer state,
 `weights_mb` the model's parameters and buffers alone. Data: `--data`, a pretraining shard directory
 (`lmforge prepare`; windows drawn at seeded random offsets of its train_*.bin), or else 64 fixed random token
 sequences repeated (so the loss falls even from random weights). Last line: one JSON object, "ratio" = bf16-base
-LoRA peak / NF4-base LoRA peak.
+LoRA peak / NF4-base LoRA peak. With a model directory, also the peak of tensor memory while its base is loaded
+for QLoRA, whole then quantised or layer by layer (`load_peak_mb`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,26 @@ def run(args, quant: str) -> dict:
             "losses": [round(float(v), 4) for v in losses]}
 
 
+def load_peaks(model_dir: str) -> dict[str, float]:
+    """The peak of tensor memory (MB, MemTracker) while the base is loaded for QLoRA: whole then quantised (how
+    sft did it), or layer by layer (load_model's linear_hook, how sft does it). Resident memory would count the
+    safetensors file's mapped pages too, which the OS can drop."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from lmforge.checkpoint import load_model
+    from lmforge.model.nf4 import NF4Linear, quantize_linears_nf4
+
+    peaks = {}
+    for way in ("whole", "by-layer"):
+        tracker = MemTracker()
+        with tracker:
+            model = quantize_linears_nf4(load_model(model_dir)) if way == "whole" else \
+                load_model(model_dir, linear_hook=lambda linear: NF4Linear(linear))
+        peaks[way] = round(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20, 1)
+        del model
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="small", help="a preset (random weights) or a model directory")
@@ -111,6 +132,10 @@ def main() -> None:
         print(f"LoRA on the {name} base ({args.model}): peak {r['peak_mb']} MB of tensors in a step, weights "
               f"{r['weights_mb']} MB; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} in {args.steps} steps",
               flush=True)
+    if Path(args.model).is_dir():
+        results["load_peak_mb"] = load_peaks(args.model)
+        print(f"loading the base for QLoRA peaks at {results['load_peak_mb']['whole']} MB of tensors whole then "
+              f"quantised, {results['load_peak_mb']['by-layer']} MB layer by layer", flush=True)
     gap = [abs(a - b) for a, b in zip(results["bf16"]["losses"], results["nf4"]["losses"])]
     print(json.dumps({"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, **results,
                       "max_loss_gap": round(max(gap), 4),

@@ -214,3 +214,28 @@ def test_quant_option_errors_name_the_option(tmp_path, base_model, chats, capsys
         assert named in err and len(err.splitlines()) == 1, err
     with pytest.raises(OptionError, match="quant"):
         parse_args_or_raise(sft.SFTConfig, ["--quant", "nf3"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_loading_layer_by_layer_equals_quantising_the_loaded_model(tmp_path, family):
+    """sft's `--quant nf4` on a model directory: each block linear is read, quantised and dropped in turn (the
+    full-precision base never whole in memory); the result is the model loaded whole, then quantised."""
+    from train_helpers import tiny_model
+
+    from lmforge.checkpoint import save_model
+
+    extra = {"qwen2": dict(attention_bias=True), "mixtral": dict(num_experts=4, num_experts_per_tok=2,
+                                                                 moe_intermediate_size=64)}.get(family, {})
+    path = save_model(tiny_model(seed=5, model_type=family, **extra), tmp_path / family)
+    whole = quantize_linears_nf4(load_model(path))
+    by_layer = load_model(path, linear_hook=lambda linear: NF4Linear(linear))
+    assert [type(m).__name__ for m in by_layer.modules()] == [type(m).__name__ for m in whole.modules()]
+    ours, theirs = by_layer.state_dict(), whole.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for (name, a), (_, b) in zip(by_layer.named_modules(), whole.named_modules()):
+        if isinstance(a, NF4Linear):  # the 4-bit codes and scales too (non-persistent buffers)
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.absmax, b.absmax), name
+            assert (a.bias is None) == (b.bias is None) and (a.bias is None or torch.equal(a.bias, b.bias))
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(by_layer(ids).logits, whole(ids).logits)

@@ -23,12 +23,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from lmforge.config import PRESETS, ModelConfig, architecture, load_config, preset, to_hf
 from lmforge.files import atomic_directory_write, read_json, recover_directory
@@ -256,9 +258,11 @@ def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[Path, tuple[int, ...
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               ) -> Transformer:
+               linear_hook: Callable[[nn.Linear], nn.Module] | None = None) -> Transformer:
     """Load any supported HF causal LM directory (whatever wrote it; sharded or not; fp32/bf16/fp16). The config
-    and the weights' headers are checked against each other before anything is allocated (`check_weights`)."""
+    and the weights' headers are checked against each other before anything is allocated (`check_weights`).
+    `linear_hook`: each linear layer of the blocks is built alone from its file tensor and replaced by what
+    the hook makes of it (QLoRA's NF4Linear), so the full-precision weights are never all in memory at once."""
     path = Path(path)
     recover_directory(path)
     cfg = load_config(path)
@@ -272,8 +276,43 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         return load_quantized(path, cfg, quantization, dtype=dtype, device=device)
     shapes = read_shapes(weight_files(path))
     check_weights(cfg, shapes, path)
+    if linear_hook is not None:
+        return _load_by_layer(cfg, shapes, dtype, device, linear_hook)
     model = build_model(cfg, device=device, dtype=dtype, init=False)
     _copy_weights(model, shapes)
+    return model
+
+
+def _load_by_layer(cfg: ModelConfig, shapes: dict, dtype: torch.dtype, device, hook) -> Transformer:
+    """load_model with `linear_hook`: the blocks' linear layers are left weightless when the model is allocated,
+    and each gets its weight (from the file, in `dtype`) only to be handed to the hook, which replaces it."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    pending = {n: m for n, m in model.named_modules() if n.startswith("model.layers.") and type(m) is nn.Linear}
+    for linear in pending.values():
+        del linear.weight
+        linear.register_parameter("weight", None)
+    model = model.to_empty(device=device)
+    for name, b in model.named_buffers():
+        if name.endswith("expert_load") or name.endswith("e_score_correction_bias"):
+            b.zero_()
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    for file in sorted({file for file, _ in shapes.values()}):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for disk_name in f.keys():
+                if _skip(disk_name, cfg):
+                    continue
+                for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
+                    module = name.removesuffix(".weight")
+                    with torch.no_grad():
+                        if module in pending:
+                            linear = pending.pop(module)
+                            linear.weight = nn.Parameter(get().to(device, dtype), requires_grad=False)
+                            parent, child = module.rsplit(".", 1)
+                            setattr(model.get_submodule(parent), child, hook(linear))
+                            linear.weight = None  # the hook's module holds what it needs of it
+                        else:
+                            params[name].copy_(get())
     return model
 
 

@@ -26,10 +26,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lmforge.checkpoint import model_from, save_model
+from lmforge.checkpoint import load_model, model_from, save_model
 from lmforge.data.sft import IGNORE_INDEX, SFTDataset, SFTSample, pack, sft_batches
 from lmforge.model.lora import LoraConfig, apply_lora, save_adapter
-from lmforge.model.nf4 import quantize_linears_nf4
+from lmforge.model.nf4 import NF4Linear, quantize_linears_nf4
 from lmforge.settings import OptionError, check_ranges
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.environment import setup_env
@@ -145,10 +145,19 @@ def build(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
         raise OptionError(f"quant: {quant} needs method lora or dora (a 4-bit base is frozen), not {cfg.method}")
     if getattr(cfg, "double_quant", False) and quant == "none":
         raise OptionError("double_quant: needs quant nf4")
+    if quant == "nf4" and Path(cfg.model).is_dir():  # each block linear read, quantised and dropped in turn
+        model = load_model(cfg.model, device=device,
+                           linear_hook=lambda linear: NF4Linear(linear, double_quant=cfg.double_quant))
+        return adapt(model, cfg)
     model = model_from(cfg.model, device=device, seed=cfg.train.seed, vocab_size=tokenizer.vocab_size,
                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if quant == "nf4":
         quantize_linears_nf4(model, double_quant=cfg.double_quant)
+    return adapt(model, cfg)
+
+
+def adapt(model, cfg: SFTConfig):
+    """The method's trainable parts on the built model: LoRA/DoRA adapters, or the layers left unfrozen."""
     if cfg.method in ("lora", "dora"):
         apply_lora(model, replace(cfg.lora, use_dora=cfg.method == "dora" or cfg.lora.use_dora))
     elif cfg.method == "freeze":
