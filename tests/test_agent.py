@@ -10,7 +10,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from test_server import build_model_dir
+from test_engine import tokenizer  # noqa: F401  (a fixture)
+from test_generate import model_dir  # noqa: F401  (a fixture: a saved tiny model with that tokenizer)
 
 from lmforge.agent import find_action, run_agent
 from lmforge.cli import main as lmforge
@@ -110,9 +111,8 @@ def test_codeact_trajectories_hold_real_output_and_split_like_the_tasks(tmp_path
     assert not {r["messages"][1]["content"] for r in rows} & {t["question"] for t in tests}
 
 
-def test_only_the_assistant_turns_of_a_trajectory_are_trained_on(tmp_path):
-    model_dir = build_model_dir(tmp_path)
-    tokenizer = Tokenizer.from_dir(model_dir)
+def test_only_the_assistant_turns_of_a_trajectory_are_trained_on(model_dir):  # noqa: F811
+    tokenizer = Tokenizer.from_dir(model_dir)  # noqa: F811  (its chat template, as saved)
     problem = BoxProblem("Ben", "coins", 123, 45, [("give", 100)])
     with PythonSession(SandboxConfig(timeout=5.0)) as session:
         messages = trajectory(problem, session)
@@ -123,8 +123,7 @@ def test_only_the_assistant_turns_of_a_trajectory_are_trained_on(tmp_path):
     assert "<tool_response>" not in trained and trained.count("5435") == 2  # not the tool's, only the answer's
 
 
-def test_the_command_runs_a_real_model_directory_in_process(tmp_path, capsys):
-    model_dir = build_model_dir(tmp_path)
+def test_the_command_runs_a_real_model_directory_in_process(model_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "trajectories.jsonl"
     assert lmforge(["agent", "--model", str(model_dir), "--prompt", "What is 2 + 3?", "--max-steps", "1",
                     "--max-tokens", "12", "--out", str(out)]) == 0
