@@ -151,15 +151,17 @@ def run_task(task: str, loaded: Loaded, cfg: EvalConfig) -> dict:
         from lmforge.eval.generative import builtin_arithmetic, evaluate_generative, read_generative
 
         items = read_generative(path, cfg.limit) if path else builtin_arithmetic(cfg.limit or 500, cfg.seed)
-        return evaluate_generative(loaded.get_engine(cfg.kv_cache), items, chat=use_chat(cfg, tokenizer), n=cfg.n,
-                                   k=tuple(cfg.k), temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
+        engine = loaded.get_engine(cfg.kv_cache)
+        return evaluate_generative(engine, items, chat=use_chat(cfg, tokenizer), n=cfg.n, k=tuple(cfg.k),
+                                   temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
                                    fewshot=[] if not cfg.num_fewshot else fewshot_items(path, cfg))
     if kind in ("humaneval-mini", "code"):
         from lmforge.eval.code import builtin_humaneval, evaluate_code, read_humaneval
 
         problems = (read_humaneval(path) if path else builtin_humaneval())[:cfg.limit]
-        return evaluate_code(loaded.get_engine(cfg.kv_cache), problems, n=cfg.n, k=tuple(cfg.k),
-                             temperature=cfg.temperature, max_tokens=cfg.max_tokens, chat=cfg.chat == "true")
+        engine = loaded.get_engine(cfg.kv_cache)
+        return evaluate_code(engine, problems, n=cfg.n, k=tuple(cfg.k), temperature=cfg.temperature,
+                             max_tokens=cfg.max_tokens, chat=cfg.chat == "true")
     from lmforge.eval.harness import run_lm_eval
 
     return {"metrics": run_lm_eval(model, tokenizer, [path], limit=cfg.limit,

@@ -32,7 +32,6 @@ iterates or awaits, is request.py's; the text API over the engine is llm.py's.
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import logging
@@ -88,7 +87,7 @@ class _Sample:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16,
                  max_len: int | None = None, eos_ids: set[int] | None = None, max_prefill_tokens: int = 2048,
-                 prefix_cache: bool = True, cpu_decoder: bool = True):
+                 prefix_cache: bool = True, cpu_decoder: bool = True, kv_cache_dtype: str = "auto"):
         """`max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
         that end any output unless `ignore_eos` (default: `default_eos_ids`). `max_prefill_tokens`: the
         most tokens (rows x longest prompt, padding included) one prefill forward takes, so a burst of
@@ -97,7 +96,9 @@ class Engine:
         earlier request whose tokens a new prompt begins with (see the module's docstring). `cpu_decoder`:
         decode steps and short prefills in one C call where the model allows (cpu_decode.py); False runs
         every forward through the model (`self.cpu_decoder` is then None; setting it to None later does
-        the same)."""
+        the same). `kv_cache_dtype`: "auto" keeps keys and values in the weights' dtype; "int8" stores them as
+        int8 with a scale per head and block of 32 positions (Int8KVCache: about half a bf16 cache's bytes),
+        and then every forward goes through the model: the C decoder reads fp caches only."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
         self.model = model.eval()
@@ -110,8 +111,8 @@ class Engine:
         self.max_len = max_len or min(model.config.max_position_embeddings, DEFAULT_MAX_LEN)
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids if eos_ids is not None else default_eos_ids(model, tokenizer)
-        self.cache = model.new_cache(max_batch_size, self.max_len)
-        self.cpu_decoder = CPUDecoder.create(model) if cpu_decoder else None
+        self.cache = model.new_cache(max_batch_size, self.max_len, kv_cache_dtype=kv_cache_dtype)
+        self.cpu_decoder = CPUDecoder.create(model) if cpu_decoder and kv_cache_dtype == "auto" else None
         self._views: dict[tuple[int, int], KVCache] = {}
         self._running: list[_Sample] = []  # row i of the cache belongs to _running[i]
         self.prefix_cache = prefix_cache
@@ -322,8 +323,13 @@ class Engine:
                 # the cache's end, where a row that started late could otherwise run past it
                 positions = (torch.tensor(start, device=device)[:, None] + torch.arange(width, device=device)
                              ).clamp_(max=self.max_len - 1)
-                # hidden states [len(batch), width, hidden_size]
-                hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
+                # hidden states [len(batch), width, hidden_size]; an int8 cache is told where the padding
+                # starts (past a row's prompt, which no block of it completes)
+                cache.pad_from = torch.tensor(lengths, device=device)
+                try:
+                    hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
+                finally:
+                    cache.pad_from = None
                 for i in (i for i, every in enumerate(scored) if every):
                     prompt_rows[i] = hidden[i, :new[i]]
                 last = torch.tensor(new, device=device) - 1
@@ -372,6 +378,8 @@ class Engine:
                              for row in range(target, self.max_batch_size)
                              for tokens, freed in [self._cached.get(row, ((), -1))]), reverse=True)
             found, _, best = ranked[0]
+            if found < self._row_length(best):  # int8: reuse whole blocks (Int8KVCache: its entries round once)
+                found -= found % self.cache.block
             victim = min(ranked[1:], key=lambda r: -r[1], default=(0, 0, best))[2]  # empty, else oldest
             if found < self._row_length(best) and victim != best:
                 # The row holds more than this prompt shares (an earlier, longer turn of the chat): keep it
@@ -531,33 +539,24 @@ class Engine:
 
     @property
     def cache_device(self) -> torch.device:
-        return self.cache.layers[0][0].device
+        return self.cache.stores[0].device
 
     def _rows(self, start: int, stop: int) -> KVCache:
         """A KVCache over rows start..stop-1 of the engine's cache: the same memory, a smaller batch."""
         key = (start, stop)
         if key not in self._views:
-            view = copy.copy(self.cache)
-            view.layers = [[buf[start:stop] for buf in layer] for layer in self.cache.layers]
-            view.stores = [store[:, start:stop] for store in self.cache.stores]
-            view.batch_size = stop - start
-            self._views[key] = view
+            self._views[key] = self.cache.rows(start, stop)
         return self._views[key]
 
     def _copy_row(self, src: int, dst: int, length: int) -> None:
-        for store in self.cache.stores:  # [layers, rows, heads, max_len, d]: every layer at once
-            store[:, dst, :, :length] = store[:, src, :, :length]
+        self.cache.copy_row(src, dst, length)  # every layer at once
 
     def _swap_rows(self, a: int, b: int) -> None:
         """Exchange two rows' cache entries (as far as either holds anything) and what _cached says of them."""
         length = max(self._row_length(a), self._row_length(b))
         if length == 0:
             return
-        for store in self.cache.stores:
-            row_a, row_b = store[:, a, :, :length], store[:, b, :, :length]
-            held = row_a.clone()
-            row_a.copy_(row_b)
-            row_b.copy_(held)
+        self.cache.swap_rows(a, b, length)
         tokens_a, tokens_b = self._cached.pop(a, None), self._cached.pop(b, None)
         if tokens_a is not None:
             self._cached[b] = tokens_a

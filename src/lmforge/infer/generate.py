@@ -18,6 +18,7 @@ from typing import Literal
 from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams, parse_logit_bias
+from lmforge.model import KV_CACHE_HELP
 from lmforge.settings import OptionError, parse_args
 
 
@@ -30,6 +31,7 @@ class SamplingConfig:
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights and cache dtype"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
     max_len: int | None = field(default=None, metadata={"help": "context length (default min(model's, 2048))"})
+    kv_cache: Literal["auto", "int8"] = field(default="auto", metadata={"help": KV_CACHE_HELP})
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens to generate"})
     temperature: float = field(default=1.0, metadata={"help": "0 (below 1e-5) = greedy"})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0 = off)"})
@@ -72,7 +74,8 @@ class SamplingConfig:
         if not self.model:
             raise OptionError("--model is required (a model directory or a preset name)")
         return Engine.from_pretrained(self.model, dtype=self.dtype, device=self.device,
-                                      tokenizer=self.tokenizer, max_batch_size=1, max_len=self.max_len)
+                                      tokenizer=self.tokenizer, max_batch_size=1, max_len=self.max_len,
+                                      kv_cache_dtype=self.kv_cache)
 
 
 @dataclass

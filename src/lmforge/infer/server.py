@@ -105,6 +105,7 @@ from lmforge.infer.openai_api import (
 from lmforge.infer.request import aiter_all
 from lmforge.infer.sampling import SamplingParamError, SamplingParams, parse_logit_bias
 from lmforge.infer.tools import ToolPlan, ToolStream, parse_tool_calls, plan, template_messages
+from lmforge.model import KV_CACHE_HELP
 from lmforge.settings import parse_args
 from lmforge.tokenizer import TokenizerError
 
@@ -587,6 +588,7 @@ class ServeConfig:
                                                          "min": 2})
     prefix_cache: bool = field(default=True, metadata={
         "help": "reuse the cached keys and values of an earlier request a prompt begins with (a chat's history)"})
+    kv_cache: Literal["auto", "int8"] = field(default="auto", metadata={"help": KV_CACHE_HELP})
     allowed_hosts: list[str] = field(default_factory=list, metadata={
         "help": "Host header names answered besides localhost, 127.x.x.x and [::1] ('*': any). Bound to a "
                 "loopback address the server answers only those, so a web page on another name cannot reach it "
@@ -620,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = Engine.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                     max_batch_size=cfg.max_batch_size, max_len=cfg.max_len,
-                                    prefix_cache=cfg.prefix_cache)
+                                    prefix_cache=cfg.prefix_cache, kv_cache_dtype=cfg.kv_cache)
     name = cfg.name or served_name(cfg.model)
     app = create_app(engine, name, cfg.api_key, host=cfg.host, allowed_hosts=cfg.allowed_hosts,
                      max_body_bytes=cfg.max_body_bytes, max_prompts=cfg.max_prompts,

@@ -1,6 +1,6 @@
 """The model: one config-driven Transformer (transformer.py) and its parts."""
 
-from lmforge.model.attention import KVCache
+from lmforge.model.attention import KV_CACHE_DTYPES, KV_CACHE_HELP, Int8KVCache, KVCache
 from lmforge.model.transformer import (
     ModelOutput,
     Transformer,
@@ -10,5 +10,6 @@ from lmforge.model.transformer import (
     num_parameters,
 )
 
-__all__ = ["KVCache", "ModelOutput", "Transformer", "build_model", "flops_per_token",
+__all__ = ["KV_CACHE_DTYPES", "KV_CACHE_HELP", "Int8KVCache", "KVCache", "ModelOutput", "Transformer", "build_model",
+           "flops_per_token",
            "matmul_params_per_token", "num_parameters"]

@@ -8,6 +8,8 @@ RMSNorm and RoPE use the fused C kernels of cpu_kernels.py on a CPU when they ar
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,13 @@ def use_cpu_attention(q: torch.Tensor, mask, cache, dropout: float) -> bool:
             and B * H * T * T <= 2**25 and torch.is_grad_enabled() and q.requires_grad and cpu_kernels.usable(q))
 
 
+# what a KV cache stores: "auto", the weights' dtype (vLLM's name for it); "int8", Int8KVCache
+KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_HELP = ("keys and values the engine caches: auto (the weights' dtype) or int8 (a scale per head and block "
+                 "of 32 positions: about half a bf16 cache's memory, a quarter of fp32's, for long contexts; "
+                 "decoding then runs in PyTorch, not the C decoder)")
+
+
 class KVCache:
     """Preallocated keys and values for every layer, for `batch_size` independent rows.
 
@@ -90,20 +99,28 @@ class KVCache:
     compressed latent and the shared RoPE key — not full per-head keys and values.
     """
 
+    # positions that share a scale (Int8KVCache's); a row may be rewritten from any multiple of it
+    block = 1
+    pad_from: torch.Tensor | None = None  # Int8KVCache's (see there); entries here are only ever overwritten
+
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        if cfg.is_mla:
-            shapes = [(batch_size, 1, max_len, cfg.kv_lora_rank), (batch_size, 1, max_len, cfg.qk_rope_head_dim)]
-        else:
-            shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-            shapes = [shape, shape]
         # One tensor per kind (keys and values; MLA's latent and RoPE key) holds every layer: the
         # Engine moves a row of all layers at once (its prefix cache swaps rows) in one copy per kind
         # rather than one per layer, each an op with its own overhead (BENCHMARKS.md: the row swap, both ways).
-        self.stores = [torch.zeros((cfg.num_hidden_layers, *s), device=device, dtype=dtype) for s in shapes]
-        self.layers = [[store[layer] for store in self.stores] for layer in range(cfg.num_hidden_layers)]
+        self.stores = [torch.zeros((cfg.num_hidden_layers, batch_size, *s), device=device, dtype=dtype)
+                       for s in cache_shapes(cfg, max_len)]
         self.batch_size, self.max_len = batch_size, max_len
+        self._bind()
         self._rows = self._positions = None
         self.length = 0
+
+    def _bind(self) -> None:
+        """The per-layer views of `stores` (cpu_decode.py reads them too)."""
+        self.layers = [[store[layer] for store in self.stores] for layer in range(self.stores[0].shape[0])]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(store.numel() * store.element_size() for store in self.stores)
 
     def begin(self, position_ids: torch.Tensor) -> None:
         """Called once per forward: where this step's tokens go, and how far the keys reach."""
@@ -121,6 +138,150 @@ class KVCache:
         for buf, t in zip(buffers, new):
             buf[self._rows, :, self._positions] = t.transpose(1, 2).to(buf.dtype)
         return [buf[:, :, : self.length] for buf in buffers]
+
+    # -- rows (the Engine's: its batch views, prefix cache and row moves) --------------------------------
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop-1 of this one: the same memory, a smaller batch."""
+        view = copy.copy(self)
+        view.stores = [store[:, start:stop] for store in self.stores]
+        view.batch_size = stop - start
+        view._bind()
+        return view
+
+    def row(self, row: int, length: int) -> list[torch.Tensor]:
+        """Views of everything that describes positions 0..length-1 of one row, every layer."""
+        return [store[:, row, :, :length] for store in self.stores]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        for to, source in zip(self.row(dst, length), self.row(src, length)):
+            to.copy_(source)
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        for part_a, part_b in zip(self.row(a, length), self.row(b, length)):
+            held = part_a.clone()
+            part_a.copy_(part_b)
+            part_b.copy_(held)
+
+
+def cache_shapes(cfg: ModelConfig, max_len: int) -> list[tuple[int, ...]]:
+    """[heads, max_len, d] of each kind a layer caches: keys and values, or MLA's latent and RoPE key."""
+    if cfg.is_mla:
+        return [(1, max_len, cfg.kv_lora_rank), (1, max_len, cfg.qk_rope_head_dim)]
+    return [(cfg.num_key_value_heads, max_len, cfg.head_dim)] * 2
+
+
+class Int8KVCache(KVCache):
+    """A KVCache holding int8 entries with one scale per (layer, row, head, block of `block` positions).
+
+    Symmetric absmax quantisation: a block's fp entries x become q = round(x / s), s = absmax(x) / 127, so
+    each dequantised entry q * s is within s / 2 = absmax / 254 of x. Keys and values both go per token
+    block as the issue asks (KIVI, Liu et al. 2024, quantises keys per channel instead, against their
+    outlier channels). A scale covers 32 positions, as KIVI's groups: its 4 bytes add 4 / (32 * head_dim) to
+    the int8 entries' bytes (0.2% at head_dim 64), and a shorter block would fit the scale closer at more
+    bytes and more requantisation work per step.
+
+    The block a row's last written position falls in (its open block) is not complete: a new token may
+    raise its absmax. Invariant: every block of a row before its open block holds its entries quantised
+    once, from their fp values, with the block's final scale; the open block's entries are kept in full
+    precision in `tails` (one block per row, layer and head: KIVI's full-precision residual of recent
+    tokens) until the row writes past it, when it is quantised from there. Attention sees the dequantised
+    complete blocks and the open block's fp entries, at every step the same values.
+
+    Rows are written left to right: a step continues where the row's written positions end, or rewrites
+    it from an earlier position. Rewriting from inside a complete block dequantises the entries before that
+    position, which then round twice when the block is quantised again; the Engine avoids it (its prefix
+    cache reuses complete blocks only, unless a prompt extends all that a row holds). `pad_from` [rows],
+    set for a right-padded batch, is each row's first padding position: padding is never attended, so it
+    does not make a block complete.
+    """
+
+    block = 32
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        n_blocks = -(-max_len // self.block)
+        shapes = cache_shapes(cfg, n_blocks * self.block)
+        layers, B = cfg.num_hidden_layers, self.block
+        # stores: the int8 entries of each kind, their fp32 scales [heads, blocks], the open blocks' fp
+        # entries [heads, block, d], and each row's open block (-1: none), [layers, rows] like the rest
+        self.stores = ([torch.zeros((layers, batch_size, *s), device=device, dtype=torch.int8) for s in shapes]
+                       + [torch.zeros((layers, batch_size, s[0], n_blocks), device=device) for s in shapes]
+                       + [torch.zeros((layers, batch_size, s[0], B, s[2]), device=device, dtype=dtype)
+                          for s in shapes]
+                       + [torch.full((layers, batch_size), -1, device=device, dtype=torch.long)])
+        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
+        self._bind()
+        self.length = 0
+
+    def _bind(self) -> None:
+        kinds = (len(self.stores) - 1) // 3
+        self.values, self.scales = self.stores[:kinds], self.stores[kinds:2 * kinds]
+        self.tails, self.open = self.stores[2 * kinds:3 * kinds], self.stores[-1]
+
+    def row(self, row: int, length: int) -> list[torch.Tensor]:
+        blocks = -(-length // self.block)
+        return ([v[:, row, :, :length] for v in self.values] + [s[:, row, :, :blocks] for s in self.scales]
+                + [t[:, row] for t in self.tails] + [self.open[:, row]])
+
+    def begin(self, position_ids: torch.Tensor) -> None:
+        """Plan this step's writes: each row's first block (its open block if the row continues right after
+        it, so that it is quantised now that it is complete), its last written block, and how many blocks
+        the widest row spans."""
+        super().begin(position_ids)
+        written = position_ids.amax(1)
+        if self.pad_from is not None:
+            written = torch.minimum(written, self.pad_from.to(written.device) - 1)
+        first = position_ids.amin(1) // self.block
+        open_block = self.open[0]  # every layer's is the same between steps
+        self._first = torch.where((open_block == first - 1) & (first > 0), open_block, first)
+        self._last = written // self.block
+        self._span = int((self._last - self._first).max()) + 1
+        # every position in its row's open block (31 of 32 decode steps): only the tails change
+        self._in_tails = bool((position_ids // self.block == open_block[:, None]).all())
+
+    def update(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
+        out = [self._write(layer, kind, t) for kind, t in enumerate(new)]
+        self.open[layer] = self._last  # after every kind: each reads the open block from before the step
+        return out
+
+    def _write(self, layer: int, kind: int, new: torch.Tensor) -> torch.Tensor:
+        """Write new [R, heads, T, d] entries of one kind; return the dequantised [R, heads, length, d]."""
+        B, rows = self.block, self._rows
+        values, scales, tail = self.values[kind][layer], self.scales[kind][layer], self.tails[kind][layer]
+        R, H, capacity, D = values.shape
+        blocked = values.view(R, H, capacity // B, B, D)
+        if not self._in_tails:
+            self._quantise(blocked, scales, tail, self.open[layer], new)
+        else:
+            tail[rows, :, self._positions % B] = new.transpose(1, 2).to(self.dtype)
+        # what attention reads: the complete blocks dequantised, each row's open block from its tail
+        n_blocks = -(-self.length // B)
+        out = blocked[:, :, :n_blocks] * scales[:, :, :n_blocks, None, None].to(self.dtype)
+        out[rows[:, 0], :, self._last] = tail
+        return out.view(R, H, n_blocks * B, D)[:, :, :self.length]
+
+    def _quantise(self, blocked, scales, tail, open_block, new) -> None:
+        """Write new entries where they span blocks: the blocks the rows wrote past are quantised, the last
+        one each row wrote becomes its tail."""
+        B, span, first, last, rows = self.block, self._span, self._first, self._last, self._rows
+        R, H, capacity_blocks, _, D = blocked.shape
+        # the blocks this step touches, [R, span] (clamped at the end: blocks past a row's last are left as they are)
+        touched = (first[:, None] + torch.arange(span, device=first.device)).clamp_(max=capacity_blocks - 1)
+        old_q, old_s = blocked[rows, :, touched], scales[rows, :, touched]  # [R, span, H, B, D], [R, span, H]
+        # their fp entries, one more block to take padding that lies past the span
+        work = torch.empty((R, span + 1, H, B, D), dtype=self.dtype, device=blocked.device)
+        work[:, :span] = old_q * old_s[..., None, None].to(self.dtype)
+        work[:, 0] = torch.where((open_block == first)[:, None, None, None], tail, work[:, 0])
+        offset = (self._positions - first[:, None] * B).clamp_(max=span * B)  # [R, T] within `work`
+        work[rows, offset // B, :, offset % B] = new.transpose(1, 2).to(self.dtype)
+        work = work[:, :span]
+        complete = (first[:, None] + torch.arange(span, device=first.device)) < last[:, None]  # [R, span]
+        absmax = work.float().abs().amax(dim=(-2, -1))  # [R, span, H]
+        scale = absmax / 127
+        q = (work.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None, None]).round_().to(torch.int8)
+        blocked[rows, :, touched] = torch.where(complete[..., None, None, None], q, old_q)
+        scales[rows, :, touched] = torch.where(complete[..., None], scale, old_s)
+        tail.copy_(work[torch.arange(R, device=last.device), last - first])
 
 
 class Attention(nn.Module):

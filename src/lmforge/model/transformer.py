@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.model.attention import Attention, KVCache, MLAttention, RMSNorm
+from lmforge.model.attention import KV_CACHE_DTYPES, Attention, Int8KVCache, KVCache, MLAttention, RMSNorm
 from lmforge.model.moe import MLP, MoE
 from lmforge.model.rope import rope_cos_sin, rope_frequencies
 
@@ -166,9 +166,15 @@ class Transformer(nn.Module):
                 b.zero_()
 
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  kv_cache_dtype: str = "auto") -> KVCache:
+        """`kv_cache_dtype`: "auto" stores keys and values in `dtype` (default: the weights'), "int8" as int8
+        with block scales (Int8KVCache; its most recent block per row in `dtype`)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {', '.join(KV_CACHE_DTYPES)}")
         w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, w.device, dtype or w.dtype)
+        cache = Int8KVCache if kv_cache_dtype == "int8" else KVCache
+        return cache(self.config, batch_size, max_len, w.device, dtype or w.dtype)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
