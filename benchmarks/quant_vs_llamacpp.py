@@ -7,9 +7,10 @@ One model, one run, side by side: lmforge's Engine in fp32 (its C decoder), int8
 - Decode: greedy, a 128-token prompt then N new tokens (time_lmforge of decode.py for lmforge; for llama.cpp the
   prompt in one `eval`, then token by token `eval` of the argmax of the last logits, only those timed), median of
   several runs, the sides in turns so each sees the same background load. With each: the memory-bandwidth floor,
-  tokens/s <= read bandwidth / bytes of weights read per token (the bytes of the model's weights as loaded: every
-  matrix is read once per token; the tied embedding is read as the output matrix), the bandwidth measured between
-  the runs with decode.py's read_bandwidth_gbps.
+  tokens/s <= read bandwidth / bytes of weights read per token (every matrix is read once per token; the tied
+  embedding is read as the output matrix: fp32 for lmforge's fp32, its int8 copy in the C decoder's quantised
+  models, whose int4 matrices it reads two a byte: decoder_bytes), the bandwidth measured between the runs with
+  decode.py's read_bandwidth_gbps.
 - Quality: held-out bits per byte of the built-in Shakespeare (the val pieces `prepare` takes at 5%), over the same
   disjoint token windows (rolling_windows, as lmforge.eval.loglik.bits_per_byte) for both sides: lmforge through
   score_tokens, llama.cpp through its logits (logits_all=True) on the same inputs; reported as the increase over
@@ -67,6 +68,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def decoder_bytes(engine: Engine) -> int:
+    """Bytes of weights an lmforge decode step reads: the model's (weight_bytes), or, where the C decoder runs a
+    quantised model, what it reads instead: its matrices as it holds them (int8 as the QuantLinear layers hold them,
+    int4 two a byte, their scales, the int8 copy of the output matrix) and the norms (the embedding is read a row a
+    token)."""
+    decoder = engine.cpu_decoder
+    if decoder is None or decoder.quantized_weights is None:
+        return weight_bytes(engine.model)
+    norms = [p for name, p in engine.model.named_parameters() if "norm" in name]
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in decoder.quantized_weights + norms}.values())
 
 
 def gguf_bytes(path: Path) -> int:
@@ -165,7 +178,7 @@ def main() -> None:
         engines = {name: Engine(models[name], tokenizer, max_batch_size=1, max_len=512, prefix_cache=False)
                    for name, _ in PAIRS}
         llms = {kind: llama(tmp / f"{kind}.gguf", 512) for _, kind in PAIRS}
-        nbytes = {name: weight_bytes(models[name]) for name, _ in PAIRS}
+        nbytes = {name: decoder_bytes(engines[name]) for name, _ in PAIRS}
         nbytes.update({kind: gguf_bytes(tmp / f"{kind}.gguf") for _, kind in PAIRS})
         buffer = torch.empty(nbytes["fp32"] // 4, dtype=torch.float32).uniform_()
         runs: dict[str, list] = {name: [] for pair in PAIRS for name in pair}

@@ -21,8 +21,11 @@ and whose errors reach every token.
 3. Loading (`load_quantized`, which checkpoint.load_model calls for such a directory) unpacks each layer once into
    int8 and builds the model with QuantLinear in its place (asymmetric weights too, llm-compressor's W4A16_ASYM:
    `weight_zero_point`, packed along the output dim, and w = (q - zero_point) * scale); the Engine, generate,
-   chat, serve and eval then run it unchanged. Its C decoder runs plain nn.Linear models only
-   (cpu_decode.unsupported), so a quantised model decodes through PyTorch.
+   chat, serve and eval then run it unchanged. On a CPU the Engine's C decoder (infer/cpu_decode.py) runs the
+   QuantLinear layers of an fp32 model directly, int8 as held here and int4 repacked two a byte, with integer dot
+   products on activations rounded to int8 per block of 32 and an int8 copy of the output matrix (BENCHMARKS.md,
+   "Quantised decode against llama.cpp"); `forward` below runs everything else (prefills C does not take, GPUs,
+   eval's scoring).
 
 The matmul, measured (batch 1, the `small` preset's shapes, 2 threads, a 2-core AVX-512 machine shared with
 other jobs: best of 20 runs of 50, microseconds; benchmarks/quantize.py measures the whole decode):

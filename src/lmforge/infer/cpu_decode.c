@@ -17,7 +17,8 @@
  *
  * Weights and cache are fp32 or bf16 (uint16_t bits), one `bf16` flag for both; activations are
  * fp32 throughout, so in bf16 the logits are slightly more exact than PyTorch's, which rounds every
- * intermediate to bf16.
+ * intermediate to bf16. A quantised model (quantize.py's QuantLinear layers) has int8 or int4
+ * projections and output matrix, each a QMat ("quantised weights" below), the rest fp32.
  *
  * The interface with cpu_decode.py: `decode_layout()` names the pointer table's slots and the
  * `dims` array's entries in order, with DECODE_ABI; cpu_decode.py compares it with its own when it
@@ -34,7 +35,7 @@
 
 #include "../model/cpu_common.h"
 
-#define DECODE_ABI 2
+#define DECODE_ABI 3
 
 /* A function of a `bf16` flag (fp32 or bf16 weights and cache) is always inlined where the flag is
  * a constant: into its typed instances, `name_f32` and `name_bf16`, each compiled to loops with no
@@ -596,6 +597,7 @@ INLINE int attend_run(const float *q, long H, long kvh, const void *kb, const vo
 #define MODEL_SLOTS(X) X(embed) X(norm) X(head)
 #define LAYER_SLOTS(X) X(in_norm) X(q) X(k) X(v) X(o) X(post_norm) X(gate) X(up) X(down) X(k_cache) X(v_cache)
 #define DIMS(X) X(layers) X(hidden) X(heads) X(kv_heads) X(head_dim) X(inter) X(vocab) X(max_len) X(window)
+#define QMAT_FIELDS(X) X(w) X(scale) X(offset) X(group) X(bits)  /* a quantised matrix: QMat, 8 bytes a field */
 #define AS_MODEL_SLOT(name) P_##name,
 #define AS_LAYER_SLOT(name) L_##name,
 #define AS_DIM(name) D_##name,
@@ -608,7 +610,7 @@ enum { DIMS(AS_DIM) D_N };
 
 const char *decode_layout(void) {
     return "abi " STRING_OF(DECODE_ABI) "; model:" MODEL_SLOTS(AS_WORD) "; layer:" LAYER_SLOTS(AS_WORD)
-           "; dims:" DIMS(AS_WORD);
+           "; dims:" DIMS(AS_WORD) "; qmat:" QMAT_FIELDS(AS_WORD);
 }
 
 
@@ -685,6 +687,339 @@ INLINE void matvec(const void *W, const float *x, float *y, long B, long in, lon
                    int convert, int sync, int tid, int nt, int bf16) {
     if (bf16) matvec_bf16(W, x, y, B, in, out, add, xh, convert, sync, tid, nt);
     else matvec_f32(W, x, y, B, in, out, add, xh, convert, sync, tid, nt);
+}
+
+/* -- quantised weights ----------------------------------------------------------------------------
+ * QuantLinear layers (quantize.py) run here as they are stored: int8 or int4 values with a float
+ * scale per group of `group` inputs of a row (group = in: one a row) and, for asymmetric weights, an
+ * offset per group: w = (stored - offset) * scale. The matvec's input rows are rounded to int8 per
+ * block of 32 (x ~ xq * xs, xs = max|x| / 127 over the block, llama.cpp's q8_0 rounding of the
+ * activations for its dot products), so that a block's dot product is exact integer arithmetic:
+ *     sum over a block of w x = scale * xs * (sum of stored * xq - offset * sum of xq)
+ * on AVX512-VNNI's vpdpbusd (u8 x s8 products, 64 an instruction, summed in 4s into int32 lanes),
+ * elsewhere in portable loops. Weights are read at 1 or 0.5 bytes each instead of fp32's 4.
+ * What cpu_decode.py hands over, a QMat (prepared once, when the decoder is made):
+ * - bits 8: the QuantLinear's int8 q [out, in] itself (stored = q; offset: the zero point, or none);
+ * - bits 4: u = q + 8 in 0..15, two a byte, in this file's own layout: per 64 inputs of a row 32
+ *   bytes, byte j holding input j in its low half and input j + 32 in its high one (a last 32
+ *   inputs: 16 bytes, j and j + 16), so one 32-byte load, shifted and masked, gives the 64 inputs in
+ *   order (stored = u; offset 8, or 8 + the zero point);
+ * - scale, offset: fp32 [out, in / group]; offset NULL: symmetric (0 for int8, 8 for int4). */
+typedef struct { const void *w; const float *scale, *offset; int64_t group, bits; } QMat;  /* QMAT_FIELDS */
+#define QBLOCK 32  /* inputs per activation scale */
+
+/* x [B, in] -> xq [B, in] int8 and xs [B, ceil(in / 32)] scales, this thread's share in units of
+ * 64 inputs (two blocks: a cache line of xq, so threads never write the same line). */
+static void quantize_rows(const float *x, int8_t *xq, float *xs, long B, long in, int tid, int nt) {
+    long units = (in + 63) / 64, nblk = (in + QBLOCK - 1) / QBLOCK;
+    long lo = part(B * units, tid, nt), hi = part(B * units, tid + 1, nt);
+    for (long u = lo; u < hi; u++) {
+        long b = u / units;
+        for (long k0 = u % units * 64; k0 < in && k0 < u % units * 64 + 64; k0 += QBLOCK) {
+            long n = in - k0 < QBLOCK ? in - k0 : QBLOCK;
+            const float *xb = x + b * in + k0;
+            int8_t *qb = xq + b * in + k0;
+            float amax = 0.f;
+#pragma omp simd reduction(max:amax)
+            for (long i = 0; i < n; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+            float inv = amax > 0.f ? 127.f / amax : 0.f;
+#pragma omp simd
+            for (long i = 0; i < n; i++) qb[i] = (int8_t)lrintf(xb[i] * inv);
+            xs[b * nblk + k0 / QBLOCK] = amax / 127.f;
+        }
+    }
+}
+
+/* Row r of m times one quantised input row, portable: per block of 32, the integer dot product and
+ * the sum of xq, then the block's float scales. */
+static float qdot_portable(const QMat *m, long r, const int8_t *xq, const float *xs, long in) {
+    long groups = in / m->group;
+    const float *scale = m->scale + r * groups, *offset = m->offset ? m->offset + r * groups : NULL;
+    float fixed = m->bits == 4 ? 8.f : 0.f, acc = 0.f;
+    for (long k0 = 0; k0 < in; k0 += QBLOCK) {
+        long n = in - k0 < QBLOCK ? in - k0 : QBLOCK;
+        int32_t dot = 0, sum = 0;
+#pragma omp simd reduction(+:sum)
+        for (long i = 0; i < n; i++) sum += xq[k0 + i];
+        if (m->bits == 8) {
+            const int8_t *w = (const int8_t *)m->w + r * in + k0;
+#pragma omp simd reduction(+:dot)
+            for (long i = 0; i < n; i++) dot += w[i] * xq[k0 + i];
+        } else {  /* in % 32 == 0 (cpu_decode.unsupported): whole blocks of 32 */
+            long c0 = k0 / 64 * 64;
+            const uint8_t *bytes = (const uint8_t *)m->w + r * in / 2 + c0 / 2;
+            if (in - c0 >= 64) {  /* the low halves of 32 bytes, or their high halves */
+                int shift = k0 == c0 ? 0 : 4;
+#pragma omp simd reduction(+:dot)
+                for (long i = 0; i < 32; i++) dot += ((bytes[i] >> shift) & 15) * xq[k0 + i];
+            } else {  /* a last 32: 16 bytes, low halves then high halves */
+#pragma omp simd reduction(+:dot)
+                for (long i = 0; i < 16; i++) dot += (bytes[i] & 15) * xq[k0 + i] + (bytes[i] >> 4) * xq[k0 + 16 + i];
+            }
+        }
+        long g = k0 / m->group;
+        acc += scale[g] * xs[k0 / QBLOCK] * ((float)dot - (offset ? offset[g] : fixed) * (float)sum);
+    }
+    return acc;
+}
+
+/* Where rows[r] of m starts: its stored values, its scales and its offsets (NULL: symmetric). */
+INLINE void qmat_rows(const QMat *m, const long rows[4], long in, const uint8_t *w[4], const float *scale[4],
+                      const float *offset[4]) {
+    long groups = in / m->group;
+    for (int r = 0; r < 4; r++) {
+        w[r] = (const uint8_t *)m->w + rows[r] * in * m->bits / 8;
+        scale[r] = m->scale + rows[r] * groups;
+        offset[r] = m->offset ? m->offset + rows[r] * groups : NULL;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+/* Lanes of the 64 inputs from k0: vpdpbusd leaves the dot products of inputs 4l..4l+3 in lane l, so
+ * lanes 0-7 are the first block of 32, lanes 8-15 the second. A per-block (or per-group) value as
+ * those lanes: [p[0] x 8, p[1] x 8] for blocks of 32, one broadcast for a group of 64 or more. */
+INLINE __m512 pair_lanes(const float *p) {
+    __m512 v = _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), v);
+}
+INLINE __m512 group_lanes(const float *p, long k0, long group) {
+    return group == QBLOCK ? pair_lanes(p + k0 / QBLOCK) : _mm512_set1_ps(p[k0 / group]);
+}
+INLINE __m512i nibbles64(const uint8_t *p) {  /* 32 bytes of the int4 layout -> the 64 values, in order */
+    __m256i b = _mm256_loadu_si256((const __m256i *)p);
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+    return _mm512_and_si512(v, _mm512_set1_epi8(15));
+}
+
+/* 4 weight rows x NB input rows, as fma_block: acc[r][c] lanes sum to row r . input c (less the
+ * per-row scale when group = in, applied after the reduction). int8: the weights are the signed
+ * operand, x + 128 (xq ^ 0x80) the unsigned one, and -128 * sum(w) (one vpdpbusd per weight
+ * vector) starts the sum; int4: the unsigned weights times the signed xq, started at -8 * sum(xq)
+ * when symmetric; asymmetric: minus offset * sum(xq) in fp32. */
+INLINE void qdot_block(const QMat *m, const long rows[4], const int8_t *xq[4], const float *xs[4], const int NB,
+                       long in, uintptr_t pf, int q, __m512 acc[4][4], const int bits, const int offsets) {
+    long group = m->group;
+    int per_row = group == in;
+    const __m512i zero = _mm512_setzero_si512();
+    const uint8_t *w[4];
+    const float *scale[4], *offset[4];
+    qmat_rows(m, rows, in, w, scale, offset);
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (long k0 = 0; k0 < in; k0 += 64, pf += 64 * q) {
+        prefetch_lines(pf, q);
+        __m512i xv[4], start[4];
+        __m512 xsv[4], xsum[4];
+        for (int c = 0; c < NB; c++) {
+            __m512i v = _mm512_loadu_si512(xq[c] + k0);
+            xsv[c] = pair_lanes(xs[c] + k0 / QBLOCK);
+            xv[c] = bits == 8 ? _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)) : v;
+            if (offsets) xsum[c] = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v));
+            else if (bits == 4) start[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(8), v));
+        }
+        for (int r = 0; r < 4; r++) {
+            __m512i wv = bits == 8 ? _mm512_loadu_si512(w[r] + k0) : nibbles64(w[r] + k0 / 2);
+            __m512 s = per_row ? _mm512_setzero_ps() : group_lanes(scale[r], k0, group);
+            __m512 off = offsets ? group_lanes(offset[r], k0, group) : _mm512_setzero_ps();
+            __m512i wstart = zero;
+            if (bits == 8) wstart = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), wv));
+            for (int c = 0; c < NB; c++) {
+                __m512i d = bits == 8 ? _mm512_dpbusd_epi32(wstart, xv[c], wv)
+                                      : _mm512_dpbusd_epi32(offsets ? zero : start[c], wv, xv[c]);
+                __m512 f = _mm512_cvtepi32_ps(d);
+                if (offsets) f = _mm512_fnmadd_ps(off, xsum[c], f);
+                acc[r][c] = _mm512_fmadd_ps(f, per_row ? xsv[c] : _mm512_mul_ps(s, xsv[c]), acc[r][c]);
+            }
+        }
+    }
+}
+
+/* The 16 sums of 4 weight rows x NB input rows (sums[4c + r]: row r . input c, less the per-row scale
+ * when group = in): qdot_block in its constant-argument instances, its lanes through reduce_4x4. */
+static void qblock_sums(const QMat *m, const long rows[4], const int8_t *xb[4], const float *sb[4], int NB, long in,
+                        uintptr_t pf, int q, float sums[16]) {
+    __m512 acc[4][4];
+    int bits = (int)m->bits, offsets = m->offset != NULL;
+    if (bits == 8 && !offsets) {
+        if (NB == 1) qdot_block(m, rows, xb, sb, 1, in, pf, q, acc, 8, 0);
+        else qdot_block(m, rows, xb, sb, 4, in, pf, q, acc, 8, 0);
+    } else if (bits == 8) {
+        if (NB == 1) qdot_block(m, rows, xb, sb, 1, in, pf, q, acc, 8, 1);
+        else qdot_block(m, rows, xb, sb, 4, in, pf, q, acc, 8, 1);
+    } else if (!offsets) {
+        if (NB == 1) qdot_block(m, rows, xb, sb, 1, in, pf, q, acc, 4, 0);
+        else qdot_block(m, rows, xb, sb, 4, in, pf, q, acc, 4, 0);
+    } else {
+        if (NB == 1) qdot_block(m, rows, xb, sb, 1, in, pf, q, acc, 4, 1);
+        else qdot_block(m, rows, xb, sb, 4, in, pf, q, acc, 4, 1);
+    }
+    _mm512_storeu_ps(sums, reduce_4x4(acc));
+}
+INLINE int qblocks_fit(const QMat *m, long in) { return in % 64 == 0 && (m->group == QBLOCK || m->group % 64 == 0); }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_VNNI 0
+/* Without VNNI (AMD Zen 3, Intel before Ice Lake), llama.cpp's AVX2 way, one block of 32 inputs a
+ * vector: vpmaddubsw multiplies u8 by s8 into int16 pairs, vpmaddwd by ones sums them into 8 int32
+ * lanes. The pairs must stay below 2^15: int4's 0..15 are the unsigned operand as they are; int8
+ * weights (-128 included) become |w| times x with w's sign moved onto x (|x| <= 127). */
+INLINE __m256i dot32(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+INLINE __m256i nibbles32(const uint8_t *row, long k0, long in) {  /* inputs k0..k0+31 of the int4 layout */
+    long c0 = k0 / 64 * 64;
+    __m256i mask = _mm256_set1_epi8(15);
+    if (in - c0 >= 64) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)(row + c0 / 2));
+        return _mm256_and_si256(k0 == c0 ? b : _mm256_srli_epi16(b, 4), mask);
+    }
+    __m128i b = _mm_loadu_si128((const __m128i *)(row + c0 / 2));  /* a last 32: low halves, then high */
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), mask);
+}
+INLINE void qdot_block_avx2(const QMat *m, const long rows[4], const int8_t *xq[4], const float *xs[4], const int NB,
+                            long in, __m256 acc[4][4], const int bits, const int offsets) {
+    long group = m->group;
+    int per_row = group == in;
+    const uint8_t *w[4];
+    const float *scale[4], *offset[4];
+    qmat_rows(m, rows, in, w, scale, offset);
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();
+    for (long k0 = 0; k0 < in; k0 += QBLOCK) {
+        __m256i xv[4], start[4];
+        __m256 xsv[4], xsum[4];
+        for (int c = 0; c < NB; c++) {
+            xv[c] = _mm256_loadu_si256((const __m256i *)(xq[c] + k0));
+            xsv[c] = _mm256_set1_ps(xs[c][k0 / QBLOCK]);
+            if (offsets) xsum[c] = _mm256_cvtepi32_ps(dot32(_mm256_set1_epi8(1), xv[c]));
+            else if (bits == 4) start[c] = dot32(_mm256_set1_epi8(8), xv[c]);
+        }
+        for (int r = 0; r < 4; r++) {
+            __m256i wv = bits == 8 ? _mm256_loadu_si256((const __m256i *)(w[r] + k0)) : nibbles32(w[r], k0, in);
+            __m256i wabs = bits == 8 ? _mm256_abs_epi8(wv) : wv;
+            __m256 s = _mm256_set1_ps(per_row ? 1.f : scale[r][k0 / group]);
+            __m256 off = _mm256_set1_ps(offsets ? offset[r][k0 / group] : 0.f);
+            for (int c = 0; c < NB; c++) {
+                __m256i d = bits == 8 ? dot32(wabs, _mm256_sign_epi8(xv[c], wv)) : dot32(wv, xv[c]);
+                if (bits == 4 && !offsets) d = _mm256_sub_epi32(d, start[c]);
+                __m256 f = _mm256_cvtepi32_ps(d);
+                if (offsets) f = _mm256_fnmadd_ps(off, xsum[c], f);
+                acc[r][c] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, xsv[c]), acc[r][c]);
+            }
+        }
+    }
+}
+static void qblock_sums(const QMat *m, const long rows[4], const int8_t *xb[4], const float *sb[4], int NB, long in,
+                        uintptr_t pf, int q, float sums[16]) {
+    (void)pf; (void)q;  /* the hardware prefetcher, measured enough here */
+    __m256 acc[4][4];
+    int bits = (int)m->bits, offsets = m->offset != NULL;
+    if (bits == 8 && !offsets) {
+        if (NB == 1) qdot_block_avx2(m, rows, xb, sb, 1, in, acc, 8, 0);
+        else qdot_block_avx2(m, rows, xb, sb, 4, in, acc, 8, 0);
+    } else if (bits == 8) {
+        if (NB == 1) qdot_block_avx2(m, rows, xb, sb, 1, in, acc, 8, 1);
+        else qdot_block_avx2(m, rows, xb, sb, 4, in, acc, 8, 1);
+    } else if (!offsets) {
+        if (NB == 1) qdot_block_avx2(m, rows, xb, sb, 1, in, acc, 4, 0);
+        else qdot_block_avx2(m, rows, xb, sb, 4, in, acc, 4, 0);
+    } else {
+        if (NB == 1) qdot_block_avx2(m, rows, xb, sb, 1, in, acc, 4, 1);
+        else qdot_block_avx2(m, rows, xb, sb, 4, in, acc, 4, 1);
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][c]), _mm256_extractf128_ps(acc[r][c], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            sums[4 * c + r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        }
+}
+INLINE int qblocks_fit(const QMat *m, long in) { (void)m; return in % QBLOCK == 0; }
+#else
+#define HAVE_VNNI 0
+#define NO_QBLOCKS
+#endif
+
+#ifndef NO_QBLOCKS
+/* matvec_blocks for a QMat: blocks of 4 weight rows x 4 input rows (chunks of them staying in L2),
+ * prefetching the next block's weights (bits / 2 cache lines per 64 inputs, spread over the passes). */
+static void matvec_q_blocks(const QMat *m, const int8_t *xq, const float *xs, float *y, long B, long in, long out,
+                            int add, int tid, int nt) {
+    long nblk = (in + QBLOCK - 1) / QBLOCK, row_bytes = in * m->bits / 8, chunk = chunk_rows(in);
+    int per_row = m->group == in;
+    long lo = part((out + 3) / 4, tid, nt), hi = part((out + 3) / 4, tid + 1, nt);
+    for (long c0 = 0; c0 < B; c0 += chunk)
+    for (long jb = lo; jb < hi; jb++) {
+        long j0 = jb * 4, c1 = c0 + chunk < B ? c0 + chunk : B, passes = (c1 - c0 + 3) / 4;
+        int q = m->bits / 2 / passes > 0 ? (int)(m->bits / 2 / passes) : 1;
+        long rows[4];
+        for (int r = 0; r < 4; r++) rows[r] = j0 + r < out ? j0 + r : out - 1;
+        for (long p = 0; p < passes; p++) {
+            long b0 = c0 + p * 4;
+            const int8_t *xb[4];
+            const float *sb[4];
+            for (int c = 0; c < 4; c++) {
+                long b = b0 + c < B ? b0 + c : B - 1;
+                xb[c] = xq + b * in;
+                sb[c] = xs + b * nblk;
+            }
+            uintptr_t pf = (uintptr_t)m->w + (uintptr_t)((j0 + 4) * row_bytes + p * (in / 64) * q * 64);
+            float sums[16];  /* sums[4c + r] = y[b0 + c, j0 + r] */
+            qblock_sums(m, rows, xb, sb, B == 1 ? 1 : 4, in, pf, q, sums);
+            for (int c = 0; c < 4 && b0 + c < B; c++) {
+                float *dst = y + (b0 + c) * out + j0;
+                for (int r = 0; r < 4 && j0 + r < out; r++) {
+                    float v = per_row ? sums[4 * c + r] * m->scale[j0 + r] : sums[4 * c + r];
+                    dst[r] = add ? dst[r] + v : v;
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* The matvec in intrinsics where its sizes allow (1), else 0 and nothing done. */
+INLINE int matvec_q_fast(const QMat *m, const int8_t *xq, const float *xs, float *y, long B, long in, long out,
+                         int add, int tid, int nt) {
+#ifndef NO_QBLOCKS
+    if (!qblocks_fit(m, in)) return 0;
+    matvec_q_blocks(m, xq, xs, y, B, in, out, add, tid, nt);
+    return 1;
+#else
+    (void)m; (void)xq; (void)xs; (void)y; (void)B; (void)in; (void)out; (void)add; (void)tid; (void)nt;
+    return 0;
+#endif
+}
+
+/* y[b, j] (+)= row j of m . x[b] for this thread's share of the outputs, as matvec; `convert`
+ * quantises x into xbuf first (a split job, then a barrier), the matvecs that follow on the same x
+ * reuse it. */
+static void matvec_q(const QMat *m, const float *x, float *y, long B, long in, long out, int add, void *xbuf,
+                     int convert, int sync, int tid, int nt) {
+    int8_t *xq = xbuf;
+    float *xs = (float *)(xq + (B * in + 63) / 64 * 64);
+    if (convert) {
+        quantize_rows(x, xq, xs, B, in, tid, nt);
+        barrier(nt);
+    }
+    if (!matvec_q_fast(m, xq, xs, y, B, in, out, add, tid, nt)) {
+        long nblk = (in + QBLOCK - 1) / QBLOCK, lo = part(out, tid, nt), hi = part(out, tid + 1, nt);
+        for (long b = 0; b < B; b++)
+            for (long j = lo; j < hi; j++) {
+                float v = qdot_portable(m, j, xq + b * in, xs + b * nblk, in);
+                y[b * out + j] = add ? y[b * out + j] + v : v;
+            }
+    }
+    if (sync) barrier(nt);
+}
+
+/* A projection of the step: plain weights (fp32 or bf16), or quantised (a QMat). */
+INLINE void project(const void *W, const float *x, float *y, long B, long in, long out, int add, uint16_t *xh,
+                    int convert, int sync, int tid, int nt, int bf16, int quant) {
+    if (quant) matvec_q(W, x, y, B, in, out, add, xh, convert, sync, tid, nt);
+    else matvec(W, x, y, B, in, out, add, xh, convert, sync, tid, nt, bf16);
 }
 
 INLINE void rmsnorm_rows_any(const float *x, const void *w, float *y, long B, long n, float eps, int tid, int nt,
@@ -792,7 +1127,7 @@ typedef struct {
     int runs;  /* some token follows the one before it in its row (a prefill) */
 } Step;
 
-INLINE void step_body(const Step *a, int tid, int nt, int bf16) {
+INLINE void step_body(const Step *a, int tid, int nt, int bf16, int quant) {
     void **ptrs = a->ptrs;
     const long *dims = a->dims;
     const int64_t *tokens = a->tokens, *positions = a->positions, *rows = a->rows, *out = a->out;
@@ -815,9 +1150,9 @@ INLINE void step_body(const Step *a, int tid, int nt, int bf16) {
         void **lp = ptrs + P_LAYERS + l * L_N;
         void *kc = lp[L_k_cache], *vc = lp[L_v_cache];
         rmsnorm_rows(x, lp[L_in_norm], xn, B, Hd, eps, tid, nt, bf16);
-        matvec(lp[L_q], xn, q, B, Hd, H * D, 0, xh, 1, 0, tid, nt, bf16);
-        matvec(lp[L_k], xn, k, B, Hd, KV * D, 0, xh, 0, 0, tid, nt, bf16);
-        matvec(lp[L_v], xn, v, B, Hd, KV * D, 0, xh, 0, 1, tid, nt, bf16);
+        project(lp[L_q], xn, q, B, Hd, H * D, 0, xh, 1, 0, tid, nt, bf16, quant);
+        project(lp[L_k], xn, k, B, Hd, KV * D, 0, xh, 0, 0, tid, nt, bf16, quant);
+        project(lp[L_v], xn, v, B, Hd, KV * D, 0, xh, 0, 1, tid, nt, bf16, quant);
         {   /* RoPE on q and k heads; k and v rounded into the cache at the row's position. */
             long lo = part(B * (H + KV), tid, nt), hi = part(B * (H + KV), tid + 1, nt);
             for (long bh = lo; bh < hi; bh++) {
@@ -851,16 +1186,16 @@ INLINE void step_body(const Step *a, int tid, int nt, int bf16) {
             }
             barrier(nt);
         }
-        matvec(lp[L_o], att, x, B, H * D, Hd, 1, xh, 1, 1, tid, nt, bf16);  /* residual add */
+        project(lp[L_o], att, x, B, H * D, Hd, 1, xh, 1, 1, tid, nt, bf16, quant);  /* residual add */
         rmsnorm_rows(x, lp[L_post_norm], xn, B, Hd, eps, tid, nt, bf16);
-        matvec(lp[L_gate], xn, gate, B, Hd, I, 0, xh, 1, 0, tid, nt, bf16);
-        matvec(lp[L_up], xn, up, B, Hd, I, 0, xh, 0, 1, tid, nt, bf16);
+        project(lp[L_gate], xn, gate, B, Hd, I, 0, xh, 1, 0, tid, nt, bf16, quant);
+        project(lp[L_up], xn, up, B, Hd, I, 0, xh, 0, 1, tid, nt, bf16, quant);
         {
             long lo = part(B * I, tid, nt), hi = part(B * I, tid + 1, nt);
             for (long i = lo; i < hi; i++) gate[i] = gate[i] / (1.f + exp_f(-gate[i])) * up[i];
             barrier(nt);
         }
-        matvec(lp[L_down], gate, x, B, I, Hd, 1, xh, 1, 1, tid, nt, bf16);  /* residual add */
+        project(lp[L_down], gate, x, B, I, Hd, 1, xh, 1, 1, tid, nt, bf16, quant);  /* residual add */
     }
     long n_out = B;
     if (out) {  /* the output tokens' rows to the front of x, in place, in order (out[i] >= i) */
@@ -870,20 +1205,23 @@ INLINE void step_body(const Step *a, int tid, int nt, int bf16) {
         barrier(nt);
     }
     rmsnorm_rows(x, ptrs[P_norm], xn, n_out, Hd, eps, tid, nt, bf16);
-    matvec(ptrs[P_head], xn, logits, n_out, Hd, V, 0, xh, 1, 1, tid, nt, bf16);
+    project(ptrs[P_head], xn, logits, n_out, Hd, V, 0, xh, 1, 1, tid, nt, bf16, quant);
 }
 /* The step's typed instances, the jobs the thread pool runs. */
-static void step_body_f32(void *arg, int tid, int nt) { step_body(arg, tid, nt, 0); }
-static void step_body_bf16(void *arg, int tid, int nt) { step_body(arg, tid, nt, 1); }
+static void step_body_f32(void *arg, int tid, int nt) { step_body(arg, tid, nt, 0, 0); }
+static void step_body_bf16(void *arg, int tid, int nt) { step_body(arg, tid, nt, 1, 0); }
+static void step_body_quant(void *arg, int tid, int nt) { step_body(arg, tid, nt, 0, 1); }
 
-/* One step (see Step) with weights, cache and cos/sin of fp32 (bf16 = 0) or bf16 (1), on nt threads. */
+/* One step (see Step) on nt threads. kind 0: weights, cache and cos/sin of fp32; 1: of bf16; 2: the
+ * projections' slots (q, k, v, o, gate, up, down and the output matrix) point to QMats, the rest is
+ * fp32. */
 void decode_step(void **ptrs, const long *dims, float eps, float scale, const int64_t *tokens,
                  const int64_t *positions, const int64_t *rows, long B, const void *cos, const void *sin,
-                 const int64_t *out, long n_out, float *logits, float *scratch, int bf16, int nt) {
+                 const int64_t *out, long n_out, float *logits, float *scratch, int kind, int nt) {
     int runs = 0;
     for (long b = 1; b < B && !runs; b++) runs = rows[b] == rows[b - 1] && positions[b] == positions[b - 1] + 1;
     Step a = {ptrs, dims, eps, scale, tokens, positions, rows, B, cos, sin, out, n_out, logits, scratch, runs};
-    run(bf16 ? step_body_bf16 : step_body_f32, &a, nt);
+    run(kind == 2 ? step_body_quant : kind == 1 ? step_body_bf16 : step_body_f32, &a, nt);
 }
 
 /* The vector instructions this build has: 2 AVX-512, 1 AVX2 with FMA (the portable loops
@@ -900,15 +1238,16 @@ int vector_isa(void) {
 #endif
 }
 
-/* Whether the matvecs of fp32 (bf16 = 0) or bf16 weights over many rows are as fast as PyTorch's
- * matmuls: fp32 with AVX-512, bf16 with AVX512-BF16 (on AMX tiles where there are some). The
- * portable loops are not (BENCHMARKS.md). The bf16 dot products without AMX beat oneDNN on AMD
- * Zen 4; on Intel oneDNN's AMX beats them, but there our own AMX path takes the prompts. */
-int fast_matvec(int bf16) {  /* 0 no, 1 yes, 2 yes on AMX tiles */
+/* Whether the matvecs of weights of `kind` (decode_step's) over many rows are as fast as PyTorch's
+ * matmuls: fp32 with AVX-512, bf16 with AVX512-BF16 (on AMX tiles where there are some), quantised
+ * with AVX512-VNNI. The portable loops are not (BENCHMARKS.md). The bf16 dot products without AMX
+ * beat oneDNN on AMD Zen 4; on Intel oneDNN's AMX beats them, but there our own AMX path takes the
+ * prompts. */
+int fast_matvec(int kind) {  /* 0 no, 1 yes, 2 yes on AMX tiles */
 #if defined(__AVX512F__)
-    return bf16 ? (amx_rows(AMX_MIN_ROWS) ? 2 : HAVE_DP_BF16) : 1;
+    return kind == 2 ? HAVE_VNNI : kind == 1 ? (amx_rows(AMX_MIN_ROWS) ? 2 : HAVE_DP_BF16) : 1;
 #else
-    (void)bf16;
+    (void)kind;
     return 0;
 #endif
 }
@@ -930,7 +1269,8 @@ long scratch_floats(const long *dims, long B, int nt) {
     long Hd = dims[D_hidden], H = dims[D_heads], KV = dims[D_kv_heads], D = dims[D_head_dim], I = dims[D_inter];
     long widest = Hd > H * D ? Hd : H * D;  /* the longest matvec input, for xh */
     widest = widest > I ? widest : I;
-    long padded = (B + 15) / 16 * 16;  /* xh packed for AMX: whole blocks of 16 rows */
+    long padded = (B + 15) / 16 * 16;  /* xh packed for AMX: whole blocks of 16 rows (it also holds a quantised
+                                        * model's int8 rows and their scales, 1.125 bytes an input) */
     return B * (2 * Hd + 2 * H * D + 2 * KV * D + 2 * I) + (long)nt * RUN_MAX * (H / KV) * (dims[D_max_len] + D)
            + (padded * widest + 1) / 2;
 }

@@ -6,13 +6,23 @@ products and ~150 small ops per token for the `small` preset, each a dispatch of
 final norm, output projection — as one C call, one job for the C file's own thread pool
 (BENCHMARKS.md has the speed-up). The same call prefills: many tokens, each with its own cache
 row and position, logits only for the tokens asked for. The Engine uses that where it is as fast
-as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AVX512-BF16), which also
-leaves no OpenMP threads spinning on the cores the next decode step needs.
+as PyTorch's matmuls (`CPUDecoder.prefills`: fp32 with AVX-512, bf16 with AVX512-BF16, quantised
+with AVX512-VNNI), which also leaves no OpenMP threads spinning on the cores the next decode step
+needs.
+
+A quantised model (`lmforge quantize`: quantize.QuantLinear projections, int8 per channel or int4
+per group, symmetric or not) decodes here too, its weights read as they are stored: int8 as the
+QuantLinear holds them, int4 repacked two a byte when the decoder is made (`_quantized`). The
+activations are rounded to int8 per block of 32 for integer dot products (llama.cpp's q8_0 way), and
+the output matrix (the tied embedding, which `quantize` keeps in full precision) gets an int8 copy,
+one scale per row: the logits differ from the PyTorch forward's by those roundings, about 1% of the
+largest (tests/test_cpu_decode_quant.py bounds them), for a quarter of the bytes read per token.
 
 `CPUDecoder.create(model)` returns None — and the Engine keeps PyTorch's forward — when the model
-or the machine does not fit: not on the CPU, weights not all fp32 or all bf16, MoE or MLA layers,
-biases, QK-norm, LoRA-wrapped projections, no C compiler, LMFORGE_CPU_KERNELS=0, or a CPU with
-neither AVX2 nor AVX-512, where the C step was never measured faster than PyTorch.
+or the machine does not fit (`unsupported` names why): not on the CPU, weights not all fp32 or all
+bf16, MoE or MLA layers, biases, QK-norm, LoRA-wrapped projections, quantised projections in a bf16
+model or beside plain ones, no C compiler, LMFORGE_CPU_KERNELS=0, or a CPU with neither AVX2 nor
+AVX-512, where the C step was never measured faster than PyTorch.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from lmforge.model.attention import Attention, KVCache
 from lmforge.model.moe import MLP
 from lmforge.model.rope import rope_cos_sin
 from lmforge.model.transformer import Transformer
+from lmforge.quantize import QuantLinear, quantize_weight
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
 # Contracting a*b + c into one FMA is welcome here (dot products, no bit-exactness goal); its own
@@ -39,12 +50,17 @@ _FLAGS = [f for f in cpu_kernels.FLAGS if f not in ("-ffp-contract=off", "-fopen
 # library is loaded, so a change made on one side only is an error there, not wrong pointers in C.
 # The pointer table is MODEL_SLOTS, then LAYER_SLOTS for each layer; `dims` one long per DIMS name.
 # ABI is the C file's DECODE_ABI: bump both when an exported function's arguments change (ARGTYPES).
-ABI = 2
+# A quantised matrix's slot points to a QMat: QMAT_FIELDS, 8 bytes each (`_quantized`).
+ABI = 3
 MODEL_SLOTS = ("embed", "norm", "head")
 LAYER_WEIGHTS = ("in_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")
 LAYER_SLOTS = (*LAYER_WEIGHTS, "k_cache", "v_cache")  # a layer's two KV-cache buffers after its weights
 DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "max_len", "window")
-LAYOUT = f"abi {ABI}; model: {' '.join(MODEL_SLOTS)}; layer: {' '.join(LAYER_SLOTS)}; dims: {' '.join(DIMS)}"
+QMAT_FIELDS = ("w", "scale", "offset", "group", "bits")
+LAYOUT = (f"abi {ABI}; model: {' '.join(MODEL_SLOTS)}; layer: {' '.join(LAYER_SLOTS)}; dims: {' '.join(DIMS)}; "
+          f"qmat: {' '.join(QMAT_FIELDS)}")
+# decode_step's `kind`: the weights' type
+FP32, BF16, QUANTIZED = 0, 1, 2
 _p, _L, _f, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 ARGTYPES = {  # name: (argument types, result type)
     "decode_step": ([_p, _p, _f, _f, _p, _p, _p, _L, _p, _p, _p, _L, _p, _p, _i, _i], None),
@@ -82,16 +98,55 @@ def unsupported(model: Transformer) -> str | None:
         return "MLA or MoE layers"
     if cfg.qk_norm or cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias:
         return "QK-norm or biases"
+    kinds = set()
     for layer in model.model.layers:
         if not isinstance(layer.self_attn, Attention) or not isinstance(layer.mlp, MLP):
             return "a layer of another kind"
-        if any(type(m) is not nn.Linear for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                   layer.self_attn.v_proj, layer.self_attn.o_proj,
-                                                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)):
+        projections = _projections(layer)
+        kinds |= {type(m) for m in projections}
+        if any(type(m) not in (nn.Linear, QuantLinear) for m in projections):
             return "wrapped (LoRA) projections"
     if any(not p.is_contiguous() for p in params):
         return "non-contiguous weights"
+    if QuantLinear in kinds:
+        if len(kinds) > 1:
+            return "quantised projections beside plain ones"
+        if params[0].dtype != torch.float32:
+            return "quantised projections in a model that is not fp32"
+        if any(m.bits == 4 and m.in_features % 32 for layer in model.model.layers for m in _projections(layer)):
+            return "int4 projections with an input width that is not a multiple of 32"
     return None
+
+
+def _projections(layer: nn.Module) -> list[nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
+def _quantized(q: torch.Tensor, scale: torch.Tensor, bits: int, zero_point: torch.Tensor | None,
+               keep: list[torch.Tensor]) -> torch.Tensor:
+    """A QMat for cpu_decode.c (QMAT_FIELDS: 5 int64s, in a tensor so that its data_ptr() is the address the
+    pointer table holds) of the weights (q - zero_point) * scale: q int8 [out, in], scale [out, groups]. int8: q
+    itself; int4: q + 8 two a byte in the C file's layout (per 64 inputs 32 bytes, byte j holding input j in its low
+    half and j + 32 in its high one; a last 32 inputs: j and j + 16). The offsets are what C subtracts from the
+    stored values, fp32: the zero point (int8), 8 + the zero point (int4). The tensors C reads go into `keep`."""
+    out_features, in_features = q.shape
+    stored = q.contiguous()
+    if bits == 4:
+        unsigned = (q.to(torch.int16) + 8).to(torch.uint8)
+        whole = in_features // 64 * 64
+        blocks = unsigned[:, :whole].reshape(out_features, -1, 2, 32)
+        tail = unsigned[:, whole:].reshape(out_features, -1, 2, 16)
+        stored = torch.cat([(blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(out_features, -1),
+                            (tail[:, :, 0] | tail[:, :, 1] << 4).reshape(out_features, -1)], dim=1).contiguous()
+    scale = scale.float().contiguous()
+    offset = None
+    if zero_point is not None:
+        offset = (zero_point.float() + (8 if bits == 4 else 0)).contiguous()
+    keep += [stored, scale] + ([] if offset is None else [offset])
+    group = in_features // scale.shape[1]
+    return torch.tensor([stored.data_ptr(), scale.data_ptr(), 0 if offset is None else offset.data_ptr(), group,
+                         bits], dtype=torch.int64)
 
 
 def _int64s(values: torch.Tensor | list[int] | range, n: int) -> torch.Tensor | ctypes.Array:
@@ -106,18 +161,31 @@ def _address(values: torch.Tensor | ctypes.Array) -> int:
     return values.data_ptr() if isinstance(values, torch.Tensor) else ctypes.addressof(values)
 
 
-def _model_weights(model: Transformer) -> list[torch.Tensor]:
-    """The model's slots of the pointer table, in MODEL_SLOTS order."""
-    by_slot = {"embed": model.model.embed_tokens.weight, "norm": model.model.norm.weight, "head": model.output_weight}
+def _model_weights(model: Transformer, keep: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The model's slots of the pointer table, in MODEL_SLOTS order. `keep` (a list) for a quantised model: the
+    output matrix as int8, one scale per row (quantize_weight's rounding), its tensors kept there."""
+    head = model.output_weight
+    if keep is not None:
+        head = _quantized(*quantize_weight(head, 8, None), 8, None, keep)
+    by_slot = {"embed": model.model.embed_tokens.weight, "norm": model.model.norm.weight, "head": head}
     return [by_slot[slot] for slot in MODEL_SLOTS]
 
 
-def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
+def _weight(linear: nn.Module, keep: list[torch.Tensor] | None) -> torch.Tensor:
+    """An nn.Linear's weight, or a QuantLinear's QMat (its tensors kept in `keep`)."""
+    if not isinstance(linear, QuantLinear):
+        return linear.weight
+    zero_point = None if linear.symmetric else linear.weight_zero_point
+    return _quantized(linear.qweight, linear.weight_scale, linear.bits, zero_point, keep)
+
+
+def _layer_weights(layer: nn.Module, keep: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """A layer's weights, in LAYER_WEIGHTS order (its two KV-cache buffers follow them)."""
     attn, mlp = layer.self_attn, layer.mlp
-    by_slot = {"in_norm": layer.input_layernorm.weight, "q": attn.q_proj.weight, "k": attn.k_proj.weight,
-               "v": attn.v_proj.weight, "o": attn.o_proj.weight, "post_norm": layer.post_attention_layernorm.weight,
-               "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight}
+    by_slot = {"in_norm": layer.input_layernorm.weight, "q": _weight(attn.q_proj, keep),
+               "k": _weight(attn.k_proj, keep), "v": _weight(attn.v_proj, keep), "o": _weight(attn.o_proj, keep),
+               "post_norm": layer.post_attention_layernorm.weight, "gate": _weight(mlp.gate_proj, keep),
+               "up": _weight(mlp.up_proj, keep), "down": _weight(mlp.down_proj, keep)}
     return [by_slot[slot] for slot in LAYER_WEIGHTS]
 
 
@@ -135,10 +203,12 @@ class CPUDecoder:
         cfg = model.config
         self.model, self.lib = model, lib
         self.dtype = next(model.parameters()).dtype
-        self.bf16 = int(self.dtype == torch.bfloat16)
+        quantized = isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+        self.kind = QUANTIZED if quantized else BF16 if self.dtype == torch.bfloat16 else FP32
         # Whether the Engine should prefill in C too: where the C matvecs are as fast as PyTorch's
-        # matmuls for many rows: fp32 with AVX-512, bf16 with AVX512-BF16 (fast_matvec in the C file).
-        kind = lib.fast_matvec(self.bf16)
+        # matmuls for many rows: fp32 with AVX-512, bf16 with AVX512-BF16, quantised with AVX512-VNNI
+        # (fast_matvec in the C file).
+        kind = lib.fast_matvec(self.kind)
         self.prefills = kind > 0
         # The longest prompt the Engine prefills in C; beyond it PyTorch's attention, on matrix
         # units, wins over attend_run's vector products; sooner on a CPU with AMX tiles (kind 2),
@@ -151,8 +221,12 @@ class CPUDecoder:
         self._dims: dict[int, ctypes.Array] = {}  # per cache max_len
         self._aranges: dict[int, ctypes.Array] = {}  # rows 0..B-1, a decode step's
         self._scratch = torch.empty(0)  # grown to the largest call so far
-        self._weights = _model_weights(model)
-        self._layer_weights = [_layer_weights(layer) for layer in model.model.layers]
+        # A quantised model's matrices as the C file reads them (the tensors behind its QMats), made once:
+        # QuantLinear weights changed in place afterwards are not seen (int8 is read where the layer holds
+        # it, int4 from a copy)
+        self.quantized_weights: list[torch.Tensor] | None = [] if quantized else None
+        self._weights = _model_weights(model, self.quantized_weights)
+        self._layer_weights = [_layer_weights(layer, self.quantized_weights) for layer in model.model.layers]
         self._tables: dict[tuple, ctypes.Array] = {}
 
     @classmethod
@@ -235,5 +309,5 @@ class CPUDecoder:
         logits = torch.empty(n_out, cfg.vocab_size, dtype=torch.float32)
         self.lib.decode_step(table, dims, self.eps, self.scale, _address(tokens), _address(positions),
                              _address(rows), B, cos.data_ptr(), sin.data_ptr(), None if out is None else out.data_ptr(),
-                             n_out, logits.data_ptr(), scratch.data_ptr(), self.bf16, threads)
+                             n_out, logits.data_ptr(), scratch.data_ptr(), self.kind, threads)
         return logits
