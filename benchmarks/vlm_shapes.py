@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--more-sft-steps", type=int, default=0,
                         help="then a second SFT run of both models from their first's final model (a new schedule)")
+    parser.add_argument("--lr", default="1e-3", help="the SFT runs' peak learning rate")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> None:
     align, align_loss, align_s = run_stage(
         [*common, "--stage", "align", "--tokenizer", str(out / "tokenizer"), "--data", str(files["llava_captions"]),
          "--train.steps", str(args.align_steps), "--train.optim.lr", "1e-3"], out / "align")
-    sft = ["--stage", "sft", "--train.steps", str(args.sft_steps), "--train.optim.lr", "1e-3",
+    sft = ["--stage", "sft", "--train.steps", str(args.sft_steps), "--train.optim.lr", args.lr,
            "--train.optim.warmup-steps", "30"]
     vision, vision_loss, vision_s = run_stage(
         [*common, *sft, "--model", str(align), "--data", str(files["llava_train"]), "--train-vision-tower", "true"],
@@ -151,7 +152,7 @@ def main() -> None:
                                          str(text_data)], out / "text-only")
 
     if args.more_sft_steps:
-        more = ["--stage", "sft", "--train.steps", str(args.more_sft_steps), "--train.optim.lr", "1e-3",
+        more = ["--stage", "sft", "--train.steps", str(args.more_sft_steps), "--train.optim.lr", args.lr,
                 "--train.optim.warmup-steps", "0"]
         vision, vision_loss, more_s = run_stage(
             [*common, *more, "--model", str(vision), "--data", str(files["llava_train"]), "--train-vision-tower",
