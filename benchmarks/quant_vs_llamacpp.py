@@ -21,7 +21,7 @@ tokenizer, if present; else random weights (then the quality figures mean little
 
 Last line: one JSON object; "ratio" = lmforge int8 decode tok/s / llama.cpp q8_0 decode tok/s.
 
-    python benchmarks/quant_vs_llamacpp.py [--quick] [--model DIR]
+    python benchmarks/quant_vs_llamacpp.py [--quick] [--decode-only] [--model DIR]
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def main() -> None:
                         "(default: benchmarks/distill.py's teacher; random weights if it is missing)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256, help="the quality windows' length (the teacher's)")
+    parser.add_argument("--decode-only", action="store_true", help="skip the quality figures (minutes of scoring), "
+                        "for the decode figures of a quiet moment on a shared machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats, new_tokens, max_bytes = (2, 32, 4000) if args.quick else (5, 128, 48000)
@@ -163,7 +165,7 @@ def main() -> None:
         windows = rolling_windows(tokens, prefix_token_id(tokenizer), args.seq_len)
         bpb: dict[str, float] = {}
         models = {name: load_model(tmp / name) for name, _ in PAIRS}
-        for name, kind in PAIRS:
+        for name, kind in [] if args.decode_only else PAIRS:
             nll = -sum(ll for ll, _ in score_tokens(models[name], windows, max_length=args.seq_len, batch_size=8))
             bpb[name] = nll / math.log(2) / n_bytes
             llm = llama(tmp / f"{kind}.gguf", args.seq_len + 1, logits_all=True)
@@ -200,11 +202,14 @@ def main() -> None:
                 floor = bandwidth * 1e9 / nbytes[key]
                 results[key] = {"decode_tok_s": round(speed, 1), "ttft_ms": round(ttft * 1000, 1),
                                 "weight_mb": round(nbytes[key] / 1e6, 2), "floor_tok_s": round(floor, 1),
-                                "floor_reached": round(speed / floor, 3), "bits_per_byte": round(bpb[key], 5),
-                                "bpb_increase": round(bpb[key] - bpb[ref], 5) + 0.0}
+                                "floor_reached": round(speed / floor, 3)}
+                quality = ""
+                if not args.decode_only:
+                    results[key].update(bits_per_byte=round(bpb[key], 5),
+                                        bpb_increase=round(bpb[key] - bpb[ref], 5) + 0.0)
+                    quality = f"  bits/byte {bpb[key]:.5f} ({bpb[key] - bpb[ref]:+.5f})"
                 print(f"{side:9s} {key:5s} decode {speed:7.1f} tok/s  first token {ttft * 1000:6.1f} ms  "
-                      f"weights {nbytes[key] / 1e6:6.1f} MB  floor {floor:6.0f} tok/s ({speed / floor:.0%})  "
-                      f"bits/byte {bpb[key]:.5f} ({bpb[key] - bpb[ref]:+.5f})")
+                      f"weights {nbytes[key] / 1e6:6.1f} MB  floor {floor:6.0f} tok/s ({speed / floor:.0%}){quality}")
             ratio = results[name]["decode_tok_s"] / results[kind]["decode_tok_s"]
             print(f"  lmforge {name} / llama.cpp {kind}: {ratio:.2f}x")
     results["ratio"] = round(results["int8"]["decode_tok_s"] / results["q8_0"]["decode_tok_s"], 3)
