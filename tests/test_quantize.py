@@ -197,7 +197,10 @@ def test_we_read_what_compressed_tensors_writes(base_model, tmp_path, bits, grou
 
 
 def test_generate_on_a_quantised_directory_is_the_argmax_chain(quantized, capsys):
-    assert Engine.from_pretrained(quantized["int4"]).cpu_decoder is None  # the C decoder reads float weights only
+    """`generate` on an int4 directory: the C decoder runs its layers (cpu_decode.c; tests/test_cpu_decode_quant.py
+    compares its logits with QuantLinear's forward), and its greedy tokens follow the argmax chain of the
+    PyTorch forward for at least the first 6 of 12 (its int8 activations may break a near-tie)."""
+    assert Engine.from_pretrained(quantized["int4"]).cpu_decoder is not None
     model = load_model(quantized["int4"])
     tokenizer = Tokenizer.from_dir(quantized["int4"])
     argv = ["generate", "--model", str(quantized["int4"]), "--prompt", "The cat", "--temperature", "0",
@@ -212,7 +215,9 @@ def test_generate_on_a_quantised_directory_is_the_argmax_chain(quantized, capsys
     with torch.no_grad():
         for _ in range(12):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert generated == ids[len(prompt):]
+    # int8 activations in C: a near-tie may go the other way, after which the chains part; most agree
+    agree = next((i for i, (a, b) in enumerate(zip(generated, ids[len(prompt):])) if a != b), 12)
+    assert agree >= 6, (generated, ids[len(prompt):])
     assert captured.out == tokenizer.decode(generated) + "\n"
     for scheme in quantized:  # bf16 activations and scales run too (their text may differ: only check it runs)
         assert cli(["generate", "--model", str(quantized[scheme]), "--prompt", "The cat", "--dtype", "bfloat16",
@@ -302,3 +307,15 @@ def test_a_bf16_model_stays_bf16(base_model, tmp_path):
         # a bf16 scale is max|w| / 7.5 rounded by up to 2^-8 of itself, so a group's largest weight, clamped to
         # the top level, may miss it by up to 0.5 + 7.5 x 2^-8 steps
         assert ((w - layer.dequantized().float()).abs() <= step * (0.5 + 7.5 * 2**-8)).all(), name
+
+
+def test_int8_layers_of_any_width_equal_their_dequantised_matmul():
+    """PyTorch's int8 packed kernel misreads inputs whose width is not a multiple of 16 (torch 2.13): such a
+    layer takes the dequantised path, so every width gives the dequantised weight's product."""
+    torch.manual_seed(0)
+    for width in (192, 200, 264):
+        linear = torch.nn.Linear(width, 48, bias=False)
+        layer = QuantLinear.from_linear(linear, 8, None, torch.float32)
+        x = torch.randn(3, width)
+        reference = x @ layer.dequantized(torch.float32).T
+        assert (layer(x) - reference).abs().max() < 0.02 * reference.abs().max(), width
