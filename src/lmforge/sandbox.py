@@ -370,8 +370,10 @@ def _expose(paths: list[str]) -> None:
         blocked: dict[str, set[str]] = {}
         for path in paths:
             parts = path.split("/")[1:]
-            for i in range(len(parts) - 1):
+            for i in range(len(parts)):  # every ancestor, the path's own parent included
                 parent = "/" + "/".join(parts[:i])
+                if not os.path.isdir(parent):  # a path that does not exist: running it fails by name later
+                    break
                 if not os.stat(parent).st_mode & stat.S_IXOTH:
                     blocked.setdefault(parent, set()).add(parts[i])
                     break
