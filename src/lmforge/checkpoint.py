@@ -297,22 +297,17 @@ def _load_by_layer(cfg: ModelConfig, shapes: dict, dtype: torch.dtype, device, h
         if name.endswith("expert_load") or name.endswith("e_score_correction_bias"):
             b.zero_()
     params = dict(model.named_parameters()) | dict(model.named_buffers())
-    for file in sorted({file for file, _ in shapes.values()}):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for disk_name in f.keys():
-                if _skip(disk_name, cfg):
-                    continue
-                for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
-                    module = name.removesuffix(".weight")
-                    with torch.no_grad():
-                        if module in pending:
-                            linear = pending.pop(module)
-                            linear.weight = nn.Parameter(get().to(device, dtype), requires_grad=False)
-                            parent, child = module.rsplit(".", 1)
-                            setattr(model.get_submodule(parent), child, hook(linear))
-                            linear.weight = None  # the hook's module holds what it needs of it
-                        else:
-                            params[name].copy_(get())
+    for name, get in _file_tensors(shapes, cfg):
+        module = name.removesuffix(".weight")
+        with torch.no_grad():
+            if module in pending:
+                linear = pending.pop(module)
+                linear.weight = nn.Parameter(get().to(device, dtype), requires_grad=False)
+                parent, child = module.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child, hook(linear))
+                linear.weight = None  # the hook's module holds what it needs of it
+            else:
+                params[name].copy_(get())
     return model
 
 
@@ -337,17 +332,21 @@ def load_reward_model(path: str | Path, *, dtype: torch.dtype = torch.float32, d
 
 def _copy_weights(model: Transformer, shapes: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
     """Fill a model built with init=False from the checked files (`shapes`, from read_shapes)."""
-    cfg = model.config
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    for name, get in _file_tensors(shapes, model.config):
+        with torch.no_grad():
+            params[name].copy_(get())
+
+
+def _file_tensors(shapes: dict[str, tuple[Path, tuple[int, ...]]], cfg: ModelConfig):
+    """(in-memory name, loader) of every tensor the checked files hold that the model uses, file by file; a
+    loader reads its tensor only when called, while its file is open."""
     for file in sorted({file for file, _ in shapes.values()}):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for disk_name in f.keys():
-                if _skip(disk_name, cfg):
-                    continue
-                for name, get in _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg):
-                    with torch.no_grad():
-                        params[name].copy_(get())
+                if not _skip(disk_name, cfg):
+                    yield from _from_disk(disk_name, lambda n=disk_name: f.get_tensor(n), cfg)
 
 
 def model_from(name: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
