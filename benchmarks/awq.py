@@ -32,9 +32,7 @@ import torch
 from lmforge.awq import apply_awq, calibration_tokens
 from lmforge.checkpoint import load_model, save_model
 from lmforge.eval.loglik import (
-    BUILTIN_VAL_FRACTION,
-    _builtin_heldout,
-    _pieces_tokens,
+    builtin_heldout_tokens,
     prefix_token_id,
     rolling_windows,
     score_tokens,
@@ -75,7 +73,7 @@ def main() -> None:
     samples, max_bytes = (4, 4000) if args.quick else (args.samples, 48000)
     source = Path(args.model)
     tokenizer = Tokenizer.from_dir(source)
-    tokens, n_bytes = _pieces_tokens(tokenizer, _builtin_heldout(BUILTIN_VAL_FRACTION), max_bytes)
+    tokens, n_bytes = builtin_heldout_tokens(tokenizer, max_bytes)
     windows = rolling_windows(tokens, prefix_token_id(tokenizer), args.seq_len)
     results: dict = {"model": str(source), "calibration": f"builtin, {samples} x {args.calibration_seq_len} tokens",
                      "heldout_tokens": len(tokens), "heldout_bytes": n_bytes}

@@ -42,7 +42,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.config import preset
-from lmforge.eval.loglik import BUILTIN_VAL_FRACTION, _builtin_heldout, _pieces_tokens, prefix_token_id, rolling_windows
+from lmforge.eval.loglik import builtin_heldout_tokens, prefix_token_id, rolling_windows
 from lmforge.infer import Engine, SamplingParams
 from lmforge.model import Int8KVCache, Transformer, build_model
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -122,7 +122,7 @@ def main() -> None:
         print(f"{label:10s} cache {cache.nbytes / 2**20:7.3f} MiB per row of {CONTEXT} positions")
 
     # ---- quality 1: held-out bits per byte within the training context
-    tokens, n_bytes = _pieces_tokens(tokenizer, _builtin_heldout(BUILTIN_VAL_FRACTION), max_bytes)
+    tokens, n_bytes = builtin_heldout_tokens(tokenizer, max_bytes)
     windows = rolling_windows(tokens, prefix_token_id(tokenizer), args.seq_len)
     for label, dtype, kv in CONFIGS:
         bpb = windows_nll(models[dtype], windows, args.seq_len, kv) / math.log(2) / n_bytes
@@ -136,7 +136,7 @@ def main() -> None:
               f"{len(tokens)} held-out tokens ({n_bytes} bytes) in windows of {args.seq_len}", flush=True)
 
     # ---- quality 2: KL and bits per byte over one CONTEXT-token stretch
-    stream, stream_bytes = _pieces_tokens(tokenizer, _builtin_heldout(BUILTIN_VAL_FRACTION), 5 * CONTEXT)
+    stream, stream_bytes = builtin_heldout_tokens(tokenizer, 5 * CONTEXT)
     stream = [prefix_token_id(tokenizer)] + stream[:CONTEXT]
     inputs, targets = torch.tensor([stream[:-1]]), torch.tensor(stream[1:])
     text_bytes = len(tokenizer.decode(stream[1:]).encode("utf-8"))

@@ -42,9 +42,7 @@ from decode import read_bandwidth_gbps, time_lmforge
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import preset
 from lmforge.eval.loglik import (
-    BUILTIN_VAL_FRACTION,
-    _builtin_heldout,
-    _pieces_tokens,
+    builtin_heldout_tokens,
     prefix_token_id,
     rolling_windows,
     score_tokens,
@@ -161,7 +159,7 @@ def main() -> None:
               f"greedy, median of {repeats} runs (the machine may be shared: noisy)", flush=True)
 
         # ---- quality: the same windows on both sides
-        tokens, n_bytes = _pieces_tokens(tokenizer, _builtin_heldout(BUILTIN_VAL_FRACTION), max_bytes)
+        tokens, n_bytes = builtin_heldout_tokens(tokenizer, max_bytes)
         windows = rolling_windows(tokens, prefix_token_id(tokenizer), args.seq_len)
         bpb: dict[str, float] = {}
         models = {name: load_model(tmp / name) for name, _ in PAIRS}

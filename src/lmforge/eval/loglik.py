@@ -185,6 +185,13 @@ def _builtin_heldout(val_fraction: float) -> tuple[TextPiece, ...]:
     return tuple(heldout_pieces("builtin:shakespeare", val_fraction))
 
 
+def builtin_heldout_tokens(tokenizer: Tokenizer, max_bytes: int | None = None,
+                           val_fraction: float = BUILTIN_VAL_FRACTION) -> tuple[list[int], int]:
+    """The built-in corpus's held-out text (what `prepare` holds out) as `prepare` tokenizes it, cut to the first
+    `max_bytes` bytes; and that text's byte count. What `shakespeare-bpb` scores, and the benchmarks too."""
+    return _pieces_tokens(tokenizer, _builtin_heldout(val_fraction), max_bytes)
+
+
 def _pieces_tokens(tokenizer: Tokenizer, pieces, max_bytes: int | None) -> tuple[list[int], int]:
     """The token stream prepare writes for these pieces (each encoded alone, EOS after a document's last), cut
     to the first `max_bytes` bytes of text; and that text's UTF-8 byte count."""
@@ -247,7 +254,7 @@ def bits_per_byte(model: Transformer, tokenizer: Tokenizer, source: str | Path, 
     """
     path = Path(source)
     if str(source) == "builtin:shakespeare":
-        tokens, n_bytes = _pieces_tokens(tokenizer, _builtin_heldout(val_fraction), max_bytes)
+        tokens, n_bytes = builtin_heldout_tokens(tokenizer, max_bytes, val_fraction)
     elif path.is_dir():
         tokens, n_bytes = _split_tokens(tokenizer, path, split, max_bytes)
     elif path.is_file():
