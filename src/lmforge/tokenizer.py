@@ -83,7 +83,22 @@ CHATML_TEMPLATE = """\
     {%- if message.role == 'system' and not loop.first %}
         {{- raise_exception('only the first message may be a system message') }}
     {%- elif message.role == 'user' %}
-        {{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
+        {{- '<|im_start|>user\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for part in message.content %}
+                {%- if not loop.first %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if part.type == 'text' %}
+                    {{- part.text }}
+                {%- elif part.type in ['image', 'image_url'] %}
+                    {{- '<image>' }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
     {%- elif message.role == 'assistant' %}
         {{- '<|im_start|>assistant\\n' }}
         {%- generation %}

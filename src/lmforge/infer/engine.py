@@ -15,6 +15,11 @@ How a request runs (one function per step, read top to bottom):
    the C matvecs are AVX-512 dot products, the reused entries give bitwise the logits a full
    prefill gives (cpu_decode.c sums a token's products the same way whatever the batch); on
    other paths they agree to rounding.
+   Images (a LLaVA model, `self.vision`): `submit` expands each image's placeholder to its tokens and
+   preprocesses the image; the prefill runs through PyTorch from embeddings, the image's features in
+   place of its tokens (`_prefill_embeds`), batched with text-only prompts; the prefix cache compares
+   a key in which each image token stands for its image's content (`_with_images`), so a cached
+   prefix never crosses a different image. Decoding is the language model's, as for text.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
    position (the cache rows are independent, so prompts of different lengths and requests that
    joined at different times share a batch), then picks each row's next token. On a CPU, for
@@ -33,6 +38,7 @@ iterates or awaits, is request.py's; the text API over the engine is llm.py's.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import threading
@@ -42,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lmforge.checkpoint import DTYPES, model_from
 from lmforge.config import PRESETS
@@ -51,7 +58,10 @@ from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.request import Delta, Outbox, Output, Request, TokenLogprob, send_events
 from lmforge.infer.sampling import DistributionError, SamplerState, SamplingParams, choose_tokens, token_logprobs
 from lmforge.model import KVCache, Transformer
+from lmforge.model.llava import Llava, expand_image_tokens
 from lmforge.tokenizer import Tokenizer
+from lmforge.vision.checkpoint import is_llava_dir, load_llava, read_image_config
+from lmforge.vision.image import ImageProcessorConfig, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +95,15 @@ class _Sample:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16,
+    def __init__(self, model: Transformer | Llava, tokenizer: Tokenizer, max_batch_size: int = 16,
                  max_len: int | None = None, eos_ids: set[int] | None = None, max_prefill_tokens: int = 2048,
-                 prefix_cache: bool = True, cpu_decoder: bool = True, kv_cache_dtype: str = "auto"):
-        """`max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
+                 prefix_cache: bool = True, cpu_decoder: bool = True, kv_cache_dtype: str = "auto",
+                 image_config: ImageProcessorConfig | None = None):
+        """`model`: a language model, or a LLaVA model (model/llava.py), whose language model then decodes and
+        whose vision tower turns a prompt's images into the embeddings of its placeholder tokens at the
+        prefill (`self.vision`; None for a text-only model); `image_config`: how its images are preprocessed
+        (default: SigLIP's at the tower's image size).
+        `max_len`: the context the cache holds (default min(model's, 2048)). `eos_ids`: token ids
         that end any output unless `ignore_eos` (default: `default_eos_ids`). `max_prefill_tokens`: the
         most tokens (rows x longest prompt, padding included) one prefill forward takes, so a burst of
         long prompts holds the running streams up for one such forward per step at most; a prompt
@@ -101,6 +116,10 @@ class Engine:
         and then every forward goes through the model: the C decoder reads fp caches only."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
+        self.vision = model.eval() if isinstance(model, Llava) else None
+        if self.vision is not None:
+            model = self.vision.language_model
+            self.image_config = image_config or ImageProcessorConfig(size=self.vision.config.vision.image_size)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -139,6 +158,11 @@ class Engine:
         if not Path(path).is_dir() and str(path) in PRESETS and tokenizer is None:
             raise ValueError(f"model '{path}' is a preset with random weights: give a tokenizer directory too")
         tok = Tokenizer.from_dir(tokenizer or path)
+        if Path(path).is_dir() and is_llava_dir(path):  # a vision-language model (vision/checkpoint.py)
+            llava = load_llava(path, dtype=DTYPES[dtype], device=device)
+            kw.setdefault("image_config", read_image_config(path, llava))
+            kw.setdefault("eos_ids", default_eos_ids(llava.language_model, tok, path))
+            return cls(llava, tok, **kw)
         model = model_from(path, device=device, dtype=DTYPES[dtype], vocab_size=tok.vocab_size)
         if Path(path).is_dir():
             kw.setdefault("eos_ids", default_eos_ids(model, tok, path))
@@ -146,9 +170,16 @@ class Engine:
 
     # -- public API ---------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
-        """Queue a prompt (thread-safe). Raises ValueError for a bad prompt or bad params."""
+    def submit(self, prompt: list[int], params: SamplingParams | None = None,
+               images: list[Image.Image] | None = None) -> Request:
+        """Queue a prompt (thread-safe). Raises ValueError for a bad prompt or bad params. `images`: for a
+        vision-language model, the prompt's images in order, each standing at one placeholder token
+        (`<image>`, the config's image_token_index, as the chat template renders it), which the engine
+        expands to the image's tokens; they are preprocessed here, in the caller's thread."""
         params = params or SamplingParams()
+        pixel_values = cache_key = None
+        if images or (self.vision is not None and self.vision.config.image_token_index in prompt):
+            prompt, pixel_values, cache_key = self._with_images(prompt, images or [])
         params.validate(self.vocab_size)
         if params.n > self.max_batch_size:
             raise ValueError(f"n={params.n}: more samples than the engine's max_batch_size {self.max_batch_size}")
@@ -161,20 +192,23 @@ class Engine:
             raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
         if params.grammar is not None:
             self.grammars.check(params.grammar)  # GrammarError (a ValueError) with llguidance's message
-        request = Request(self, list(prompt), params)
+        request = Request(self, list(prompt), params, pixel_values, cache_key)
         with self._cond:
             self._waiting.append(request)
             self._cond.notify()
         return request
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[list[Output]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 images: list[list[Image.Image] | None] | None = None) -> list[list[Output]]:
         """Blocking: all prompts run batched; returns each prompt's n outputs. `params`: the same for every
-        prompt, or a list of one per prompt (their own seeds, say)."""
+        prompt, or a list of one per prompt (their own seeds, say). `images`: each prompt's (as `submit`)."""
         each = params if isinstance(params, list) else [params] * len(prompts)
         if len(each) != len(prompts):
             raise ValueError(f"params: {len(each)} for {len(prompts)} prompts")
-        requests = [self.submit(p, q) for p, q in zip(prompts, each)]
+        images = images if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"images: {len(images)} lists for {len(prompts)} prompts")
+        requests = [self.submit(p, q, i) for p, q, i in zip(prompts, each, images)]
         for r in requests:
             if self.running:
                 r.done.wait()
@@ -184,9 +218,34 @@ class Engine:
                 raise RuntimeError(f"generation failed: {r.error!r}") from r.error
         return [r.outputs for r in requests]
 
-    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+    def stream(self, prompt: list[int], params: SamplingParams | None = None,
+               images: list[Image.Image] | None = None) -> Iterator[Delta]:
         """Blocking generator of the Deltas of one prompt."""
-        yield from self.submit(prompt, params)
+        yield from self.submit(prompt, params, images)
+
+    def _with_images(self, prompt: list[int], images: list[Image.Image]) -> tuple[list[int], torch.Tensor, list[int]]:
+        """(the prompt with each placeholder repeated image_seq_length times, as LlavaProcessor expands it; the
+        images' pixel values; the prefix cache's key): the key is the expanded prompt with the k-th token of an
+        image replaced by -1 - (64 bits of the SHA-256 of its pixel values, shifted to stay below 2^62) - k,
+        so a cached prefix is reused only for the same images at the same places (vLLM hashes an image's
+        content into its blocks' keys the same way); negative, the key never equals a token id."""
+        if self.vision is None:
+            raise ValueError(f"this model has no vision tower: it cannot take images ({len(images)} given)")
+        cfg = self.vision.config
+        placeholders = prompt.count(cfg.image_token_index)
+        if placeholders != len(images):
+            raise ValueError(f"the prompt has {placeholders} image placeholders (token {cfg.image_token_index}, "
+                             f"<image>) for {len(images)} images")
+        pixel_values = preprocess(images, self.image_config) if images else None
+        expanded = expand_image_tokens(prompt, cfg)
+        key = list(expanded)
+        at = [i for i, token in enumerate(expanded) if token == cfg.image_token_index]
+        n = cfg.image_seq_length
+        for k, pixels in enumerate(pixel_values if images else []):
+            digest = int.from_bytes(hashlib.sha256(pixels.numpy().tobytes()).digest()[:8], "little") >> 2
+            for j in range(n):
+                key[at[k * n + j]] = -1 - digest - j
+        return expanded, pixel_values, key
 
     @property
     def running(self) -> bool:
@@ -297,7 +356,9 @@ class Engine:
             # prompts were prefilled whole: _claim_cached gave them no cached prefix); the others, of the last.
             scored = [r.params.prompt_logprobs is not None for r in batch]
             prompt_rows: dict[int, torch.Tensor] = {}  # request i's prompt logits, or (PyTorch) hidden states
+            images = any(r.pixel_values is not None for r in batch)  # prefilled from embeddings: by PyTorch
             prefill_in_c = (decoder is not None and decoder.prefills and width <= decoder.prefill_max_len and
+                            not images and
                             sum(k for k, every in zip(new, scored) if every) * self.vocab_size <= PROMPT_LOGITS_BUDGET)
             if prefill_in_c:
                 # The prompts packed, no padding, in one C call, where that is as fast as PyTorch's
@@ -326,8 +387,10 @@ class Engine:
                 # hidden states [len(batch), width, hidden_size]; an int8 cache is told where the padding
                 # starts (past a row's prompt, which no block of it completes)
                 cache.pad_from = torch.tensor(lengths, device=device)
+                embeds = self._prefill_embeds(batch, start, ids) if images else None
                 try:
-                    hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True).hidden
+                    hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True,
+                                        inputs_embeds=embeds).hidden
                 finally:
                     cache.pad_from = None
                 for i in (i for i, every in enumerate(scored) if every):
@@ -354,6 +417,22 @@ class Engine:
             self._cached.pop(row, None)
         self._advance(samples, logits[logit_rows])
 
+    def _prefill_embeds(self, batch: list[Request], start: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings [len(batch), width, hidden] of a prefill of `ids` (row i: request i's prompt from
+        start[i] on), each image's features in place of its placeholder tokens. The whole image goes through
+        the tower even where a cached prefix ends inside it: its features are computed together."""
+        embeds = self.model.model.embed_tokens(ids)
+        token = self.vision.config.image_token_index
+        for i, request in enumerate(batch):
+            if request.pixel_values is None:
+                continue
+            features = self.vision.image_features(request.pixel_values.to(embeds.device))  # the tower casts
+            features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [images x their tokens, hidden]
+            at = torch.tensor([p for p, t in enumerate(request.prompt) if t == token], device=embeds.device)
+            keep = at >= start[i]
+            embeds[i, at[keep] - start[i]] = features[keep]
+        return embeds
+
     def _claim_cached(self, batch: list[Request], first: int) -> list[int]:
         """For each request of `batch` (it will run in row first + i): the free row whose cached tokens
         share the longest prefix with its prompt is swapped into row first + i, or, if it holds more
@@ -367,14 +446,14 @@ class Engine:
         # Weights are the same tensors, unchanged, while each parameter keeps its storage and its version:
         # torch's counter of in-place updates (an optimizer step, load_state_dict's copy_), which has no
         # public accessor; a new tensor has a new data pointer.
-        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in (self.vision or self.model).parameters())
         if key != self._weights_key:  # new or updated weights: what the rows hold is stale
             self._cached.clear()
             self._weights_key = key
         for i, request in enumerate(batch):
             # a prompt whose log-probs are wanted is prefilled whole: every position's logits are needed
             target, limit = first + i, 0 if request.params.prompt_logprobs is not None else len(request.prompt) - 1
-            ranked = sorted(((_common_prefix(tokens, request.prompt, limit), -freed, row)
+            ranked = sorted(((_common_prefix(tokens, request.cache_key, limit), -freed, row)
                              for row in range(target, self.max_batch_size)
                              for tokens, freed in [self._cached.get(row, ((), -1))]), reverse=True)
             found, _, best = ranked[0]
@@ -583,7 +662,7 @@ class Engine:
         self._running.pop()
         if self.prefix_cache:  # the prompt and the tokens fed back so far (the newest one never was)
             fed = sample.position - len(sample.request.prompt)
-            self._cached[last] = (sample.request.prompt + sample.output.token_ids[:fed], next(self._freed))
+            self._cached[last] = (sample.request.cache_key + sample.output.token_ids[:fed], next(self._freed))
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

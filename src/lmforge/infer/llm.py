@@ -17,14 +17,17 @@ completions and /tokenize, so all of them send the model the same ids for the sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+
+from PIL import Image
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
 from lmforge.infer.sampling import SamplingParamError, SamplingParams
 from lmforge.tokenizer import Tokenizer, TokenizerError
+from lmforge.vision.image import ImageError, read_image_url
 
 Prompt = str | list[dict]
 # SamplingParams fields the text API refuses: they ask for what a text does not hold (more samples than one,
@@ -79,6 +82,55 @@ def _render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prom
         raise ChatTemplateError(f"the chat template cannot render these messages: {e}") from e
 
 
+IMAGE_PLACEHOLDER = "<image>"  # what an image part becomes in the text (vision/checkpoint.IMAGE_TOKEN)
+
+
+def encode_chat_images(tokenizer: Tokenizer, messages: list[dict],
+                       read_image: Callable[[str], Image.Image] = read_image_url, **options
+                       ) -> tuple[list[int], list[Image.Image]]:
+    """(token ids, images) of a chat whose messages may hold content parts: OpenAI's `{"type": "text",
+    "text"}` and `{"type": "image_url", "image_url": {"url"}}`, and transformers' `{"type": "image"}` with a
+    PIL image, a `url` or a `path`. Each image part becomes `<image>` and a message's parts are joined by
+    newlines, as training data is (data/vlm.py), so any template renders the chat as the model was trained on;
+    `read_image(url)` reads each image in order (where a server's policy on files and web URLs lives: its
+    errors propagate). `options`: encode_prompts' (add_generation_prompt, max_len, tools). A part that is
+    none of these is an ImageError naming it."""
+    images: list[Image.Image] = []
+    flat = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            message = {**message, "content": "\n".join(_part_text(part, f"messages[{i}].content[{j}]", images,
+                                                                   read_image) for j, part in enumerate(content))}
+        flat.append(message)
+    (ids,) = encode_prompts(tokenizer, [flat], **options)
+    return ids, images
+
+
+def _part_text(part, where: str, images: list[Image.Image], read_image: Callable[[str], Image.Image]) -> str:
+    """One content part's text; an image part's image appended to `images`."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise ImageError(f"{where}.image_url: expected {{\"url\": a data URL or a file}}")
+        images.append(read_image(url))
+        return IMAGE_PLACEHOLDER
+    if kind == "image":
+        source = part.get("image", part.get("url", part.get("path")))
+        if isinstance(source, Image.Image):
+            images.append(source)
+        elif isinstance(source, str):
+            images.append(read_image(source))
+        else:
+            raise ImageError(f"{where}: an image part needs `image` (a PIL image), `url` or `path`")
+        return IMAGE_PLACEHOLDER
+    raise ImageError(f"{where}: a content part should be text, image_url or image, not {str(part)[:60]}")
+
+
 def _sampling_params(options: dict) -> SamplingParams:
     """SamplingParams from the text API's keyword options. A name that is not a sampling parameter, or one
     of NOT_FOR_TEXT, is a SamplingParamError naming it; the values are checked by Engine.submit."""
@@ -110,19 +162,37 @@ class LLM:
         (ids,) = encode_prompts(self.tokenizer, [prompt])
         return ids or [self.tokenizer.eos_id if self.tokenizer.bos_id is None else self.tokenizer.bos_id]
 
-    def generate(self, prompt: Prompt | list[Prompt], **sampling) -> str | list[str]:
-        """The reply to a text or a chat; for a list of them, the replies, decoded together. `sampling`:
+    def encode_images(self, prompt: Prompt, images: list[Image.Image] | None = None
+                      ) -> tuple[list[int], list[Image.Image]]:
+        """(token ids, images) for a prompt that may show images: a text with one `<image>` per image of
+        `images`, or a chat with image content parts (encode_chat_images; files relative to the working
+        directory, data URLs)."""
+        if isinstance(prompt, list) and images:
+            raise ValueError("images: give a chat's images as content parts of its messages")
+        if isinstance(prompt, list):
+            return encode_chat_images(self.tokenizer, prompt)
+        return self.encode(prompt), list(images or [])
+
+    def generate(self, prompt: Prompt | list[Prompt], images: list[Image.Image] | None = None,
+                 **sampling) -> str | list[str]:
+        """The reply to a text or a chat; for a list of them, the replies, decoded together. `images`: a text
+        prompt's, one per `<image>` in it (a chat's are content parts of its messages). `sampling`:
         SamplingParams' options (max_tokens=256, temperature=1.0, top_k, top_p, seed, stop, ...)."""
         one = isinstance(prompt, str) or bool(prompt) and isinstance(prompt[0], dict)
         prompts = [prompt] if one else prompt
-        outputs = self.engine.generate([self.encode(p) for p in prompts], _sampling_params(sampling))
+        if images and not one:
+            raise ValueError("images: for one text prompt; a batch's images go in its chats' content parts")
+        encoded = [self.encode_images(p, images) for p in prompts]
+        outputs = self.engine.generate([ids for ids, _ in encoded], _sampling_params(sampling),
+                                       images=[shown or None for _, shown in encoded])
         texts = [n_outputs[0].text for n_outputs in outputs]
         return texts[0] if one else texts
 
-    def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
+    def stream(self, prompt: Prompt, images: list[Image.Image] | None = None, **sampling) -> Iterator[str]:
         """The reply's text as it is generated, piece by piece (never a broken UTF-8 character). The
         prompt and options are checked now; leaving the loop early cancels the generation."""
-        return _texts(self.engine.submit(self.encode(prompt), _sampling_params(sampling)))
+        ids, shown = self.encode_images(prompt, images)
+        return _texts(self.engine.submit(ids, _sampling_params(sampling), shown or None))
 
 
 def _texts(request: Request) -> Iterator[str]:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from lmforge.infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from lmforge.infer.engine import Engine
 
 
@@ -57,9 +59,14 @@ _DONE = object()  # end of a request's event stream
 class Request:
     """A submitted prompt: iterate it (or `aiter` it) for Deltas; `outputs` holds the results."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams):
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams,
+                 pixel_values: torch.Tensor | None = None, cache_key: list[int] | None = None):
         self.id = f"req-{uuid.uuid4().hex[:16]}"
-        self.prompt = prompt
+        self.prompt = prompt  # token ids, each image's placeholder repeated once per image token
+        # the prompt's images [images, 3, H, W], their features placed at the placeholders at the prefill
+        self.pixel_values = pixel_values
+        # what the prefix cache compares: the prompt, with each image token made unique to its image's content
+        self.cache_key = prompt if cache_key is None else cache_key
         self.prompt_tokens = len(prompt)
         self.cached_tokens = 0  # of the prompt, found in the prefix cache (not prefilled again)
         # params.prompt_logprobs: each prompt token's log-prob given those before it (None for the first), set

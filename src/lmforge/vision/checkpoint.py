@@ -101,6 +101,9 @@ def save_llava(model: Llava, path: str | Path, *, tokenizer_dir: str | Path | No
             (tmp / name).write_text(json.dumps(content, indent=2))
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
+            template = Tokenizer.from_dir(tokenizer_dir).chat_template
+            if template:  # AutoProcessor's apply_chat_template reads the template from its own file
+                (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
 
     return atomic_directory_write(path, write)
 
@@ -129,6 +132,29 @@ def _parts(disk_name: str, shape: tuple[int, ...], cfg: LlavaConfig) -> list[tup
     if not name.startswith(TEXT_PREFIX):
         return [(name, shape)]
     return [(TEXT_PREFIX + n, s) for n, s in _disk_shapes(name[len(TEXT_PREFIX):], shape, cfg.text)]
+
+
+def is_llava_dir(path: str | Path) -> bool:
+    """Whether `path` is a model directory whose config.json says model_type "llava"."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    config = read_json(config_file, CheckpointError)
+    return isinstance(config, dict) and config.get("model_type") == "llava"
+
+
+def read_image_config(path: str | Path, model: Llava) -> ImageProcessorConfig:
+    """The directory's preprocessor_config.json (SigLIP's image processor), or, where there is none, SigLIP's
+    defaults at the vision tower's image size. A file that asks for what the processor does not do is an
+    ImageError naming the field."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return ImageProcessorConfig(size=model.config.vision.image_size)
+    image_config = ImageProcessorConfig.from_hf(read_json(file, CheckpointError))
+    if image_config.size != model.config.vision.image_size:
+        raise CheckpointError(f"{file}: size {image_config.size} is not the vision tower's image_size "
+                              f"{model.config.vision.image_size}")
+    return image_config
 
 
 def load_llava(path: str | Path, *, dtype: torch.dtype = torch.float32,
