@@ -17,8 +17,8 @@ How a request runs (one function per step, read top to bottom):
    other paths they agree to rounding.
    Images (a LLaVA model, `self.vision`): `submit` expands each image's placeholder to its tokens and
    preprocesses the image; the prefill runs through PyTorch from embeddings, the image's features in
-   place of its tokens (`_prefill_embeds`), batched with text-only prompts; the prefix cache compares
-   a key in which each image token stands for its image's content (`_with_images`), so a cached
+   place of its tokens (images.py), batched with text-only prompts; the prefix cache compares
+   a key in which each image token stands for its image's content (images.py), so a cached
    prefix never crosses a different image. Decoding is the language model's, as for text.
 3. `_decode` runs one forward over every running row: one new token each, at each row's own
    position (the cache rows are independent, so prompts of different lengths and requests that
@@ -38,7 +38,6 @@ iterates or awaits, is request.py's; the text API over the engine is llm.py's.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 import threading
@@ -55,13 +54,14 @@ from lmforge.config import PRESETS
 from lmforge.files import read_json
 from lmforge.infer.cpu_decode import CPUDecoder
 from lmforge.infer.detokenize import Detokenizer
+from lmforge.infer.images import image_prompt, prefill_embeds
 from lmforge.infer.request import Delta, Outbox, Output, Request, TokenLogprob, send_events
 from lmforge.infer.sampling import DistributionError, SamplerState, SamplingParams, choose_tokens, token_logprobs
 from lmforge.model import KVCache, Transformer
-from lmforge.model.llava import Llava, expand_image_tokens
+from lmforge.model.llava import Llava
 from lmforge.tokenizer import Tokenizer
 from lmforge.vision.checkpoint import is_llava_dir, load_llava, read_image_config
-from lmforge.vision.image import ImageProcessorConfig, preprocess
+from lmforge.vision.image import ImageProcessorConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Engine:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
         self.vision = model.eval() if isinstance(model, Llava) else None
+        self.image_config = image_config
         if self.vision is not None:
             model = self.vision.language_model
             self.image_config = image_config or ImageProcessorConfig(size=self.vision.config.vision.image_size)
@@ -179,7 +180,7 @@ class Engine:
         params = params or SamplingParams()
         pixel_values = cache_key = None
         if images or (self.vision is not None and self.vision.config.image_token_index in prompt):
-            prompt, pixel_values, cache_key = self._with_images(prompt, images or [])
+            prompt, pixel_values, cache_key = image_prompt(self.vision, self.image_config, prompt, images or [])
         params.validate(self.vocab_size)
         if params.n > self.max_batch_size:
             raise ValueError(f"n={params.n}: more samples than the engine's max_batch_size {self.max_batch_size}")
@@ -222,30 +223,6 @@ class Engine:
                images: list[Image.Image] | None = None) -> Iterator[Delta]:
         """Blocking generator of the Deltas of one prompt."""
         yield from self.submit(prompt, params, images)
-
-    def _with_images(self, prompt: list[int], images: list[Image.Image]) -> tuple[list[int], torch.Tensor, list[int]]:
-        """(the prompt with each placeholder repeated image_seq_length times, as LlavaProcessor expands it; the
-        images' pixel values; the prefix cache's key): the key is the expanded prompt with the k-th token of an
-        image replaced by -1 - (64 bits of the SHA-256 of its pixel values, shifted to stay below 2^62) - k,
-        so a cached prefix is reused only for the same images at the same places (vLLM hashes an image's
-        content into its blocks' keys the same way); negative, the key never equals a token id."""
-        if self.vision is None:
-            raise ValueError(f"this model has no vision tower: it cannot take images ({len(images)} given)")
-        cfg = self.vision.config
-        placeholders = prompt.count(cfg.image_token_index)
-        if placeholders != len(images):
-            raise ValueError(f"the prompt has {placeholders} image placeholders (token {cfg.image_token_index}, "
-                             f"<image>) for {len(images)} images")
-        pixel_values = preprocess(images, self.image_config) if images else None
-        expanded = expand_image_tokens(prompt, cfg)
-        key = list(expanded)
-        at = [i for i, token in enumerate(expanded) if token == cfg.image_token_index]
-        n = cfg.image_seq_length
-        for k, pixels in enumerate(pixel_values if images else []):
-            digest = int.from_bytes(hashlib.sha256(pixels.numpy().tobytes()).digest()[:8], "little") >> 2
-            for j in range(n):
-                key[at[k * n + j]] = -1 - digest - j
-        return expanded, pixel_values, key
 
     @property
     def running(self) -> bool:
@@ -387,7 +364,7 @@ class Engine:
                 # hidden states [len(batch), width, hidden_size]; an int8 cache is told where the padding
                 # starts (past a row's prompt, which no block of it completes)
                 cache.pad_from = torch.tensor(lengths, device=device)
-                embeds = self._prefill_embeds(batch, start, ids) if images else None
+                embeds = prefill_embeds(self.vision, batch, start, ids) if images else None
                 try:
                     hidden = self.model(ids, position_ids=positions, cache=cache, return_hidden=True,
                                         inputs_embeds=embeds).hidden
@@ -416,22 +393,6 @@ class Engine:
         for row in range(first, len(self._running)):  # running now: no longer a cached prefix
             self._cached.pop(row, None)
         self._advance(samples, logits[logit_rows])
-
-    def _prefill_embeds(self, batch: list[Request], start: list[int], ids: torch.Tensor) -> torch.Tensor:
-        """The input embeddings [len(batch), width, hidden] of a prefill of `ids` (row i: request i's prompt from
-        start[i] on), each image's features in place of its placeholder tokens. The whole image goes through
-        the tower even where a cached prefix ends inside it: its features are computed together."""
-        embeds = self.model.model.embed_tokens(ids)
-        token = self.vision.config.image_token_index
-        for i, request in enumerate(batch):
-            if request.pixel_values is None:
-                continue
-            features = self.vision.image_features(request.pixel_values.to(embeds.device))  # the tower casts
-            features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [images x their tokens, hidden]
-            at = torch.tensor([p for p, t in enumerate(request.prompt) if t == token], device=embeds.device)
-            keep = at >= start[i]
-            embeds[i, at[keep] - start[i]] = features[keep]
-        return embeds
 
     def _claim_cached(self, batch: list[Request], first: int) -> list[int]:
         """For each request of `batch` (it will run in row first + i): the free row whose cached tokens
