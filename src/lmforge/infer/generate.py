@@ -5,6 +5,9 @@ scripts: `answer=$(lmforge generate --model runs/sft --prompt "2+2=" --temperatu
 Everything else (load time, speed, and with --logprobs one JSON line per token) goes to stderr.
 --prompt-logprobs scores the prompt itself: a JSON line per prompt token (its log-prob given the ones
 before it; null for the first), e.g. `--prompt-logprobs 0 --max-new-tokens 1` to score a text.
+A vision-language model (a llava directory) is shown images with `--image FILE [FILE ...]`: each stands at
+one `<image>` of the prompt, in order; a prompt without any gets them in front of it, one line each. With
+--chat the images go before the text in the user message, as training data has them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.infer.engine import Engine
-from lmforge.infer.llm import LLM
+from lmforge.infer.llm import LLM, encode_chat_images
 from lmforge.infer.sampling import SamplingParams, parse_logit_bias
 from lmforge.model import KV_CACHE_HELP
 from lmforge.settings import OptionError, parse_args
+from lmforge.vision.checkpoint import IMAGE_TOKEN
+from lmforge.vision.image import ImageError, read_image
 
 
 @dataclass
@@ -82,6 +87,9 @@ class SamplingConfig:
 class GenerateConfig(SamplingConfig):
     prompt: str = field(default="", metadata={"help": "the text to continue"})
     chat: bool = field(default=False, metadata={"help": "send the prompt as a user message, in the chat template"})
+    image: list[str] = field(default_factory=list, metadata={
+        "help": "image files a vision-language model is shown (--image a.png b.png), one per <image> in the prompt, "
+                "in order; a prompt without <image> gets them in front, one line each (with --chat: before the text)"})
     logprobs: bool = field(default=False, metadata={
         "help": "after the completion, each token's log-prob as a JSON line on stderr"})
     top_logprobs: int = field(default=0, metadata={"help": "and its k most likely alternatives (implies --logprobs)"})
@@ -97,13 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(cfg.engine())
     engine = llm.engine
     # The prompt as the text API gives it to the model (a Llama tokenizer's BOS in front of a text). A chat
-    # template that fails is the model's error (lmforge's one line); the prompt's length and the sampling
-    # options are this command's (its usage error, exit 2).
-    prompt = llm.encode([{"role": "user", "content": cfg.prompt}] if cfg.chat else cfg.prompt)
+    # template that fails is the model's error (lmforge's one line); the prompt's length, the images and the
+    # sampling options are this command's (its usage error, exit 2).
+    try:
+        images = [read_file(path) for path in cfg.image]
+    except ImageError as e:
+        print(f"lmforge generate: error: {e}", file=sys.stderr)
+        return 2
+    prompt = encode_prompt(llm, cfg, images)
     try:
         params = cfg.sampling_params(engine.vocab_size, logprobs=cfg.logprobs or cfg.top_logprobs > 0,
                                      top_logprobs=cfg.top_logprobs, prompt_logprobs=cfg.prompt_logprobs)
-        request = engine.submit(prompt, params)
+        request = engine.submit(prompt, params, images or None)
     except ValueError as e:
         print(f"lmforge generate: error: {e}", file=sys.stderr)
         return 2
@@ -118,10 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(output.token_ids)} tokens in {seconds:.2f}s ({len(output.token_ids) / seconds:.1f} tok/s), "
           f"finish_reason={output.finish_reason}", file=sys.stderr)
     # one line per prompt token (with --prompt-logprobs), then per generated token, OpenAI's field names
-    scored = [(token, lp, True) for token, lp in zip(prompt, request.prompt_logprobs or [])]
+    scored = [(token, lp, True) for token, lp in zip(request.prompt, request.prompt_logprobs or [])]
     for token, lp, in_prompt in scored + [(lp.token_id, lp, False) for lp in output.logprobs or []]:
         line = {"token": engine.token_text(token), "id": token, "logprob": None, "top_logprobs": []}
         if lp is not None:
             line.update(logprob=lp.logprob, top_logprobs=[{"token": t, "id": i, "logprob": v} for i, t, v in lp.top])
         print(json.dumps(line | ({"prompt": True} if in_prompt else {}), ensure_ascii=False), file=sys.stderr)
     return 0
+
+
+def encode_prompt(llm: LLM, cfg: GenerateConfig, images: list) -> list[int]:
+    """The token ids of --prompt with one `<image>` per image (see the module's docstring)."""
+    if cfg.chat:
+        parts = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": cfg.prompt}]
+        ids, _ = encode_chat_images(llm.tokenizer, [{"role": "user", "content": parts if images else cfg.prompt}])
+        return ids
+    prompt = cfg.prompt
+    if images and IMAGE_TOKEN not in prompt:
+        prompt = f"{IMAGE_TOKEN}\n" * len(images) + prompt
+    return llm.encode(prompt)
+
+
+def read_file(path: str):
+    """An --image file; one that is missing or unreadable is an ImageError naming it."""
+    try:
+        return read_image(path)
+    except FileNotFoundError:
+        raise ImageError(f"--image {path}: no such file") from None

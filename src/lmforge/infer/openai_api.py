@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
@@ -62,6 +62,33 @@ class Schema(BaseModel):
 class TextPart(Schema):
     type: Literal["text"]
     text: str
+
+
+class ImageURL(Schema):
+    url: str  # a data URL, a local file or an http(s) URL: what the server reads is its policy (vision/fetch.py)
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's resolution hint: one resolution here
+
+
+class ImagePart(Schema):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+
+def _part_kind(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    return {"text": "text_part", "image_url": "image_part"}.get(kind)
+
+
+# Content is a text or a list of parts, and a part is told by its `type`: discriminators pick the branch, so a
+# bad part is reported as itself (not as "should be a valid string" from the other branch). Their tags are
+# names validation_error drops from an error's location.
+ContentPart = Annotated[Annotated[TextPart, Tag("text_part")] | Annotated[ImagePart, Tag("image_part")],
+                        Discriminator(_part_kind, custom_error_type="invalid_value", custom_error_message=(
+                            'a content part is {"type": "text", "text": ...} or {"type": "image_url", '
+                            '"image_url": {"url": ...}}'))]
+MessageContent = Annotated[Annotated[str, Tag("str")] | Annotated[listed(ContentPart), Tag("list")],
+                           Discriminator(lambda value: "str" if isinstance(value, str) else "list")]
 
 
 # tools and structured output (tools.py)
@@ -114,7 +141,7 @@ class ResponseFormat(Schema):
 
 class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | listed(TextPart) | None = None
+    content: MessageContent | None = None  # image parts: a user's only (server.py)
     tool_calls: listed(ToolCall, max_length=MAX_TOOLS) | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message: the call it answers
     name: str | None = None
@@ -210,7 +237,7 @@ def sampling_error(error: SamplingParamError) -> APIError:
                     "invalid_value")
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "text_part", "image_part"}
 
 
 def validation_error(error: ValidationError) -> APIError:

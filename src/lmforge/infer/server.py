@@ -18,7 +18,11 @@ temperature, top_p, seed, presence_penalty, frequency_penalty, logit_bias, logpr
 `extra_body`): top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos. Chat also takes tools,
 tool_choice, tool messages and response_format (tools.py: calls parsed in the chat template's format, and
 constrained decoding for "required", a named function and JSON output, grammar.py). Others of OpenAI's
-(best_of, audio, ...) are refused by name rather than silently ignored. `usage` also gives
+(best_of, audio, ...) are refused by name rather than silently ignored. A vision-language model's chat takes
+`image_url` content parts in user messages (at most MAX_IMAGES): data URLs always, local files under
+`--image-dir` (default: the working directory), http(s) URLs only with `--image-urls true`, each within
+`--image-max-bytes` and the decompression-bomb pixel limit (vision/fetch.py has the whole policy); a text-only
+model given an image answers 400, as does an image it may not read, naming the part's url. `usage` also gives
 prompt_tokens_details.cached_tokens: the prompt tokens the engine's prefix cache held (a chat's history).
 The schemas, the wording of errors and the answers' pieces are in openai_api.py. Prompts become token ids
 through llm.encode_prompts, as for `lmforge generate` and the Python API: a chat through the model's template
@@ -57,6 +61,7 @@ error event, since the 200 status has already gone out).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -81,7 +86,7 @@ from lmforge.infer.agent_api import AgentSettings, add_agent_routes
 from lmforge.infer.engine import Engine
 from lmforge.infer.grammar import GrammarError
 from lmforge.infer.guard import Guard, allowed_host_names
-from lmforge.infer.llm import ChatTemplateError, ContextLengthError, Prompt, encode_prompts
+from lmforge.infer.llm import ChatTemplateError, ContextLengthError, Prompt, encode_chat_images, encode_prompts
 from lmforge.infer.openai_api import (
     APIError,
     ChatCompletionRequest,
@@ -108,6 +113,8 @@ from lmforge.infer.tools import ToolPlan, ToolStream, parse_tool_calls, plan, te
 from lmforge.model import KV_CACHE_HELP
 from lmforge.settings import parse_args
 from lmforge.tokenizer import TokenizerError
+from lmforge.vision.fetch import ImagePolicy, fetch_image
+from lmforge.vision.image import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 # (README's security notes give figures), so the cap bounds both.
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 DEFAULT_MAX_PROMPTS = 1024  # vLLM's default bound on a completions batch (VLLM_MAX_COMPLETION_PROMPTS)
+# Images in one chat request: each may decode to up to image.MAX_PIXELS (150 MB as RGB) before it is resized.
+MAX_IMAGES = 8
 
 
 # -- waiting on the engine ------------------------------------------------------------------------
@@ -137,11 +146,13 @@ async def _cancel_on_disconnect(http_request: Request, requests: list) -> None:
 
 @dataclass
 class Server:
-    """What the handlers share: the engine, the model's public name, the bound on a batch of prompts."""
+    """What the handlers share: the engine, the model's public name, the bound on a batch of prompts, where
+    images may come from."""
 
     engine: Engine
     model_name: str
     max_prompts: int = DEFAULT_MAX_PROMPTS
+    images: ImagePolicy = field(default_factory=ImagePolicy)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @functools.cached_property
@@ -215,9 +226,9 @@ class Server:
             raise APIError(400, f"Invalid value for '{param}': {bad} is not a token id of this model (0 to "
                            f"{vocab - 1}).", param, "invalid_value")
 
-    def submit(self, prompt: list[int], params: SamplingParams):
+    def submit(self, prompt: list[int], params: SamplingParams, images: list | None = None):
         try:
-            return self.engine.submit(prompt, params)
+            return self.engine.submit(prompt, params, images) if images else self.engine.submit(prompt, params)
         except SamplingParamError as e:  # a sampling parameter out of range (its message names it)
             raise sampling_error(e) from None
         except ValueError as e:  # the engine's other checks (its message names the problem)
@@ -229,21 +240,63 @@ class Server:
         """llm.encode_prompts (`options`: its add_special_tokens and add_generation_prompt), its errors as 400s
         naming `param`. With `fit_context`, a text that cannot fit the context is refused from its length
         alone, so a megabyte prompt is refused at once rather than after tokenizing all of it."""
-        max_len = self.engine.max_len
+        with self.encoding_errors(param):
+            return encode_prompts(self.engine.tokenizer, prompts, max_len=self.engine.max_len if fit_context else None,
+                                  **options)
+
+    @contextlib.contextmanager
+    def encoding_errors(self, param: str):
+        """llm.encode_prompts' errors as 400s naming `param`."""
         try:
-            return encode_prompts(self.engine.tokenizer, prompts, max_len=max_len if fit_context else None, **options)
+            yield
         except (ChatTemplateError, TokenizerError) as e:  # refused by the template, or it does not compile
             raise APIError(400, f"Invalid 'messages': {excerpt(str(e), 250)}", "messages") from None
         except ContextLengthError as e:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt is "
-                           f"at least {e.at_least} tokens ({e.chars} characters), which leaves no room for a reply.",
-                           param, "context_length_exceeded") from None
+            raise APIError(400, f"This model's maximum context length is {self.engine.max_len} tokens. However, your "
+                           f"prompt is at least {e.at_least} tokens ({e.chars} characters), which leaves no room for "
+                           "a reply.", param, "context_length_exceeded") from None
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True, fit_context: bool = True,
                     tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat rendered with the model's own template (transformers' apply_chat_template's)."""
         return self.encode([template_messages(messages)], "messages", fit_context,
                            add_generation_prompt=add_generation_prompt, tools=tools)[0]
+
+    def image_chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          fit_context: bool = True, tools: list[dict] | None = None,
+                          read: bool = True) -> tuple[list[int], list]:
+        """(token ids, images) of a chat that may show images: one `<image>` token per image (the engine expands
+        it), each image read under the server's policy (vision/fetch.py), a refusal a 400 naming the part's url.
+        `read` False (/tokenize): the images are not read, only their placeholders counted."""
+        places = image_places(messages)
+        if not places:
+            return self.chat_prompt(messages, add_generation_prompt, fit_context, tools), []
+        if self.engine.vision is None:
+            raise APIError(400, f"Invalid value for '{places[0]}': the model '{self.model_name}' has no vision tower, "
+                           "so it cannot take images.", places[0], "invalid_value")
+        if len(places) > MAX_IMAGES:
+            raise APIError(400, f"Invalid value for '{places[MAX_IMAGES]}': at most {MAX_IMAGES} images in one "
+                           "request.", places[MAX_IMAGES], "invalid_value")
+        pending = iter(places)
+
+        def read_image(url: str):
+            place = next(pending)
+            if not read:
+                return None
+            try:
+                return fetch_image(url, self.images)
+            except ImageError as e:
+                raise APIError(400, f"Invalid value for '{place}': {excerpt(str(e), 300)}", place,
+                               "invalid_value") from None
+
+        with self.encoding_errors("messages"):
+            return encode_chat_images(self.engine.tokenizer, template_messages(messages), read_image,
+                                      add_generation_prompt=add_generation_prompt, tools=tools,
+                                      max_len=self.engine.max_len if fit_context else None)
+
+    def prompt_length(self, prompt: list[int], images: list) -> int:
+        """The prompt's tokens once the engine has expanded each image's placeholder to the image's tokens."""
+        return len(prompt) + len(images) * (self.engine.vision.config.image_seq_length - 1) if images else len(prompt)
 
     def tool_plan(self, req: ChatCompletionRequest) -> ToolPlan:
         """The request's tools, tool_choice and response_format as a ToolPlan (tools.py), or a 400."""
@@ -290,7 +343,7 @@ class Server:
         if req.prompt is not None:
             (tokens,) = self.encode([req.prompt], "prompt", False, add_special_tokens=req.add_special_tokens)
         else:
-            tokens = self.chat_prompt(req.messages, req.add_generation_prompt, fit_context=False)
+            tokens, _ = self.image_chat_prompt(req.messages, req.add_generation_prompt, fit_context=False, read=False)
         backend = self.engine.tokenizer.backend
         strings = [backend.id_to_token(t) for t in tokens] if req.return_token_strs else None
         return JSONResponse({"count": len(tokens), "max_model_len": self.engine.max_len, "tokens": tokens,
@@ -318,11 +371,14 @@ class Server:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
         tools = await asyncio.to_thread(self.tool_plan, req)  # compiles a grammar: not on the event loop
-        prompt = await asyncio.to_thread(self.chat_prompt, req.messages, tools=tools.tools)
-        params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, bool(req.logprobs),
-                             req.top_logprobs or 0)
+        prompt, images = await asyncio.to_thread(self.image_chat_prompt, req.messages, tools=tools.tools)
+        params = self.params(req, self.prompt_length(prompt, images), req.max_completion_tokens or req.max_tokens,
+                             bool(req.logprobs), req.top_logprobs or 0)
         params.grammar = tools.grammar
-        request = self.submit(prompt, params)
+        # The engine preprocesses images in the caller's thread: a large one takes a while, so not on the event loop.
+        request = (await asyncio.to_thread(self.submit, prompt, params, images) if images
+                   else self.submit(prompt, params))
+        prompt = request.prompt  # with the images' tokens
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         choices = [Choice(i) for i in range(params.n)]
         k = params.top_logprobs
@@ -467,6 +523,21 @@ class Server:
             watcher.cancel()
 
 
+def image_places(messages: list[ChatMessage]) -> list[str]:
+    """Where each image part of a chat is, in order, as errors name it (`messages.1.content.0.image_url.url`).
+    Images are a user's only, as in OpenAI's API."""
+    places = []
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if part.type == "image_url":
+                place = f"messages.{i}.content.{j}.image_url.url"
+                if message.role != "user":
+                    raise APIError(400, f"Invalid value for '{place}': images are allowed in user messages only "
+                                   f"(this is a {message.role} message).", place, "invalid_value")
+                places.append(place)
+    return places
+
+
 def reply_message(text: str, finish_reason: str | None, kind: str | None) -> dict:
     """A whole reply's `message` and `finish_reason`: with tools (`kind`), its calls parsed out (tools.py)."""
     content, calls = parse_tool_calls(text, kind) if kind else (text, [])
@@ -516,11 +587,13 @@ def _sse(chunks, requests: list) -> StreamingResponse:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, host: str = "127.0.0.1",
                allowed_hosts: list[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_prompts: int = DEFAULT_MAX_PROMPTS, agent: AgentSettings | None = None) -> FastAPI:
+               max_prompts: int = DEFAULT_MAX_PROMPTS, agent: AgentSettings | None = None,
+               images: ImagePolicy | None = None) -> FastAPI:
     """The FastAPI app over a started `engine`, to be served on `host` (the address bound decides the Host
     check, see Guard). The caller owns the engine (starts and stops it). `agent`: the web chat's agent mode,
-    the sandbox behind /v1/agent (agent_api.py); its sessions are `app.state.agent_sessions`."""
-    server = Server(engine, model_name, max_prompts)
+    the sandbox behind /v1/agent (agent_api.py); its sessions are `app.state.agent_sessions`. `images`: where
+    a chat's images may come from (default: data URLs only)."""
+    server = Server(engine, model_name, max_prompts, images or ImagePolicy())
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_host_names(host, list(allowed_hosts)),
                        max_body_bytes=max_body_bytes)
@@ -606,6 +679,25 @@ class ServeConfig:
     agent_max_steps: int = field(default=5, metadata={"help": "agent: code actions per message", "min": 1})
     agent_cell_timeout: float = field(default=10.0, metadata={"help": "agent: seconds a code cell may run",
                                                               "min": 0.1})
+    image_dir: str | None = field(default=".", metadata={
+        "help": "a vision-language model's image_url parts may name local files (a path, relative to DIR, or a "
+                "file:// URL) only under this directory, after resolving .. and links (default: the working "
+                "directory); none: no local files. Data URLs are always taken"})
+    image_urls: bool = field(default=False, metadata={
+        "help": "fetch http(s) image URLs: at most --image-max-bytes, within --image-timeout seconds, redirects "
+                "to http(s) only, from public addresses only (not loopback, private or link-local ones)"})
+    image_urls_private: bool = field(default=False, metadata={
+        "help": "with --image-urls: also fetch from loopback, private and link-local addresses (this server's "
+                "own network, its cloud's metadata service: only if every client may read those)"})
+    image_max_bytes: int = field(default=20 * 2**20, metadata={
+        "help": "largest image, in encoded bytes (a web URL's download stops there)", "min": 1})
+    image_timeout: float = field(default=10.0, metadata={"help": "seconds a web image may take, all of it",
+                                                         "min": 0.1})
+
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(files=None if self.image_dir is None else Path(self.image_dir).resolve(),
+                           web=self.image_urls, private_hosts=self.image_urls_private,
+                           max_bytes=self.image_max_bytes, timeout=self.image_timeout)
 
 
 def served_name(model: str) -> str:
@@ -627,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, name, cfg.api_key, host=cfg.host, allowed_hosts=cfg.allowed_hosts,
                      max_body_bytes=cfg.max_body_bytes, max_prompts=cfg.max_prompts,
                      agent=AgentSettings(max_steps=cfg.agent_max_steps, cell_timeout=cfg.agent_cell_timeout)
-                     if cfg.agent else None)
+                     if cfg.agent else None, images=cfg.image_policy())
     engine.start()
     try:
         print(f"serving '{name}' at http://{cfg.host}:{cfg.port}  (web chat: /, OpenAI API: /v1)", flush=True)

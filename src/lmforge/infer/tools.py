@@ -231,11 +231,15 @@ def plan(tools: list[ToolDefinition] | None, tool_choice, response_format: Respo
 
 def template_messages(messages) -> list[dict]:
     """Chat messages as the template takes them: text parts joined, tool calls' arguments as objects (the
-    template writes them as JSON), OpenAI's `developer` role as `system`."""
+    template writes them as JSON), OpenAI's `developer` role as `system`. Content with image parts stays a
+    list of parts, for llm.encode_chat_images."""
     chat = []
     for m in messages:
-        message = {"role": "system" if m.role == "developer" else m.role,
-                   "content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}
+        content = m.content
+        if isinstance(content, list):
+            images = any(p.type == "image_url" for p in content)
+            content = [p.model_dump(exclude_none=True) for p in content] if images else "".join(p.text for p in content)
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}} for c in m.tool_calls]
