@@ -2,6 +2,8 @@
 // The conversation lives in `history` and is sent whole with every request, as the API is stateless.
 // Replies stream over server-sent events read with fetch + ReadableStream, so the Stop button can abort
 // the fetch; the server sees the disconnect and frees the model's batch slot.
+// Images (for a vision-language model) are attached with the Image button and sent inside the user's message as
+// OpenAI `image_url` content parts holding data URLs, so the server reads nothing but the request.
 
 "use strict";
 
@@ -10,6 +12,13 @@ const history = [];        // [{role, content}], what the model sees
 let model = null;          // the id /v1/models reports
 let controller = null;     // AbortController of the reply being streamed, if any
 let agent = null;          // /v1/agent's answer when the server runs the agent: {system_prompt, max_steps}
+const attachments = [];    // data URLs of the images attached to the next message
+// The server takes request bodies of 2 MB by default (--max-body-bytes), and the conversation is sent whole with
+// every turn: an image file larger than this (as a data URL), or in a format the server may not decode, is
+// redrawn in the page at most MAX_SIDE pixels a side, as a JPEG. The model squeezes it far smaller anyway.
+const MAX_IMAGE_CHARS = 1_000_000;
+const MAX_SIDE = 1024;
+const SENT_AS_IS = ["image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"];
 // a fresh id for this conversation's interpreter on the server (getRandomValues: randomUUID needs https)
 const sessionId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)),
                                    (b) => b.toString(16).padStart(2, "0")).join("");
@@ -42,11 +51,17 @@ async function loadModel() {
   }
 }
 
-function addMessage(role, text) {
+function addMessage(role, text, images = []) {
   emptyHint.remove();
   const element = document.createElement("div");
   element.className = `message ${role}`;
   element.textContent = text;  // textContent, never innerHTML: model output is not trusted markup
+  if (images.length) {
+    const strip = document.createElement("div");
+    strip.className = "images";
+    strip.append(...images.map((url, i) => imageElement(url, `image ${i + 1}`)));
+    element.prepend(strip);
+  }
   $("messages").append(element);
   element.scrollIntoView({ block: "end" });
   return element;
@@ -167,11 +182,80 @@ function addCode(bubble, code, output) {
   bubble.scrollIntoView({ block: "end" });
 }
 
-async function send(text) {
+function imageElement(url, alt) {
+  const image = document.createElement("img");
+  image.src = url;
+  image.alt = alt;
+  return image;
+}
+
+function readDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// The file as the data URL to send: as it is, or redrawn smaller (see MAX_IMAGE_CHARS). A file the browser
+// cannot decode as an image is an error.
+async function imageDataURL(file) {
+  const url = await readDataURL(file);
+  const image = new Image();
+  image.src = url;
+  await image.decode().catch(() => { throw new Error(`${file.name}: not an image this page can read`); });
+  if (url.length <= MAX_IMAGE_CHARS && SENT_AS_IS.includes(file.type)) return url;
+  const scale = Math.min(1, MAX_SIDE / Math.max(image.naturalWidth, image.naturalHeight));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(image.naturalWidth * scale));
+  canvas.height = Math.max(1, Math.round(image.naturalHeight * scale));
+  canvas.getContext("2d").drawImage(image, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/jpeg", 0.9);
+}
+
+// The images attached to the next message, each with a button that takes it off.
+function showAttachments(error = "") {
+  const items = attachments.map((url, i) => {
+    const figure = document.createElement("figure");
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "×";
+    remove.title = "remove this image";
+    remove.addEventListener("click", () => { attachments.splice(i, 1); showAttachments(); });
+    figure.append(imageElement(url, `attached image ${i + 1}`), remove);
+    return figure;
+  });
+  if (error) {
+    const note = document.createElement("span");
+    note.id = "attach-error";
+    note.textContent = error;
+    items.push(note);
+  }
+  $("attachments").replaceChildren(...items);
+}
+
+async function attachFiles(files) {
+  let error = "";
+  for (const file of files) {
+    try {
+      attachments.push(await imageDataURL(file));
+    } catch (failure) {
+      error = failure.message;
+    }
+  }
+  showAttachments(error);
+}
+
+async function send(text, images = []) {
   if (!model) await loadModel();
   const turn = history.length;  // where this turn starts in the history, to take it back on an error
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  // With images, OpenAI's content parts: the images first, then the text (as vision models are trained).
+  const content = images.length
+    ? [...images.map((url) => ({ type: "image_url", image_url: { url } })), ...(text ? [{ type: "text", text }] : [])]
+    : text;
+  history.push({ role: "user", content });
+  addMessage("user", text, images);
   setBusy(true);
   try {
     for (let step = 0; ; step += 1) {
@@ -227,6 +311,8 @@ function newChat() {
     agentSession = sessionId();
   }
   history.length = 0;
+  attachments.length = 0;
+  showAttachments();
   if (agent) history.push({ role: "system", content: agent.system_prompt });
   $("messages").replaceChildren(emptyHint);
   $("speed").textContent = "";
@@ -236,9 +322,10 @@ function newChat() {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text || !$("stop").disabled) return;  // a turn (and in agent mode its steps) is still running
+  if ((!text && !attachments.length) || !$("stop").disabled) return;  // a turn (and its agent steps) still runs
   $("prompt").value = "";
-  send(text);
+  send(text, attachments.splice(0));
+  showAttachments();
 });
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) {
@@ -247,6 +334,11 @@ $("prompt").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", () => controller?.abort());
+$("attach").addEventListener("click", () => $("image-file").click());
+$("image-file").addEventListener("change", (event) => {
+  attachFiles([...event.target.files]);
+  event.target.value = "";  // the same file can be attached again
+});
 $("new-chat").addEventListener("click", newChat);
 $("temperature").addEventListener("input", () => {
   $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
