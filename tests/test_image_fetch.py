@@ -153,6 +153,9 @@ def test_local_files_only_under_the_directory(tmp_path):
     refused("file://otherhost/etc/passwd", policy, "on another host")
     refused("fifo.png", policy, "no such file")  # not a regular file: never opened
     refused("nope.png", policy, "no such file")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    for url in ("nul\0.png", "x" * 5000 + ".png", "loop.png"):  # whatever the OS says of them, one ImageError
+        refused(url, policy, "")
     refused("junk.png", policy, "not a readable image")
     (root / "big.png").write_bytes(png_bytes() + b"\0" * 20_000)
     refused("big.png", policy, "larger than 10000 bytes")

@@ -97,12 +97,18 @@ def _local_file(url: str, policy: ImagePolicy) -> Path:
             raise ImageError(f"{short(url)}: a file: URL on another host")
         url = unquote(parts.path)
     root = policy.files.resolve()
-    path = (root / url).resolve()  # an absolute path replaces the root; `..` and links are resolved
-    if not path.is_relative_to(root):
+    try:
+        path = (root / url).resolve()  # an absolute path replaces the root; `..` and links are resolved
+        inside = path.is_relative_to(root)
+        regular = inside and path.is_file()  # never stat a file outside
+        size = path.stat().st_size if regular else 0
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, too long a name, a loop of links
+        raise ImageError(f"{short(url)}: not a file this server can read ({type(e).__name__})") from None
+    if not inside:
         raise ImageError(f"{short(url)}: outside the directory this server reads images from ({root})")
-    if not path.is_file():
+    if not regular:
         raise ImageError(f"{short(url)}: no such file under {root}")
-    if path.stat().st_size > policy.max_bytes:
+    if size > policy.max_bytes:
         raise ImageError(f"{short(url)}: larger than {policy.max_bytes} bytes")
     return path
 
