@@ -105,9 +105,9 @@ def _local_file(url: str, policy: ImagePolicy) -> Path:
     except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, too long a name, a loop of links
         raise ImageError(f"{short(url)}: not a file this server can read ({type(e).__name__})") from None
     if not inside:
-        raise ImageError(f"{short(url)}: outside the directory this server reads images from ({root})")
+        raise ImageError(f"{short(url)}: outside the directory this server reads images from")
     if not regular:
-        raise ImageError(f"{short(url)}: no such file under {root}")
+        raise ImageError(f"{short(url)}: no such file in the directory this server reads images from")
     if size > policy.max_bytes:
         raise ImageError(f"{short(url)}: larger than {policy.max_bytes} bytes")
     return path
