@@ -149,7 +149,8 @@ def test_local_files_only_under_the_directory(tmp_path):
     assert fetch_image((root / "sub" / "cat.png").as_uri(), policy).size == (5, 6)
     for url in ("file:///etc/passwd", "/etc/passwd", "../private/secret.png", "sub/../../private/secret.png",
                 str(outside / "secret.png"), "link.png", (outside / "secret.png").as_uri()):
-        assert str(tmp_path) not in refused(url, policy, "outside the directory this server reads images from")
+        message = refused(url, policy, "outside the directory this server reads images from")
+        assert message.endswith("reads images from")  # not which directory that is
     refused("file://otherhost/etc/passwd", policy, "on another host")
     refused("fifo.png", policy, "no such file")  # not a regular file: never opened
     refused("nope.png", policy, "no such file")
