@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -174,3 +176,24 @@ def test_bad_image_input_is_one_clear_error(llava_dir, tmp_path):
     assert text_engine.vision is None
     with pytest.raises(ValueError, match="no vision tower"):
         text_engine.submit(engine.tokenizer.encode("hello"), GREEDY, [picture(1)])
+
+
+def test_text_only_inference_runs_without_pillow(llava_dir):
+    """Pillow is the `vision` extra: without it the inference commands import and generate text, and reading
+    an image says what to install."""
+    script = f"""
+import sys
+sys.modules["PIL"] = None  # as if Pillow were not installed
+import lmforge.infer.server, lmforge.infer.generate, lmforge.infer.chat
+from lmforge.infer.llm import LLM
+from lmforge.vision.image import ImageError, read_image
+llm = LLM.load("tiny", tokenizer={str(llava_dir)!r})
+print(len(llm.generate("What colour?", max_tokens=3, temperature=0.0, ignore_eos=True)) > 0)
+try:
+    read_image(b"not even an image")
+except ImageError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["True", "reading images needs Pillow: pip install 'lmforge[vision]'"]

@@ -44,10 +44,10 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lmforge.checkpoint import DTYPES, model_from
 from lmforge.config import PRESETS
@@ -62,6 +62,9 @@ from lmforge.model.llava import Llava
 from lmforge.tokenizer import Tokenizer
 from lmforge.vision.checkpoint import is_llava_dir, load_llava, read_image_config
 from lmforge.vision.image import ImageProcessorConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,13 @@ import hashlib
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 
 from lmforge.model.llava import Llava, expand_image_tokens
 from lmforge.vision.image import ImageProcessorConfig, preprocess
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from lmforge.infer.request import Request
 
 

@@ -20,14 +20,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
 from lmforge.infer.sampling import SamplingParamError, SamplingParams
 from lmforge.tokenizer import Tokenizer, TokenizerError
-from lmforge.vision.image import ImageError, read_image_url
+from lmforge.vision.image import ImageError, pillow, read_image_url
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 Prompt = str | list[dict]
 # SamplingParams fields the text API refuses: they ask for what a text does not hold (more samples than one,
@@ -121,10 +123,10 @@ def _part_text(part, where: str, images: list[Image.Image], read_image: Callable
         return IMAGE_PLACEHOLDER
     if kind == "image":
         source = part.get("image", part.get("url", part.get("path")))
-        if isinstance(source, Image.Image):
-            images.append(source)
-        elif isinstance(source, str):
+        if isinstance(source, str):
             images.append(read_image(source))
+        elif source is not None and isinstance(source, pillow().Image):
+            images.append(source)
         else:
             raise ImageError(f"{where}: an image part needs `image` (a PIL image), `url` or `path`")
         return IMAGE_PLACEHOLDER

@@ -31,11 +31,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
-from PIL import Image
-
 from lmforge.vision.image import DATA_URL, MAX_PIXELS, ImageError, read_image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 64 * 1024

@@ -23,10 +23,13 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_PIXELS = 50_000_000  # ~7000 x 7000: far above any useful input, far below what would exhaust memory
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -37,10 +40,21 @@ class ImageError(ValueError):
     """An image that cannot be read or is refused; the message names the file."""
 
 
+def pillow():
+    """PIL's Image module, imported when an image is first read: Pillow is the `vision` extra, so a text-only
+    install runs every command; without it, reading an image is an ImageError saying what to install."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError("reading images needs Pillow: pip install 'lmforge[vision]'") from None
+    return Image
+
+
 def read_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open and decode an image file (or its bytes: `name` then says what to call it in errors), refusing
     one that declares more than `max_pixels` pixels before decoding it."""
     label = name or ("image bytes" if isinstance(source, bytes) else str(source))
+    Image = pillow()
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             width, height = image.size  # from the header: nothing decoded yet
@@ -49,7 +63,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: s
                                  "(a decompression bomb?)")
             image.load()
             return image.copy()  # closing the file destroys the opened image's data; the copy keeps it
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ImageError(f"{label}: not a readable image ({' '.join(str(e).split())})") from None
     except OSError as e:  # truncated or corrupt data; a missing file keeps its FileNotFoundError
         if isinstance(e, FileNotFoundError):
@@ -78,7 +92,7 @@ def read_image_url(url: str, base_dir: str | Path | None = None, max_pixels: int
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto white (as transformers' convert_to_rgb)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
+        rgba, Image = image.convert("RGBA"), pillow()
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
