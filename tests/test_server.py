@@ -31,7 +31,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from lmforge.checkpoint import save_model  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.infer.engine import Engine, SamplingParams  # noqa: E402
-from lmforge.infer.server import create_app, served_name  # noqa: E402
+from lmforge.infer.serve import create_app, served_name  # noqa: E402
 from lmforge.model import build_model  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 

@@ -35,7 +35,7 @@ from lmforge.infer.openai_api import (  # noqa: E402
     TokenizeRequest,
     excerpt,
 )
-from lmforge.infer.server import DEFAULT_MAX_BODY_BYTES  # noqa: E402
+from lmforge.infer.serve import DEFAULT_MAX_BODY_BYTES  # noqa: E402
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}

@@ -122,12 +122,13 @@ def test_prompt_with_tools_and_tool_messages_equals_transformers(live):
 
 def live_tokenize(live, messages, tools) -> list[int]:
     """The prompt the server builds for a chat request, through the handler's own code path."""
+    from lmforge.infer.chat_api import chat_prompt, tool_plan
     from lmforge.infer.openai_api import ChatCompletionRequest
     from lmforge.infer.server import Server
 
     req = ChatCompletionRequest.model_validate({"model": MODEL, "messages": messages, "tools": tools})
     server = Server(live.engine, MODEL)
-    return server.chat_prompt(req.messages, tools=server.tool_plan(req).tools)
+    return chat_prompt(server, req.messages, tools=tool_plan(server, req).tools)
 
 
 # -- constrained replies over the API -----------------------------------------------------------------------

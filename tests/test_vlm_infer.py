@@ -184,7 +184,7 @@ def test_text_only_inference_runs_without_pillow(llava_dir):
     script = f"""
 import sys
 sys.modules["PIL"] = None  # as if Pillow were not installed
-import lmforge.infer.server, lmforge.infer.generate, lmforge.infer.chat
+import lmforge.infer.serve, lmforge.infer.generate, lmforge.infer.chat
 from lmforge.infer.llm import LLM
 from lmforge.vision.image import ImageError, read_image
 llm = LLM.load("tiny", tokenizer={str(llava_dir)!r})

@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lmforge.export", "a model as a GGUF file for llama.cpp (f32 to 4-bit), or with an Ollama Modelfile"),
     "generate": ("lmforge.infer.generate", "print a completion of a prompt (only the completion, on stdout)"),
     "chat": ("lmforge.infer.chat", "chat with a model in the terminal, streaming"),
-    "serve": ("lmforge.infer.server", "OpenAI-compatible HTTP API and web chat over a model directory"),
+    "serve": ("lmforge.infer.serve", "OpenAI-compatible HTTP API and web chat over a model directory"),
     "agent": ("lmforge.agent", "a CodeAct agent: the model writes Python, a sandboxed interpreter runs it"),
 }
 

@@ -1,7 +1,7 @@
 """What every request to `lmforge serve` passes before routing: `Guard`, a pure ASGI middleware that reads
 only the headers (so the events of a stream pass through untouched), and the Host-name rules it applies.
 
-Each check answers in OpenAI's error schema (openai_api.APIError); see Guard for the order, and server.py's
+Each check answers in OpenAI's error schema (openai_api.APIError); see Guard for the order, and serve.py's
 docstring for what the server refuses after routing.
 """
 

@@ -1,6 +1,7 @@
 """OpenAI's HTTP API as `lmforge serve` speaks it: the request schemas (with vLLM's extensions), the error
-schema, and the choices of answers with their log-probs. The server (server.py) holds the routes; this module
-holds what they parse, how they word what went wrong, and what they answer.
+schema, and the choices of answers with their log-probs. The server (serve.py, and the endpoints' modules it
+routes to) holds the routes; this module holds what they parse, how they word what went wrong, and what they
+answer.
 
 Parsing is strict: JSON types are not coerced ("1" is not a number, true is not 1), and an unknown field is an
 error naming it, as OpenAI's API answers "Unrecognized request argument supplied: ...". `None` means "not
@@ -141,7 +142,7 @@ class ResponseFormat(Schema):
 
 class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: MessageContent | None = None  # image parts: a user's only (server.py)
+    content: MessageContent | None = None  # image parts: a user's only (chat_api.py)
     tool_calls: listed(ToolCall, max_length=MAX_TOOLS) | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message: the call it answers
     name: str | None = None
