@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from lmforge.data.shapes import (
+    ANSWERABLE,
     BACKGROUNDS,
     COLOURS,
     POSITIONS,
@@ -14,6 +15,7 @@ from lmforge.data.shapes import (
     TYPES,
     WORDS,
     main,
+    make_conversations,
     make_samples,
     render,
     write_shapes,
@@ -89,3 +91,43 @@ def test_command(tmp_path, capsys):
     first = json.loads((tmp_path / "openai_train.jsonl").read_text().splitlines()[0])
     assert first["messages"][0]["content"][0]["image_url"]["url"] == "images/train/00000.png"
     assert read_image(tmp_path / "images" / "train" / "00000.png").size == (64, 64)
+
+
+def test_every_question_asks_all_an_image_answers_without_giving_answers_away():
+    conversations = make_conversations(90, held_out=False, seed=3)
+    assert [[s.question for s in c] for c in conversations] == [
+        [s.question for s in c] for c in make_conversations(90, held_out=False, seed=3)]
+    assert [c[0].scene.kind for c in conversations] == ["object", "count", "word"] * 30
+    assert not any(c[0].scene.held_out for c in conversations)
+    assert all(c[0].scene.held_out for c in make_conversations(9, held_out=True, seed=3))
+    orders = set()
+    for conversation in conversations:
+        scene = conversation[0].scene
+        assert sorted(s.type for s in conversation) == sorted(ANSWERABLE[scene.kind])
+        orders.add(tuple(s.type for s in conversation))
+        for i, sample in enumerate(conversation):
+            assert sample.scene == scene and sample.answer in ANSWERS[sample.type]
+            assert sample.question.endswith(" Answer with a single word.") and "  " not in sample.question
+            for later in conversation[i + 1:]:  # no question names what a later one asks for
+                if later.type in ("colour", "shape"):
+                    assert later.answer not in sample.question.lower(), (sample, later)
+    assert len(orders) > 6  # the turns come in every order
+
+
+def test_every_question_files(tmp_path):
+    plain = write_shapes(tmp_path / "a", train=6, test=5, image_size=32)
+    paths = write_shapes(tmp_path / "b", train=6, test=5, image_size=32, every_question=True)
+    for name in ("llava_test", "openai_test"):  # the held-out questions do not change
+        assert paths[name].read_bytes() == plain[name].read_bytes()
+    llava = [json.loads(line) for line in paths["llava_train"].read_text().splitlines()]
+    openai = [json.loads(line) for line in paths["openai_train"].read_text().splitlines()]
+    assert [len(r["types"]) for r in llava] == [3, 3, 1, 3, 3, 1]
+    for record, chat in zip(llava, openai):
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(record["types"])
+        assert [t["value"] for t in turns[1::2]] == record["answers"] == chat["answers"]
+        assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
+        first, *rest = chat["messages"][0::2]
+        assert first["content"][0]["image_url"]["url"] == record["image"]
+        assert [m["content"] for m in rest] == [t["value"] for t in turns[2::2]]
+    assert len(paths["llava_captions"].read_text().splitlines()) == 6

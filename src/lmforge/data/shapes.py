@@ -2,6 +2,7 @@
 questions whose answers are known, for training and testing a small vision-language model from scratch.
 
     lmforge shapes --out runs/shapes [--train 5000 --test 500 --image-size 64 --seed 0 --inline]
+                   [--every-question]
 
 Each image is drawn with Pillow from a `Scene` (a seeded random draw; nothing is downloaded; words use
 Pillow's built-in font) and asked one question of one of five types, in turn:
@@ -13,6 +14,13 @@ Pillow's built-in font) and asked one question of one of five types, in turn:
 Answers are a single word (LLaVA-1.5's short-answer style), so a reply is scored by exact match; each
 record also carries its `type` and `answer`. Every image has a caption too ("A red triangle on the left."),
 for the first stage of LLaVA's recipe, aligning the projector on image-caption pairs.
+
+With --every-question, each training image is asked every question it can answer, in one conversation (a
+turn each, in a random order: an object's colour, shape and position; a group's count, colour and shape; a
+word), the three kinds of image in turn, with `types` and `answers` lists: several answers per drawing, for
+a model learning from scratch. A question never names what a later turn asks for ("Where is the shape?",
+not "Where is the red triangle?", before the colour and shape turns), so no answer is given away in the
+text. The held-out images stay one question each, as without the flag.
 
 The split is by the scene itself, as data/arithmetic.py splits problems: a scene is held out when the hash of
 its full description (kind, shape, colour, places, sizes, offsets, word) says so, one in HELD_OUT_EVERY, so
@@ -160,12 +168,48 @@ class Sample:
     answer: str
 
 
+def answer(scene: Scene, question_type: str) -> str:
+    """The one-word answer to a question of `question_type` about `scene`."""
+    return {"colour": scene.colour, "shape": scene.shape, "position": scene.position,
+            "count": str(len(scene.centers)), "word": scene.word}[question_type]
+
+
 def ask(scene: Scene, question_type: str, rng: random.Random) -> Sample:
     """One question of `question_type` about `scene`, with its one-word answer."""
     question = rng.choice(QUESTIONS[question_type]).format(shape=scene.shape, colour=scene.colour)
-    answer = {"colour": scene.colour, "shape": scene.shape, "position": scene.position,
-              "count": str(len(scene.centers)), "word": scene.word}[question_type]
-    return Sample(scene, question_type, f"{question} {SHORT_ANSWER}", answer)
+    return Sample(scene, question_type, f"{question} {SHORT_ANSWER}", answer(scene, question_type))
+
+
+# What each kind of image can answer (a group of alike shapes: its count, and their colour and shape).
+ANSWERABLE = {"object": ("colour", "shape", "position"), "count": ("count", "colour", "shape"), "word": ("word",)}
+
+
+def ask_every_question(scene: Scene, rng: random.Random) -> list[Sample]:
+    """Every question `scene` can answer, in a random order, each worded without the attributes a later
+    question asks for (the shape named "shape", the colour left out), so no question gives away an answer."""
+    types = list(ANSWERABLE[scene.kind])
+    rng.shuffle(types)
+    samples = []
+    for i, question_type in enumerate(types):
+        later = set(types[i + 1:])
+        template = rng.choice(QUESTIONS[question_type])
+        question = " ".join(template.format(shape="shape" if "shape" in later else scene.shape,
+                                            colour="" if "colour" in later else scene.colour).split())
+        samples.append(Sample(scene, question_type, f"{question} {SHORT_ANSWER}", answer(scene, question_type)))
+    return samples
+
+
+def make_conversations(count: int, held_out: bool, seed: int = 0) -> list[list[Sample]]:
+    """`count` images of one split, the kinds (object, count, word) in turn, each with every question it can
+    answer (ask_every_question), in a seeded order."""
+    rng = random.Random(f"{seed}-shapes-every-question-{'test' if held_out else 'train'}")
+    kinds = ("position", "count", "word")  # a question type that draws each kind of scene
+    conversations = []
+    while len(conversations) < count:
+        scene = make_scene(rng, kinds[len(conversations) % len(kinds)])
+        if scene.held_out == held_out:
+            conversations.append(ask_every_question(scene, rng))
+    return conversations
 
 
 def make_samples(count: int, held_out: bool, seed: int = 0) -> list[Sample]:
@@ -186,38 +230,46 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def records(record_id: str, image: str, url: str, question: str, answer: str, extra: dict) -> tuple[dict, dict]:
-    """One exchange as a LLaVA record and an OpenAI chat record."""
-    llava = {"id": record_id, "image": image, "conversations": [
-        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}], **extra}
-    openai = {"id": record_id, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                     {"type": "text", "text": question}]},
-        {"role": "assistant", "content": answer}], **extra}
-    return llava, openai
+def records(record_id: str, image: str, url: str, exchanges: list[tuple[str, str]], extra: dict
+            ) -> tuple[dict, dict]:
+    """A conversation about one image, (question, answer) turns with the image in the first question, as a
+    LLaVA record and an OpenAI chat record."""
+    conversations, messages = [], []
+    for i, (question, answer) in enumerate(exchanges):
+        conversations += [{"from": "human", "value": f"<image>\n{question}" if i == 0 else question},
+                          {"from": "gpt", "value": answer}]
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+        messages += [{"role": "user", "content": content if i == 0 else question},
+                     {"role": "assistant", "content": answer}]
+    return ({"id": record_id, "image": image, "conversations": conversations, **extra},
+            {"id": record_id, "messages": messages, **extra})
 
 
 def write_shapes(out: str | Path, train: int = 5000, test: int = 500, image_size: int = 64, seed: int = 0,
-                 inline: bool = False) -> dict[str, Path]:
+                 inline: bool = False, every_question: bool = False) -> dict[str, Path]:
     """Write the images and JSONL files (see the module docstring) to `out`; returns the files by name."""
     out = Path(out)
     rows: dict[str, list[dict]] = {name: [] for name in (
         "llava_train", "llava_test", "llava_captions", "openai_train", "openai_test", "openai_captions")}
     caption_rng = random.Random(f"{seed}-captions")
-    for split, samples in (("train", make_samples(train, False, seed)), ("test", make_samples(test, True, seed))):
+    train_split = make_conversations(train, False, seed) if every_question else [
+        [s] for s in make_samples(train, False, seed)]
+    for split, conversations in (("train", train_split), ("test", [[s] for s in make_samples(test, True, seed)])):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for i, sample in enumerate(samples):
-            png = _png(render(sample.scene, image_size))
+        for i, samples in enumerate(conversations):
+            scene = samples[0].scene
+            png = _png(render(scene, image_size))
             path = f"images/{split}/{i:05d}.png"
             (out / path).write_bytes(png)
             url = f"data:image/png;base64,{base64.b64encode(png).decode()}" if inline else path
-            llava, openai = records(f"{split}-{i:05d}", path, url, sample.question, sample.answer,
-                                    {"type": sample.type, "answer": sample.answer})
+            extra = ({"types": [s.type for s in samples], "answers": [s.answer for s in samples]}
+                     if split == "train" and every_question else {"type": samples[0].type, "answer": samples[0].answer})
+            llava, openai = records(f"{split}-{i:05d}", path, url, [(s.question, s.answer) for s in samples], extra)
             rows[f"llava_{split}"].append(llava)
             rows[f"openai_{split}"].append(openai)
             if split == "train":
-                llava, openai = records(f"caption-{i:05d}", path, url, caption_rng.choice(CAPTION_REQUESTS),
-                                        sample.scene.caption(), {})
+                llava, openai = records(f"caption-{i:05d}", path, url,
+                                        [(caption_rng.choice(CAPTION_REQUESTS), scene.caption())], {})
                 rows["llava_captions"].append(llava)
                 rows["openai_captions"].append(openai)
     return write_jsonl_files(out, rows)
@@ -234,13 +286,17 @@ class ShapesConfig:
     seed: int = field(default=0, metadata={"help": "the generator's seed"})
     inline: bool = field(default=False, metadata={
         "help": "OpenAI files carry each image as a data:image/png;base64 URL rather than its path"})
+    every_question: bool = field(default=False, metadata={
+        "help": "each training image asked every question it can answer, in one conversation (the held-out "
+                "images: one question each still)"})
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(ShapesConfig, argv, prog="lmforge shapes",
                      description="Write the built-in synthetic image data (shapes, colours, counts, positions, "
                                  "words) with questions and captions, as LLaVA and OpenAI chat JSONL.")
-    paths = write_shapes(cfg.out, cfg.train, cfg.test, cfg.image_size, cfg.seed, cfg.inline)
+    paths = write_shapes(cfg.out, cfg.train, cfg.test, cfg.image_size, cfg.seed, cfg.inline,
+                         cfg.every_question)
     for name, path in paths.items():
         print(f"{name:16s} {len(path.read_text(encoding='utf-8').splitlines()):6d} records -> {path}")
     return 0
