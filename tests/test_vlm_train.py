@@ -1,7 +1,8 @@
 """`lmforge vlm` (train/vlm.py) and its data (data/vlm.py): image chats in both formats become the same samples,
 with image placeholders expanded and labels on the assistant's reply only; align trains the projector alone;
 SFT lowers the loss; a resumed run equals an uninterrupted one; checkpoints load in transformers with the same
-logits (a LoRA run's merged)."""
+logits (a LoRA run's merged); two torchrun processes (DDP, FSDP) train as one with the same global batch; activation
+checkpointing reaches the language model's blocks."""
 
 from __future__ import annotations
 
@@ -192,3 +193,51 @@ def test_preset_around_a_text_model(world, tmp_path):
     assert model.config.text.vocab_size == plain.vocab_size + 1
     torch.testing.assert_close(model.language_model.model.embed_tokens.weight[:-1], text.model.embed_tokens.weight,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_train_as_one_with_the_same_global_batch(world, tmp_path, distributed):
+    """torchrun's two CPU processes (gloo), each with half the global batch of 4 (its own samples and their images),
+    log one process's losses and validation loss, step by step into the second epoch, and rank 0 writes the same
+    llava directory."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = ["--stage", "sft", "--val-data", str(world["files"]["llava_test"]), "--train.steps", "5",
+             "--train.eval-every", "5", "--train.optim.lr", "1e-2"]
+    one = train(world, tmp_path / "one", *flags)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    argv = ["vlm", "--model", str(world["model"]), "--data", str(world["files"]["llava_train"]), "--batch-size", "2",
+            "--train.run-dir", str(tmp_path / "two"), "--train.device", "cpu", "--train.progress", "false", *flags,
+            "--train.distributed", distributed]
+    if distributed == "fsdp":  # each language model block sharded on its own, and recomputed in backward
+        argv += ["--train.activation-checkpointing", "true"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "lmforge.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    torch.testing.assert_close([r["loss"] for r in rows if "loss" in r], [r["loss"] for r in one.history],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(next(r["val_loss"] for r in rows if "val_loss" in r), one.val_loss, rtol=1e-5,
+                               atol=1e-5)
+    ours, expected = load_llava(tmp_path / "two" / "final").state_dict(), load_llava(one.model_dir).state_dict()
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_activation_checkpointing_recomputes_the_language_model_blocks(world, tmp_path, monkeypatch):
+    """The Trainer finds a llava model's blocks (its language model's) to recompute, as FSDP shards them."""
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    plain = train(world, tmp_path / "plain", "--stage", "sft", "--train.steps", "1")
+    assert not calls
+    recomputed = train(world, tmp_path / "ckpt", "--stage", "sft", "--train.steps", "1",
+                       "--train.activation-checkpointing", "true")
+    assert len(calls) == world["config"].text.num_hidden_layers  # one forward, each block once
+    assert recomputed.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-6)

@@ -278,7 +278,7 @@ class Trainer:
             for name, p in model.named_parameters():
                 if p.dtype == torch.float32 and "lora_" not in name:
                     p.data = p.data.to(torch.bfloat16)
-        blocks = list(getattr(getattr(model, "model", None), "layers", []))
+        blocks = _blocks(model)
         if cfg.activation_checkpointing:
             for block in blocks:
                 _checkpoint_block(block)
@@ -640,6 +640,13 @@ class Trainer:
             summary += (f"\nfinal = step {final_eval['step']} (best val loss {loss_text(final_eval)}); "
                         f"last step {self.step} had {loss_text(last_eval)}")
         print(summary)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks that FSDP shards, activation checkpointing recomputes and compile compiles one by
+    one: a text model's, or a llava model's language model's (its vision tower goes with the root)."""
+    text = getattr(model, "language_model", model)
+    return list(getattr(getattr(text, "model", None), "layers", []))
 
 
 def _checkpoint_block(block: nn.Module) -> None:
