@@ -340,3 +340,21 @@ def test_tokenize_counts_image_placeholders(world, live):
     assert response.status_code == 200  # images are not read to tokenize
     image_id = world["engine"].vision.config.image_token_index
     assert response.json()["tokens"].count(image_id) == 1
+
+
+def test_images_are_read_on_their_own_threads(world, live, monkeypatch):
+    """A request's images are read on the server's image threads, so slow ones never occupy the threads that
+    render other requests' prompts."""
+    from lmforge.infer import chat_api
+
+    threads = []
+    read = chat_api.fetch_image
+
+    def recording(url, policy):
+        threads.append(threading.current_thread().name)
+        return read(url, policy)
+
+    monkeypatch.setattr(chat_api, "fetch_image", recording)
+    url = data_url((world["images"] / "p1.png").read_bytes())
+    assert ask(live, user(url, url, "TEXT:What colour?")).choices
+    assert len(threads) == 2 and all(name.startswith("lmforge-images") for name in threads), threads

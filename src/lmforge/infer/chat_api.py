@@ -31,12 +31,14 @@ async def chat(server: Server, http_request: Request):
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "'logprobs' must be true when 'top_logprobs' is set.", "logprobs")
     tools = await asyncio.to_thread(tool_plan, server, req)  # compiles a grammar: not on the event loop
-    prompt, images = await asyncio.to_thread(image_chat_prompt, server, req.messages, tools=tools.tools)
+    # a chat that shows images reads them (files, web URLs) on the server's image threads, the others on asyncio's
+    in_thread = server.in_image_thread if image_places(req.messages) else asyncio.to_thread
+    prompt, images = await in_thread(image_chat_prompt, server, req.messages, tools=tools.tools)
     params = server.params(req, prompt_length(server, prompt, images),
                            req.max_completion_tokens or req.max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     params.grammar = tools.grammar
     # The engine preprocesses images in the caller's thread: a large one takes a while, so not on the event loop.
-    request = (await asyncio.to_thread(server.submit, prompt, params, images) if images
+    request = (await server.in_image_thread(server.submit, prompt, params, images) if images
                else server.submit(prompt, params))
     prompt = request.prompt  # with the images' tokens
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 DEFAULT_MAX_PROMPTS = 1024  # vLLM's default bound on a completions batch (VLLM_MAX_COMPLETION_PROMPTS)
+# Threads that read and preprocess requests' images: their own, so requests whose images are slow to come (a
+# web URL that trickles, up to --image-timeout each) never hold up the threads that render other prompts.
+IMAGE_THREADS = 4
 
 
 @dataclass
@@ -54,6 +58,13 @@ class Server:
     max_prompts: int = DEFAULT_MAX_PROMPTS
     images: ImagePolicy = field(default_factory=ImagePolicy)
     created: int = field(default_factory=lambda: int(time.time()))
+    image_threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        IMAGE_THREADS, thread_name_prefix="lmforge-images"))
+
+    async def in_image_thread(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on one of the image threads (IMAGE_THREADS), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.image_threads,
+                                                                functools.partial(fn, *args, **kwargs))
 
     @functools.cached_property
     def token_bytes(self) -> TokenBytes:
