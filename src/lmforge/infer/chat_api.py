@@ -20,9 +20,10 @@ from lmforge.infer.request import aiter_all
 from lmforge.infer.server import Server, json_answer, sse, token_usage
 from lmforge.infer.tools import ToolPlan, ToolStream, parse_tool_calls, plan, template_messages
 from lmforge.vision.fetch import fetch_image
-from lmforge.vision.image import ImageError
+from lmforge.vision.image import ImageError, pillow, resize
 
-# Images in one chat request: each may decode to up to image.MAX_PIXELS (150 MB as RGB) before it is resized.
+# Images in one chat request: each may decode to up to image.MAX_PIXELS (150 MB as RGB) before it is resized,
+# one at a time.
 MAX_IMAGES = 8
 
 
@@ -130,7 +131,9 @@ def image_chat_prompt(server: Server, messages: list[ChatMessage], add_generatio
         if not read:
             return None
         try:
-            return fetch_image(url, server.images)
+            # resized at once, as the engine's preprocessing resizes it (the same pixels, PIL's resize to the size
+            # an image has is a copy), so a request holds one full-size decoded image at a time, not MAX_IMAGES
+            return pillow().fromarray(resize(fetch_image(url, server.images), server.engine.image_config))
         except ImageError as e:
             raise APIError(400, f"Invalid value for '{place}': {excerpt(str(e), 300)}", place,
                            "invalid_value") from None
