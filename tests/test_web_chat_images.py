@@ -14,15 +14,18 @@ import pytest
 from PIL import Image
 
 sync_api = pytest.importorskip("playwright.sync_api")
-from test_web_chat import CHROMIUM, CHROMIUM_ARGS, open_chat, wait_until  # noqa: E402
+import test_web_chat  # noqa: E402
+from test_web_chat import CHROMIUM, open_chat, wait_until  # noqa: E402
 
 if not CHROMIUM.exists():
     pytest.skip("no /usr/bin/chromium (Debian's `chromium` package) to drive", allow_module_level=True)
 
 from test_server import LiveServer  # noqa: E402
-from test_vlm_serve import tiny_llava_dir  # noqa: E402
+from vlm_helpers import tiny_llava_dir  # noqa: E402
 
 from lmforge.infer.engine import Engine  # noqa: E402
+
+page = test_web_chat.page  # the browser page fixture, on this module's `live` server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,16 +38,6 @@ def live(tmp_path_factory):
     yield server
     server.close()
     engine.stop()
-
-
-@pytest.fixture
-def page(live):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        page.set_default_timeout(30_000)
-        yield page
-        browser.close()
 
 
 def replies_done(page, count: int) -> None:
